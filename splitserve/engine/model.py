@@ -1,0 +1,148 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a paged KV cache.
+
+    x = embed(input_ids)
+    for each layer:
+        h = x + o_proj(attention(rope(q), rope(k), v))      q,k,v = qkv_proj(rmsnorm(x))
+        x = h + down_proj(silu(gate) * up)                  gate,up = gate_up_proj(rmsnorm(h))
+    logits = lm_head(rmsnorm(x)[logits_indices])
+
+Weights use Hugging Face names and layout; q/k/v and gate/up are fused into one
+linear each at load (``load_weights``). Quantization and kernel choice are
+transforms applied to a built model; this file stays the plain definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.engine.attention import AttentionMetadata, paged_attention
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CorruptModelError
+from splitserve.engine.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype, as the reference does.
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, kv_layer, meta: AttentionMetadata, rope: RotaryEmbedding):
+        n = x.shape[0]  # x: [N, hidden]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]
+        k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = rope(meta.positions, q, k)
+        out = paged_attention(q, k, v, kv_layer, meta)  # [N, Hq, D]
+        return self.o_proj(out.reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, kv_layer, meta, rope):
+        x = x + self.self_attn(self.input_layernorm(x), kv_layer, meta, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        kv_cache: torch.Tensor,  # [L, num_blocks, 2, bs, Hkv, D]
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # [S]: rows of the batch whose next token is wanted
+    ) -> torch.Tensor:  # [S, vocab] fp32
+        x = self.embed_tokens(input_ids)  # [N, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache[i], meta, self.rope)
+        x = self.norm(x[logits_indices])  # [S, hidden]
+        return self.lm_head(x).float()
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                        max_positions: int | None = None) -> "LlamaForCausalLM":
+        """Build the model from Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...)."""
+        with torch.device("meta"):
+            model = cls(cfg, dtype, max_positions)
+        model.load_state_dict(_fuse(cfg, state, dtype), strict=True, assign=True)
+        model.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype)
+        return model.eval()
+
+
+def _fuse(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF tensor names -> our module names, with q/k/v and gate/up concatenated."""
+    def take(name: str) -> torch.Tensor:
+        try:
+            return state.pop(name).to(dtype)
+        except KeyError:
+            raise CorruptModelError(f"weights lack tensor {name!r}") from None
+
+    out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if "lm_head.weight" in state:
+        out["lm_head.weight"] = take("lm_head.weight")
+    else:  # no separate head in the file: it is tied to the embedding (the same tensor)
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        out[o + "self_attn.qkv_proj.weight"] = torch.cat(
+            [take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight")])
+        if cfg.attention_bias:
+            out[o + "self_attn.qkv_proj.bias"] = torch.cat(
+                [take(attn + "q_proj.bias"), take(attn + "k_proj.bias"), take(attn + "v_proj.bias")])
+        out[o + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
+        out[o + "mlp.gate_up_proj.weight"] = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+        out[o + "mlp.down_proj.weight"] = take(mlp + "down_proj.weight")
+        out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        out[o + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+    if state:
+        unused = sorted(k for k in state if "rotary_emb" not in k)
+        if unused:
+            raise CorruptModelError(f"weights hold unexpected tensors, e.g. {unused[:3]}")
+    return out

@@ -1,0 +1,149 @@
+"""Iteration-level scheduler: pure Python, no torch.
+
+One call to :meth:`Scheduler.schedule` plans one engine step under a token
+budget (``max_num_batched_tokens``):
+
+1. **Running requests first**, oldest first. A decoding request needs one
+   token; a request still in (chunked) prefill gets as much of its remaining
+   prompt as the budget allows. If the KV pool cannot hold the new tokens,
+   the newest running request is **preempted** (blocks freed, computed tokens
+   forgotten, put back at the head of the waiting queue to be recomputed)
+   until it fits. A request is never dropped.
+2. **Waiting requests**, FCFS, while budget, ``max_num_seqs`` and free blocks
+   allow. The head of the queue is never skipped (no starvation): if it does
+   not fit, admission stops for this step.
+
+The plan is a :class:`SchedulerOutput`; the engine runs it, then calls
+:meth:`Scheduler.on_step_finished` so computed-token counts move forward.
+Requests leave through :meth:`Scheduler.finish`, which frees their blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from splitserve.engine.block_pool import KVCacheManager
+from splitserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``num_new_tokens`` tokens of one request, starting at ``start``."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    block_table: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the last known token (so a new one is sampled)?"""
+        return self.end == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted_ids: tuple[str, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int):
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queue management ------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of whichever queue holds it and free its blocks."""
+        assert status.finished
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request.request_id)
+        request.status = status
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- planning ----------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.can_allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # req preempted itself: everything after it is gone too
+            self.kv.allocate(req.request_id, req.num_computed_tokens + n)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if preempted and req.request_id in preempted:
+                break  # do not readmit what we just evicted in the same step
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def on_step_finished(self, output: SchedulerOutput) -> None:
+        for c in output.chunks:
+            c.request.num_computed_tokens = c.end
+
+    # -- helpers -----------------------------------------------------------
+
+    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+        return ScheduledChunk(req, req.num_computed_tokens, n, tuple(self.kv.block_table(req.request_id)))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1

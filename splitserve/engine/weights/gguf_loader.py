@@ -1,0 +1,127 @@
+"""Load a Llama-family GGUF file (read with the ``gguf`` package).
+
+Steps: open (memory-mapped) -> config from ``{arch}.*`` metadata -> each tensor
+dequantized to float32 under its Hugging Face name -> llama q/k rows
+un-permuted. llama.cpp's converter permutes q/k rows of ``llama`` models so
+that GGML's adjacent-pair rotary embedding equals HF's rotate-half one; we undo
+it so there is one rotary convention (``rope.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.errors import CorruptModelError, UnsupportedModelError
+from splitserve.engine.weights import LoadedModel
+from splitserve.engine.weights.dequant import dequantize
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def open_gguf(path: str):
+    from gguf import GGUFReader
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
+        raise CorruptModelError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def gguf_config(reader, path: str) -> ModelConfig:
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_GGUF_ARCHITECTURES)}")
+
+    def need(key: str):
+        v = field(reader, f"{arch}.{key}")
+        if v is None:
+            raise CorruptModelError(f"GGUF metadata lacks {arch}.{key}")
+        return v
+
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    tensor_names = {t.name for t in reader.tensors}
+    rope_scaling = {}
+    scaling_type = field(reader, f"{arch}.rope.scaling.type")
+    if scaling_type in ("linear", "yarn"):
+        rope_scaling = {"rope_type": scaling_type, "factor": field(reader, f"{arch}.rope.scaling.factor"),
+                        "original_max_position_embeddings":
+                            field(reader, f"{arch}.rope.scaling.original_context_length")}
+    elif scaling_type not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF rope scaling {scaling_type!r} is not supported; supported: linear, yarn")
+    if "rope_freqs.weight" in tensor_names:
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_scaling = {"rope_type": "factors", "factors": np.array(factors.data, dtype=np.float32).tolist()}
+    vocab = field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=int(heads),
+        num_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(need("context_length")),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias=arch == "qwen2",
+        rope_scaling=rope_scaling,
+        name=str(field(reader, "general.name", os.path.basename(path))),
+    )
+
+
+def hf_name(gguf_name: str) -> str | None:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m:
+        part = _LAYER_NAMES.get(m.group(2))
+        return f"model.layers.{m.group(1)}.{part}.{m.group(3)}" if part else None
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation: per head, rows (pair j, half h) -> (half h, pair j)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str, progress=None) -> LoadedModel:
+    reader = open_gguf(path)
+    cfg = gguf_config(reader, path)
+    state: dict[str, torch.Tensor] = {}
+    tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
+    for t in progress(tensors, "dequantizing") if progress else tensors:
+        name = hf_name(t.name)
+        if name is None:
+            raise UnsupportedModelError(f"GGUF tensor {t.name!r} has no place in a {cfg.architecture} model")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        try:
+            w = dequantize(t.data, t.tensor_type, shape)
+        except (ValueError, RuntimeError) as e:
+            raise CorruptModelError(f"tensor {t.name!r} ({t.tensor_type.name}, shape {shape}) is malformed: {e}")
+        if cfg.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+            w = unpermute_rows(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+        state[name] = w
+    return LoadedModel(cfg, state, reader, {"format": "gguf", "path": path})
