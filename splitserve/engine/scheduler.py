@@ -35,15 +35,11 @@ class ScheduledChunk:
     start: int
     num_new_tokens: int
     block_table: tuple[int, ...]
+    samples: bool  # the chunk reaches the last known token, so the step samples a new one
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Does this chunk reach the last known token (so a new one is sampled)?"""
-        return self.end == self.request.num_tokens
 
 
 @dataclass(frozen=True)
@@ -137,7 +133,9 @@ class Scheduler:
     # -- helpers -----------------------------------------------------------
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
-        return ScheduledChunk(req, req.num_computed_tokens, n, tuple(self.kv.block_table(req.request_id)))
+        start = req.num_computed_tokens
+        return ScheduledChunk(req, start, n, tuple(self.kv.block_table(req.request_id)),
+                              samples=start + n == req.num_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

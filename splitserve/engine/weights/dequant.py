@@ -14,6 +14,8 @@ where value ``j < 16`` of a block is the low nibble of byte ``j`` and value
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -27,6 +29,13 @@ SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, 
 
 def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
     """Raw GGUF tensor data -> float32 tensor of ``shape`` (rows, cols) in torch order."""
+    with warnings.catch_warnings():
+        # The file is memory-mapped read-only; every branch below returns a new tensor.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return _dequantize(data, qtype, shape)
+
+
+def _dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
     if qtype == QT.F32:
         return torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).reshape(shape)
     if qtype == QT.F16:

@@ -35,7 +35,7 @@ def open_gguf(path: str):
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
-        raise CorruptModelError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise CorruptModelError(f"{path!r} is not a readable GGUF file (truncated or damaged? {type(e).__name__}: {e})") from None
 
 
 def field(reader, key: str, default=None):

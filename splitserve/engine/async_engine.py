@@ -1,0 +1,87 @@
+"""Streaming generation on top of :class:`LLMEngine`.
+
+The engine loop runs in one background thread; callers use asyncio::
+
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=32)):
+        print(out.new_text, end="")         # out.finished / out.finish_reason on the last one
+
+Lifecycle of one call: ``generate`` validates and adds the request (bad input
+raises before anything is queued) -> the loop thread steps the engine and
+pushes each delta to the caller's queue -> the final delta ends the iterator.
+If the caller stops early (break, cancel, disconnect), the request is aborted
+and its blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator
+
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.output import RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()  # guards the engine between the loop thread and callers
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="splitserve-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt=None, params: SamplingParams | None = None, *,
+                       messages: list[dict] | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self._stopped:
+            raise RuntimeError("the engine is shut down")
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id)
+            self._streams[rid] = (loop, queue)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            if request_id in self.engine.requests:
+                self.engine.abort(request_id)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                outputs = self.engine.step() if busy else []
+                targets = [(self._streams.get(o.request_id), o) for o in outputs]
+                for o in outputs:
+                    if o.finished:
+                        self._streams.pop(o.request_id, None)
+            for target, out in targets:
+                if target is not None:
+                    loop, queue = target
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, out)
+                    except RuntimeError:  # the caller's event loop is closed: drop its request
+                        self.abort(out.request_id) if not out.finished else None
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)

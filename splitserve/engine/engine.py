@@ -1,0 +1,262 @@
+"""The engine: one process, one model, continuous batching over a paged KV cache.
+
+    add_request(prompt, params) -> request_id        validated here; bad input raises
+    step() -> [RequestOutput]                         one iteration: schedule, run, sample, post-process
+    abort(request_id)                                 frees its blocks; a final "abort" output follows
+
+A request's life: WAITING (queued, no blocks) -> RUNNING (prefill chunks, then
+one token per step) -> FINISHED (stop / length / abort / error; blocks freed),
+with possible trips back to WAITING when preempted for blocks (its KV is then
+recomputed). ``step`` is the whole loop:
+
+    plan = scheduler.schedule()
+    logits = runner.execute(plan)
+    tokens = sample(logits)
+    return [post_process(request, token) ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.block_pool import KVCacheManager
+from splitserve.engine.errors import InvalidRequestError, PromptTooLongError, UnknownRequestError
+from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
+from splitserve.engine.model import LlamaForCausalLM
+from splitserve.engine.output import CompletionResult, RequestOutput, TextState
+from splitserve.engine.progress import progress
+from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.runner import ModelRunner, StepSequence
+from splitserve.engine.sampler import make_generator, sample
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import Scheduler, SchedulerOutput
+from splitserve.engine.tokenizer import TextTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # .gguf file or HF directory; None = the default model
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the KV pool (ignored if num_kv_blocks is set)
+    num_kv_blocks: int | None = None
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill size)
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: the model's context, capped by the pool
+    num_threads: int | None = None  # torch intra-op threads; default: all cores
+    seed: int = 0  # for unseeded sampled requests
+    show_progress: bool = True
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    if name not in DTYPES:
+        raise InvalidRequestError("dtype", f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        from splitserve.engine.default_model import default_model_path
+        from splitserve.engine.weights import load_model
+
+        cfg = config or EngineConfig()
+        if overrides:
+            cfg = EngineConfig(**{**cfg.__dict__, **overrides})
+        self.config = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.model_path = cfg.model or default_model_path()
+        bar = (lambda items, desc: progress(items, desc)) if cfg.show_progress else None
+        loaded = load_model(self.model_path, bar)
+        self.model_config = loaded.config
+        if isinstance(loaded.tokenizer_source, str):
+            self.tokenizer = TextTokenizer.from_hf_dir(loaded.tokenizer_source)
+        else:
+            self.tokenizer = TextTokenizer.from_gguf(loaded.tokenizer_source)
+
+        if cfg.num_kv_blocks:
+            spec = KVCacheSpec(self.model_config.num_layers, cfg.num_kv_blocks, cfg.block_size,
+                               self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype)
+        else:
+            spec = KVCacheSpec.for_memory(self.model_config, cfg.kv_cache_memory, cfg.block_size, self.dtype)
+        self.kv_spec = spec
+        self.max_model_len = min(self.model_config.max_position_embeddings, spec.num_blocks * spec.block_size,
+                                 cfg.max_model_len or 1 << 62)
+        self.model = LlamaForCausalLM.from_state_dict(self.model_config, loaded.state, self.dtype,
+                                                      self.max_model_len)
+        self.kv_cache = allocate_kv_cache(spec)
+        self.kv = KVCacheManager(spec.num_blocks, spec.block_size)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.requests: dict[str, Request] = {}
+        self._texts: dict[str, TextState] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts)
+        self._arrivals = itertools.count()
+
+    # -- requests -----------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
+                    messages: list[dict] | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; raises InvalidRequestError (nothing queued) on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
+        token_ids = self._prompt_tokens(prompt, messages)
+        limit = self.max_model_len - 1
+        if len(token_ids) > limit:
+            which = "the model's context" if limit + 1 == self.model_config.max_position_embeddings \
+                else f"this engine's max_model_len ({self.max_model_len})"
+            raise PromptTooLongError(len(token_ids), limit, which)
+        req = Request(request_id, token_ids, params, next(self._arrivals))
+        self.requests[request_id] = req
+        self._texts[request_id] = TextState(self.tokenizer, params.stop)
+        self._generators[request_id] = make_generator(params, self.generator)
+        self.scheduler.add(req)
+        return request_id
+
+    def _prompt_tokens(self, prompt, messages) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("prompt", "give exactly one of prompt (text or token ids) and messages")
+        if messages is not None:
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequestError("messages", "messages must be a non-empty list of {role, content}")
+            return self.tokenizer.apply_chat_template(messages)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "prompt is empty; send at least one character of text")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise InvalidRequestError("prompt", "prompt token list is empty; send at least one token id")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError("prompt", f"prompt token ids must be integers in [0, {vocab}); "
+                                                    f"got {bad[:3]}")
+            return list(prompt)
+        raise InvalidRequestError("prompt", f"prompt must be a string or a list of token ids, "
+                                            f"got {type(prompt).__name__}")
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise UnknownRequestError(f"no request with id {request_id!r} is in the engine")
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._pending.append(self._output(req, [], final=True))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # -- the loop -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return outputs
+        try:
+            logits, order = self.runner.execute(self._step_sequences(plan))
+        except Exception as e:  # a failed forward fails the requests in it, with the reason
+            return outputs + self._fail_all(plan, f"model step failed: {type(e).__name__}: {e}")
+        self.scheduler.on_step_finished(plan)
+        sampled = [plan.chunks[i].request for i in order]
+        token_ids = sample(logits, [r.params for r in sampled],
+                           [self._generators[r.request_id] for r in sampled], self.generator)
+        for req, token_id in zip(sampled, token_ids):
+            outputs.append(self._post_process(req, token_id))
+        return outputs
+
+    def _step_sequences(self, plan: SchedulerOutput) -> list[StepSequence]:
+        return [StepSequence(c.request.token_ids(c.start, c.end), c.start, c.block_table, c.samples)
+                for c in plan.chunks]
+
+    def _post_process(self, req: Request, token_id: int) -> RequestOutput:
+        try:
+            req.output_token_ids.append(token_id)
+            text = self._texts[req.request_id]
+            status = None
+            if token_id in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
+                status = RequestStatus.FINISHED_STOPPED
+            elif text.add(token_id):
+                status = RequestStatus.FINISHED_STOPPED
+            elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                self._finish(req, status)
+            return self._output(req, [token_id], final=status is not None)
+        except Exception as e:  # isolate: only this request fails
+            req.error = f"post-processing failed: {type(e).__name__}: {e}"
+            self._finish(req, RequestStatus.FINISHED_ERROR)
+            return self._output(req, [token_id], final=True)
+
+    def _output(self, req: Request, new_ids: list[int], final: bool) -> RequestOutput:
+        text = self._texts.pop(req.request_id) if final else self._texts[req.request_id]
+        if final:
+            text.finish()
+            self._generators.pop(req.request_id, None)
+        return RequestOutput(req.request_id, new_ids, text.take(final), final, req.status.finish_reason,
+                             req.num_prompt_tokens, req.num_output_tokens, req.error)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self.requests.pop(req.request_id, None)
+
+    def _fail_all(self, plan: SchedulerOutput, reason: str) -> list[RequestOutput]:
+        outs = []
+        for c in plan.chunks:
+            c.request.error = reason
+            self._finish(c.request, RequestStatus.FINISHED_ERROR)
+            outs.append(self._output(c.request, [], final=True))
+        return outs
+
+    # -- conveniences -------------------------------------------------------------
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_chat: bool = False) -> list[CompletionResult]:
+        """Run prompts to completion together (batched); results in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(messages=p, params=sp) if use_chat else self.add_request(p, sp)
+               for p, sp in zip(prompts, params_list)]
+        results = {i: CompletionResult(i) for i in ids}
+        while any(r.finish_reason is None for r in results.values()):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].add(out)
+        return [results[i] for i in ids]
+
+    def stats(self) -> dict:
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "num_kv_blocks": self.kv.num_blocks,
+            "num_free_kv_blocks": self.kv.num_free_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

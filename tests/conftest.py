@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def real_model_path():
+    from splitserve.engine.default_model import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def real_engine(real_model_path):
+    """Our engine on the real SmolLM2 GGUF in fp32 (the exactness reference setting)."""
+    from splitserve.engine.engine import LLMEngine
+    return LLMEngine(model=real_model_path, dtype="float32", show_progress=False,
+                     kv_cache_memory=256 << 20, max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="session")
+def hf_real(real_model_path):
+    """transformers' own implementation of the same GGUF, dequantized to fp32: the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(real_model_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, tok
+
+
+def assert_no_leaks(engine):
+    """Every KV block back in the pool, every queue empty, nothing tracked."""
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
+    assert engine.kv.holders() == []
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert engine.requests == {}

@@ -1,0 +1,79 @@
+"""Test helpers: tiny random Hugging Face models on disk, and driving our model directly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
+from splitserve.engine.runner import StepSequence, prepare_step
+
+SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TINY_VOCAB = 256 + len(SPECIALS)
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A byte-level BPE with no merges: one token per byte, plus the special tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return tok
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
+    kw.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": LlamaConfig}[arch]
+    return cls(**kw)
+
+
+def make_tiny_model(path: str, arch: str = "llama", seed: int = 0, **overrides):
+    """Save a randomly initialised tiny model + tokenizer to ``path``; returns the HF model (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    byte_level_tokenizer().save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "</s>", "bos_token": "<s>"}, f)
+    return model
+
+
+def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()  # [T, V]
+
+
+def our_logits_chunked(model, token_ids: list[int], chunks: list[int], block_size: int = 4,
+                       num_blocks: int = 64) -> torch.Tensor:
+    """Run ``token_ids`` through our model in chunks of the given sizes; logits at every position."""
+    cfg = model.cfg
+    kv = allocate_kv_cache(KVCacheSpec(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+                                       cfg.head_dim, model.dtype))
+    table = tuple(reversed(range(num_blocks)))  # deliberately non-contiguous, descending block ids
+    outs, start = [], 0
+    for n in chunks:
+        step = prepare_step([StepSequence(token_ids[start:start + n], start, table, True)], block_size)
+        outs.append(model(step.input_ids, kv, step.meta, torch.arange(n)))
+        start += n
+    assert start == len(token_ids)
+    return torch.cat(outs)
