@@ -1,0 +1,90 @@
+"""Streaming generation: deltas end with a finish reason; a consumer that stops
+early (break or task cancel) aborts its request and frees its blocks."""
+
+import asyncio
+import time
+
+import pytest
+
+from conftest import assert_no_leaks
+from helpers import make_tiny_model
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture()
+def aengine(tmp_path):
+    make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
+    eng = AsyncEngine(LLMEngine(model=str(tmp_path), dtype="float32", show_progress=False, num_kv_blocks=128))
+    yield eng
+    eng.shutdown()
+    assert not eng._thread.is_alive()
+
+
+def _wait_idle(aengine, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with aengine._lock:
+            if not aengine.engine.has_unfinished():
+                return
+        time.sleep(0.01)
+    raise AssertionError("engine did not go idle")
+
+
+def test_stream_matches_batch_result_and_ends_with_reason(aengine):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def collect(prompt):
+        return [o async for o in aengine.generate(prompt, params)]
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in ["one", "two two", "three three three"]))
+
+    streams = asyncio.run(main())
+    _wait_idle(aengine)
+    with aengine._lock:
+        expected = aengine.engine.generate(["one", "two two", "three three three"], params)
+    for outs, exp in zip(streams, expected):
+        assert [t for o in outs for t in o.new_token_ids] == exp.token_ids
+        assert "".join(o.new_text for o in outs) == exp.text
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert not any(o.finished for o in outs[:-1])
+    assert_no_leaks(aengine.engine)
+
+
+def test_consumer_that_stops_early_frees_its_blocks(aengine):
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def read_three():
+        n = 0
+        async for _ in aengine.generate("stop reading me", params):
+            n += 1
+            if n == 3:
+                break  # the generator is closed: the request is aborted
+
+    async def cancel_mid_stream():
+        async def reader():
+            async for _ in aengine.generate("cancel me", params):
+                pass
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(read_three())
+    asyncio.run(cancel_mid_stream())
+    _wait_idle(aengine)
+    assert_no_leaks(aengine.engine)
+
+
+def test_bad_input_raises_before_streaming(aengine):
+    async def main():
+        async for _ in aengine.generate("", SamplingParams()):
+            pass
+
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        asyncio.run(main())
+    assert_no_leaks(aengine.engine)
