@@ -6,6 +6,10 @@
         x = h + down_proj(silu(gate) * up)                  gate,up = gate_up_proj(rmsnorm(h))
     logits = lm_head(rmsnorm(x)[logits_indices])
 
+The residual stream ``x`` stays fp32 whatever the weights' dtype: SmolLM2's
+carries outliers near 25k, where bf16 resolves only steps of 128. Norms
+hand the matmuls their inputs in the weights' dtype (bf16 or fp32).
+
 Weights use Hugging Face names and layout; q/k/v and gate/up are fused into one
 linear each at load (``load_weights``). Quantization and kernel choice are
 transforms applied to a built model; this file stays the plain definition.
@@ -20,7 +24,7 @@ from torch import nn
 from splitserve.engine.attention import AttentionMetadata, paged_attention
 from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CorruptModelError
-from splitserve.engine.rope import RotaryEmbedding
+from splitserve.engine.rope import RotaryEmbedding, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +34,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the model dtype, as the reference does.
-        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * out.to(x.dtype)
+        # x: [N, hidden] fp32 residual stream -> normalised, in the weights' dtype
+        out = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return self.weight * out.to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -40,17 +44,17 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.split = (q_size, kv_size, kv_size)
+        self.qk_size = q_size + kv_size
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, kv_layer, meta: AttentionMetadata, rope: RotaryEmbedding):
+    def forward(self, x, kv_layer, meta: AttentionMetadata, rope_tables):
         n = x.shape[0]  # x: [N, hidden]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = rope(meta.positions, q, k)
+        qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) * D]
+        qk = qkv[:, :self.qk_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qk, *rope_tables)  # q and k rotated together: [N, Hq + Hkv, D]
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # [N, Hq, D], [N, Hkv, D]
+        v = qkv[:, self.qk_size:].view(n, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_layer, meta)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, -1))
 
@@ -74,8 +78,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, kv_layer, meta, rope):
-        x = x + self.self_attn(self.input_layernorm(x), kv_layer, meta, rope)
+    def forward(self, x, kv_layer, meta, rope_tables):
+        x = x + self.self_attn(self.input_layernorm(x), kv_layer, meta, rope_tables)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -98,9 +102,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [S]: rows of the batch whose next token is wanted
     ) -> torch.Tensor:  # [S, vocab] fp32
-        x = self.embed_tokens(input_ids)  # [N, hidden]
+        x = self.embed_tokens(input_ids).float()  # [N, hidden] fp32 residual stream
+        rope_tables = self.rope.tables(meta.positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, kv_cache[i], meta, self.rope)
+            x = layer(x, kv_cache[i], meta, rope_tables)
         x = self.norm(x[logits_indices])  # [S, hidden]
         return self.lm_head(x).float()
 

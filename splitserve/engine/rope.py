@@ -86,23 +86,28 @@ def _yarn(dim: int, base: float, rs: dict, max_pos: int) -> tuple[torch.Tensor, 
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables for every position up to ``max_positions``."""
+    """Precomputed cos/sin tables for every position up to ``max_positions``.
+
+    rotate_half(x) * sin is computed as flip(x) * signed_sin: viewing the head
+    dim as [2, D/2] and flipping the halves gives [x2, x1]; the table holds
+    [-sin, +sin], so one flip and two fused multiplies do the whole rotation.
+    """
 
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype):
         inv_freq, attention_factor = rope_parameters(cfg)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # [P, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [P, D]
-        self.cos = (emb.cos() * attention_factor).to(dtype)
-        self.sin = (emb.sin() * attention_factor).to(dtype)
+        cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
+        self.cos = torch.cat([cos, cos], dim=-1).to(dtype)  # [P, D]
+        self.signed_sin = torch.cat([-sin, sin], dim=-1).to(dtype)  # [P, D]
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions: [N]; q: [N, Hq, D]; k: [N, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1)  # [N, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for a step's positions: [N, 1, D] each (shared by every layer)."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, H, D]; cos, signed_sin: [N, 1, D] -> [N, H, D]
+    n, h, d = x.shape
+    swapped = x.reshape(n, h, 2, d // 2).flip(2).reshape(n, h, d)  # [x2, x1]
+    return torch.addcmul(x * cos, swapped, signed_sin)
