@@ -26,6 +26,7 @@ import torch
 
 from splitserve.engine.block_pool import KVCacheManager
 from splitserve.engine.errors import InvalidRequestError, PromptTooLongError, UnknownRequestError
+from splitserve.engine.handoff import KVHandoffMixin
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.output import CompletionResult, RequestOutput, TextState
@@ -75,7 +76,7 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class LLMEngine:
+class LLMEngine(KVHandoffMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
         from splitserve.engine.default_model import default_model_path
         from splitserve.engine.weights import load_model
@@ -118,18 +119,22 @@ class LLMEngine:
         self._texts: dict[str, TextState] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts)
+        self.held: dict[str, Request] = {}  # prefill role: prefilled, blocks kept for a KV transfer
+        self._held_generators: dict[str, torch.Generator | None] = {}
+        self.reserved: dict[str, int] = {}  # decode role: request id -> reserved tokens, KV arriving
         self._arrivals = itertools.count()
 
     # -- requests -----------------------------------------------------------
 
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
-                    messages: list[dict] | None = None, request_id: str | None = None) -> str:
+                    messages: list[dict] | None = None, request_id: str | None = None,
+                    hold_kv: bool = False) -> str:
         """Validate and queue a request; raises InvalidRequestError (nothing queued) on bad input."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"params must be a SamplingParams, got {type(params).__name__}")
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.held or request_id in self.reserved:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
         token_ids = self._prompt_tokens(prompt, messages)
         limit = self.max_model_len - 1
@@ -137,7 +142,7 @@ class LLMEngine:
             which = "the model's context" if limit + 1 == self.model_config.max_position_embeddings \
                 else f"this engine's max_model_len ({self.max_model_len})"
             raise PromptTooLongError(len(token_ids), limit, which)
-        req = Request(request_id, token_ids, params, next(self._arrivals))
+        req = Request(request_id, token_ids, params, next(self._arrivals), hold_kv=hold_kv)
         self.requests[request_id] = req
         self._texts[request_id] = TextState(self.tokenizer, params.stop)
         self._generators[request_id] = make_generator(params, self.generator)
@@ -213,11 +218,22 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None:
                 self._finish(req, status)
+            elif req.hold_kv:  # prefill role: hand the rest to a decode worker
+                return self._hold(req, token_id)
             return self._output(req, [token_id], final=status is not None)
         except Exception as e:  # isolate: only this request fails
             req.error = f"post-processing failed: {type(e).__name__}: {e}"
             self._finish(req, RequestStatus.FINISHED_ERROR)
             return self._output(req, [token_id], final=True)
+
+    def _hold(self, req: Request, token_id: int) -> RequestOutput:
+        self.scheduler.detach(req, RequestStatus.FINISHED_PREFILLED)
+        self.requests.pop(req.request_id)
+        self.held[req.request_id] = req
+        self._held_generators[req.request_id] = self._generators.pop(req.request_id, None)
+        text = self._texts.pop(req.request_id)  # not flushed: the decode side continues this text
+        return RequestOutput(req.request_id, [token_id], text.take(final=False), True, req.status.finish_reason,
+                             req.num_prompt_tokens, req.num_output_tokens)
 
     def _output(self, req: Request, new_ids: list[int], final: bool) -> RequestOutput:
         text = self._texts.pop(req.request_id) if final else self._texts[req.request_id]
@@ -261,6 +277,8 @@ class LLMEngine:
             "num_kv_blocks": self.kv.num_blocks,
             "num_free_kv_blocks": self.kv.num_free_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_held": len(self.held),
+            "num_reserved": len(self.reserved),
         }
 
 

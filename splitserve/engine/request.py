@@ -3,8 +3,10 @@
 States (``RequestStatus``)::
 
     WAITING --admitted--> RUNNING --finished--> FINISHED_{STOPPED,LENGTH,ABORTED,ERROR}
-       ^                     |
-       +----preempted--------+      (blocks freed, KV recomputed on readmission)
+       ^                     |   \
+       +----preempted--------+    +--first token, hold_kv--> FINISHED_PREFILLED (blocks held
+                                       for a KV transfer until released)
+    (preempted: blocks freed, KV recomputed on readmission)
 
 The engine has no separate prefill and decode phase: a request's
 ``num_computed_tokens`` catches up with ``num_tokens`` (prompt + output) a
@@ -26,6 +28,7 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
+    FINISHED_PREFILLED = "prefilled"  # prefill role: done here, KV handed to a decode worker
 
     @property
     def finished(self) -> bool:
@@ -47,6 +50,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     error: str | None = None
+    hold_kv: bool = False  # prefill role: stop after the first token and keep the blocks
 
     @property
     def num_prompt_tokens(self) -> int:

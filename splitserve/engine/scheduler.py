@@ -83,6 +83,16 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.status = status
 
+    def detach(self, request: Request, status: RequestStatus) -> None:
+        """Take a running request out of the batch but keep its blocks (KV handed off)."""
+        self.running.remove(request)
+        request.status = status
+
+    def add_running(self, request: Request) -> None:
+        """Join a request whose KV is already in its blocks (received from a prefill worker)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

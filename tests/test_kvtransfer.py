@@ -1,0 +1,153 @@
+"""KV transfer over real gRPC on loopback, between two engines of a tiny model:
+the handoff equals single-engine generation; every failure frees its blocks."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from conftest import assert_no_leaks
+from helpers import make_tiny_model
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kvtransfer.client import KVSender, NoCapacityError, TransferError
+from splitserve.kvtransfer.server import EngineKVSink, KVTransferServicer, start_server
+from splitserve.kvtransfer.wire import fingerprint
+
+TOKEN = "test-cluster-token"
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_kv")
+    make_tiny_model(str(path), "llama", max_position_embeddings=512)
+    return str(path)
+
+
+def make_engine(path, **kw):
+    kw.setdefault("num_kv_blocks", 64)
+    kw.setdefault("block_size", 4)
+    return LLMEngine(model=path, dtype="float32", show_progress=False, **kw)
+
+
+def prefill(engine, prompt, params, rid="r1"):
+    engine.add_request(prompt, params, request_id=rid, hold_kv=True)
+    outs = []
+    while not outs or not outs[-1].finished:
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs[-1]
+
+
+def decode_all(engine, rid="r1"):
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+class Harness:
+    """A decode engine behind a real gRPC KV server, and a sender."""
+
+    def __init__(self, decode_engine, ttl=30.0, token=TOKEN):
+        self.engine, self.lock = decode_engine, threading.Lock()
+        self.servicer = KVTransferServicer(EngineKVSink(decode_engine, self.lock), TOKEN, reservation_ttl_s=ttl)
+        self.sender = KVSender(token)
+
+    async def __aenter__(self):
+        self.server, port = await start_server(self.servicer)
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.sender.close()
+        await self.server.stop(None)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                                    SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)])
+def test_handoff_equals_single_engine(tiny_path, params):
+    prompt = "a prompt long enough to fill several blocks of four"
+    reference = make_engine(tiny_path).generate([prompt], params)[0]
+    p_eng, d_eng = make_engine(tiny_path), make_engine(tiny_path)
+
+    async def run():
+        async with Harness(d_eng) as h:
+            first = prefill(p_eng, prompt, params)
+            assert first.finish_reason == "prefilled" and len(first.new_token_ids) == 1
+            held_blocks = len(p_eng.kv.block_table("r1"))
+            await h.sender.reserve(h.address, "r1", first.num_prompt_tokens, fingerprint(p_eng.model_config,
+                                                                                       p_eng.kv_spec))
+            ack = await h.sender.send(h.address, p_eng, threading.Lock(), "r1")
+            # the bytes moved are exactly the sequence's blocks, every layer, K and V
+            assert ack.num_bytes == held_blocks * p_eng.kv_spec.bytes_per_block
+            assert p_eng.release("r1") == held_blocks
+            return first
+
+    first = asyncio.run(run())
+    rest = decode_all(d_eng)
+    tokens = first.new_token_ids + [t for o in rest for t in o.new_token_ids]
+    text = first.new_text + "".join(o.new_text for o in rest)
+    assert tokens == reference.token_ids and text == reference.text
+    assert rest[-1].finish_reason == "length"
+    assert_no_leaks(p_eng)
+    assert_no_leaks(d_eng)
+
+
+def test_failures_free_the_reservation(tiny_path):
+    p_eng, d_eng = make_engine(tiny_path), make_engine(tiny_path, num_kv_blocks=20)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    layout = fingerprint(p_eng.model_config, p_eng.kv_spec)
+
+    async def run():
+        async with Harness(d_eng) as h:
+            prefill(p_eng, "x" * 30, params)
+            # 1. no cluster token: refused, nothing reserved
+            async with Harness(d_eng, token="wrong") as bad:
+                bad.servicer = h.servicer
+                with pytest.raises(TransferError, match="UNAUTHENTICATED"):
+                    await bad.sender.reserve(h.address, "r1", 31, layout)
+            # 2. a sender with another layout (block size 8 vs 4) is refused before any byte
+            other = fingerprint(p_eng.model_config, make_engine(tiny_path, block_size=8).kv_spec)
+            with pytest.raises(TransferError, match="FAILED_PRECONDITION.*block_size"):
+                await h.sender.reserve(h.address, "r1", 31, other)
+            # 3. a corrupt chunk: DATA_LOSS, the reservation is dropped
+            await h.sender.reserve(h.address, "r1", 31, layout)
+            assert d_eng.kv.num_free_blocks < d_eng.kv.num_blocks
+            with pytest.raises(TransferError, match="DATA_LOSS.*CRC32C"):
+                await h.sender.send(h.address, p_eng, threading.Lock(), "r1", corrupt_chunk=1)
+            assert d_eng.kv.num_free_blocks == d_eng.kv.num_blocks and not d_eng.requests
+            # 4. a transfer without a reservation is refused
+            with pytest.raises(TransferError, match="FAILED_PRECONDITION.*no open reservation"):
+                await h.sender.send(h.address, p_eng, threading.Lock(), "r1")
+            # 5. a full worker: RESOURCE_EXHAUSTED, so the router can try another; it fits once released
+            await h.sender.reserve(h.address, "hog", 60, layout)  # 15 of 20 blocks
+            with pytest.raises(NoCapacityError, match="no room for 31 tokens"):
+                await h.sender.reserve(h.address, "r1", 31, layout)
+            assert await h.sender.release(h.address, "hog")
+            # a request that can never fit is a different error
+            with pytest.raises(TransferError, match="INVALID_ARGUMENT.*max_model_len"):
+                await h.sender.reserve(h.address, "huge", 200, layout)
+            # 6. a stream cut before its commit
+            await h.sender.reserve(h.address, "r1", 31, layout)
+            stub_call = h.sender._stub(h.address).Transfer(_header_only(p_eng), metadata=h.sender.metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub_call
+            assert info.value.code() == grpc.StatusCode.ABORTED
+            # 7. an abandoned reservation expires
+            h.servicer.ttl = 0.0
+            await h.sender.reserve(h.address, "r2", 31, layout)
+            await asyncio.sleep(0.01)
+            assert h.servicer.expire_reservations() == 1
+            assert h.servicer.num_transfers_committed == 0
+        p_eng.release("r1")
+
+    asyncio.run(run())
+    assert_no_leaks(p_eng)
+    assert_no_leaks(d_eng)
+
+
+async def _header_only(engine):
+    from splitserve.kvtransfer import kvtransfer_pb2 as pb
+    yield pb.TransferMessage(header=pb.TransferHeader(request_id="r1", layout=fingerprint(engine.model_config,
+                                                                                          engine.kv_spec)))
