@@ -34,16 +34,36 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, prompt=None, params: SamplingParams | None = None, *,
-                       messages: list[dict] | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       messages: list[dict] | None = None, request_id: str | None = None,
+                       hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
         if self._stopped:
             raise RuntimeError("the engine is shut down")
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         with self._lock:
-            rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id)
+            rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id,
+                                          hold_kv=hold_kv)
             self._streams[rid] = (loop, queue)
         self._wake.set()
+        async for out in self._drain(rid, queue):
+            yield out
+
+    def adopt(self, state, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        """Decode role: commit a received request and open its output queue atomically,
+        so the loop thread cannot produce an output nobody is listening for."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self.engine.commit(state)
+            self._streams[state.request_id] = (loop, queue)
+        self._wake.set()
+        return queue
+
+    async def stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Outputs of an adopted request; stopping early aborts it."""
+        async for out in self._drain(request_id, queue):
+            yield out
+
+    async def _drain(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:

@@ -279,6 +279,7 @@ class LLMEngine(KVHandoffMixin):
             "num_preemptions": self.scheduler.num_preemptions,
             "num_held": len(self.held),
             "num_reserved": len(self.reserved),
+            "max_model_len": self.max_model_len,
         }
 
 

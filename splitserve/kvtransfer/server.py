@@ -27,9 +27,9 @@ from splitserve.kvtransfer.wire import TOKEN_METADATA_KEY, decode_chunk, describ
 class EngineKVSink:
     """Adapter from the servicer to a decode engine, taking the engine lock for each call."""
 
-    def __init__(self, engine, lock, on_committed=None):
+    def __init__(self, engine, lock, commit=None):
         from splitserve.kvtransfer.wire import fingerprint
-        self.engine, self.lock, self.on_committed = engine, lock, on_committed
+        self.engine, self.lock, self._commit = engine, lock, commit
         self.layout = fingerprint(engine.model_config, engine.kv_spec)
 
     def reserve(self, rid: str, num_tokens: int):
@@ -45,10 +45,11 @@ class EngineKVSink:
             return len(self.engine.kv.block_table(rid))
 
     def commit(self, state: HandoffState):
+        if self._commit is not None:  # e.g. AsyncEngine.adopt: commit and open the output stream atomically
+            self._commit(state)
+            return
         with self.lock:
             self.engine.commit(state)
-        if self.on_committed:
-            self.on_committed(state.request_id)
 
     def cancel(self, rid: str):
         with self.lock:

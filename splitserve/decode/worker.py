@@ -1,0 +1,82 @@
+"""The decode worker: a Ray actor wrapping an engine in the decode role, serving the KV plane.
+
+A request passes through (on this worker)::
+
+    RESERVED (blocks allocated by a prefill worker's Reserve)
+      -> TRANSFERRING (chunks written into the reserved blocks)
+      -> committed: joins the running batch (continuous batching with everything else)
+      -> its outputs wait in a queue until the router calls ``stream`` -> finished: blocks freed
+
+A router that stops reading (client cancel) aborts the request; an unclaimed
+stream is aborted after ``unclaimed_ttl_s`` so nothing is held forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import ray
+
+
+class DecodeWorkerImpl:
+    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_host: str = "127.0.0.1"):
+        from splitserve.engine.async_engine import AsyncEngine
+        from splitserve.engine.engine import LLMEngine
+
+        self.engine = LLMEngine(**engine_kwargs)
+        self.aengine = AsyncEngine(self.engine)
+        self.token, self.kv_host = cluster_token, kv_host
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.address = None
+
+    async def start(self) -> str:
+        """Start the KV server on a free port in this actor's event loop; returns host:port."""
+        from splitserve.kvtransfer.server import EngineKVSink, KVTransferServicer, start_server
+
+        if self.address:
+            return self.address
+        loop = asyncio.get_running_loop()
+
+        def adopt(state):
+            self.queues[state.request_id] = self.aengine.adopt(state, loop)
+
+        sink = EngineKVSink(self.engine, self.aengine._lock, commit=adopt)
+        self.servicer = KVTransferServicer(sink, self.token)
+        self.server, port = await start_server(self.servicer, self.kv_host, 0)
+        self._reaper = asyncio.create_task(self.servicer.reap_forever())
+        self.address = f"{self.kv_host}:{port}"
+        return self.address
+
+    async def stream(self, request_id: str):
+        """Yield the request's outputs (RequestOutput deltas) until it finishes."""
+        queue = self.queues.pop(request_id, None)
+        if queue is None:
+            raise KeyError(f"request {request_id!r} was not committed to this decode worker")
+        async for out in self.aengine.stream(request_id, queue):
+            yield out
+
+    def abort(self, request_id: str) -> bool:
+        self.queues.pop(request_id, None)
+        with self.aengine._lock:
+            if request_id in self.engine.requests:
+                self.engine.abort(request_id)
+                return True
+        return False
+
+    def stats(self) -> dict:
+        with self.aengine._lock:
+            s = self.engine.stats()
+        return {**s, "pid": os.getpid(), "address": self.address,
+                "kv_bytes_received": getattr(self, "servicer", None) and self.servicer.num_bytes_received,
+                "transfers_committed": getattr(self, "servicer", None) and self.servicer.num_transfers_committed,
+                "transfers_failed": getattr(self, "servicer", None) and self.servicer.num_transfers_failed}
+
+    async def stop(self) -> None:
+        if getattr(self, "server", None) is not None:
+            self._reaper.cancel()
+            await self.server.stop(None)
+        self.aengine.shutdown()
+
+
+DecodeWorker = ray.remote(DecodeWorkerImpl)

@@ -1,0 +1,64 @@
+"""Starting and stopping a whole splitserve server: Ray, the pools, Ray Serve and the front door.
+
+    server = start_server(cfg)      # ray.init (local, or cfg address) -> pools -> serve.start -> serve.run
+    server.endpoints                # {"http": "http://127.0.0.1:8000", "grpc": "127.0.0.1:9000"}
+    server.shutdown()               # front door, pools, Serve, and the Ray it started
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from splitserve.platform.config import ServeConfig
+from splitserve.platform.pools import Pools
+
+APP_NAME = "splitserve"
+SERVICER = "splitserve.platform.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+
+
+@dataclass
+class RunningServer:
+    cfg: ServeConfig
+    pools: Pools
+    started_ray: bool
+
+    @property
+    def endpoints(self) -> dict:
+        return {"http": f"http://{self.cfg.http_host}:{self.cfg.http_port}",
+                "openai": f"http://{self.cfg.http_host}:{self.cfg.http_port}/v1",
+                "grpc": f"{self.cfg.http_host}:{self.cfg.grpc_port}",
+                "model": self.cfg.model_name}
+
+    def shutdown(self) -> None:
+        try:
+            serve.shutdown()
+        finally:
+            self.pools.shutdown()
+            if self.started_ray:
+                ray.shutdown()
+
+
+def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = None,
+                 log=print) -> RunningServer:
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                 include_dashboard=True if address is None else None, log_to_driver=False)
+        started_ray = True
+    log(f"starting pools ({cfg.mode}) ...")
+    pools = Pools(cfg).start()
+    try:
+        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
+                    grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER]))
+        from splitserve.platform.frontdoor import FrontDoor
+        serve.run(FrontDoor.bind(pools.handles(), cfg.model_name, cfg.model), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        pools.shutdown()
+        if started_ray:
+            ray.shutdown()
+        raise
+    return RunningServer(cfg, pools, started_ray)
