@@ -4,9 +4,15 @@
                         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]
                         [--dtype auto|float32|bfloat16] [--threads N]
 
+    splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
+                     [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS] ...
+
 ``generate`` loads the model (progress on stderr), streams the completion to
-stdout as it is produced, and reports the finish reason on stderr. Bad input
-exits with status 2 and a message naming what was wrong.
+stdout as it is produced, and reports the finish reason on stderr. ``serve``
+starts a local Ray (or joins ``--address``), the prefill and decode pools and
+the front door (KServe v2 gRPC + OpenAI HTTP on Ray Serve), prints the
+endpoints, and shuts everything down on Ctrl-C. Bad input exits with status 2
+and a message naming what was wrong.
 """
 
 from __future__ import annotations
@@ -76,15 +82,74 @@ def cmd_generate(args) -> int:
     return 0 if reason in ("stop", "length") else 1
 
 
+def _serve_args(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model: prefill and decode pools behind gRPC and HTTP")
+    p.add_argument("--config", default=None, help="a YAML file of ServeConfig fields (flags override it)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--model-name", default=None, help="the name clients use (default: smollm2)")
+    p.add_argument("--mode", default=None, choices=["disaggregated", "colocated"])
+    p.add_argument("--no-chunked-prefill", action="store_true", help="colocated: whole prompts per step")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--prefill-replicas", type=int, default=None)
+    p.add_argument("--decode-replicas", type=int, default=None)
+    p.add_argument("--prefill-threads", type=int, default=None)
+    p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument("--host", default=None, help="HTTP/gRPC bind host (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+
+
+def cmd_serve(args) -> int:
+    import dataclasses
+    import signal
+    import threading
+
+    from splitserve.platform.config import PoolConfig, ServeConfig
+    from splitserve.platform.server import start_server
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    top = {"model": args.model, "model_name": args.model_name, "mode": args.mode, "dtype": args.dtype,
+           "http_host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in top.items() if v is not None})
+
+    def pool(p: PoolConfig, replicas, threads) -> PoolConfig:
+        changes = {"replicas": replicas, "threads": threads}
+        if args.no_chunked_prefill:
+            changes["chunked_prefill"] = False
+        return dataclasses.replace(p, **{k: v for k, v in changes.items() if v is not None})
+
+    cfg = dataclasses.replace(cfg, prefill=pool(cfg.prefill, args.prefill_replicas, args.prefill_threads),
+                              decode=pool(cfg.decode, args.decode_replicas, args.decode_threads))
+    server = start_server(cfg, address=args.address, log=lambda m: print(m, file=sys.stderr))
+    ep = server.endpoints
+    print(f"splitserve is serving '{ep['model']}' ({cfg.mode})\n"
+          f"  KServe v2 gRPC : {ep['grpc']}\n  OpenAI HTTP    : {ep['openai']}\n"
+          f"  Ray dashboard  : http://127.0.0.1:8265\nCtrl-C stops it.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    print("shutting down ...", file=sys.stderr)
+    server.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub)
+    _serve_args(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
-    except SplitserveError as e:
+        if args.command == "serve":
+            return cmd_serve(args)
+    except (SplitserveError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1

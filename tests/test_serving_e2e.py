@@ -1,0 +1,253 @@
+"""End to end: a real local Ray, Ray Serve's gRPC and HTTP proxies, prefill and
+decode actors on the real SmolLM2, and the real clients (tritonclient, openai).
+
+The server runs in fp32 so that its greedy text can be compared exactly with
+the single-process engine (``real_engine``)."""
+
+import queue
+import socket
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+MODEL = "smollm2"
+PROMPTS = ["The three primary colors are", "Once upon a time, a small robot", "def add(a, b):"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(real_model_path):
+    import ray
+    from splitserve.platform.config import PoolConfig, ServeConfig
+    from splitserve.platform.server import start_server
+
+    cfg = ServeConfig(model=real_model_path, model_name=MODEL, dtype="float32", http_port=_free_port(),
+                      grpc_port=_free_port(), max_queue_wait_s=3.0,
+                      prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
+                      decode=PoolConfig(threads=1, kv_cache_memory_mb=96))
+    srv = start_server(cfg, num_cpus=4, log=lambda m: None)
+    yield srv
+    srv.shutdown()
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    import tritonclient.grpc as tg
+    client = tg.InferenceServerClient(server.endpoints["grpc"])
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    import openai
+    return openai.OpenAI(base_url=server.endpoints["openai"], api_key="unused")
+
+
+def _expected(real_engine, prompt=None, messages=None, max_tokens=24):
+    from splitserve.engine.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    if messages is not None:
+        return real_engine.generate([messages], params, use_chat=True)[0]
+    return real_engine.generate([prompt], params)[0]
+
+
+def _inputs(prompt, params=None, stream=None, exclude=True):
+    import tritonclient.grpc as tg
+    import json
+    t = tg.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    inputs = [t]
+    if params is not None:
+        s = tg.InferInput("sampling_parameters", [1], "BYTES")
+        s.set_data_from_numpy(np.array([json.dumps(params).encode()], dtype=object))
+        inputs.append(s)
+    for name, value in (("stream", stream), ("exclude_input_in_output", exclude)):
+        if value is not None:
+            b = tg.InferInput(name, [1], "BOOL")
+            b.set_data_from_numpy(np.array([value], dtype=bool))
+            inputs.append(b)
+    return inputs
+
+
+def _wait_idle(server, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.pools.all_stats()
+        busy = [n for n, s in stats.items() if s["num_free_kv_blocks"] != s["num_kv_blocks"] or s["num_running"]
+                or s["num_waiting"] or s.get("num_held") or s.get("num_reserved")]
+        if not busy:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks still held on {busy}: {stats}")
+        time.sleep(0.1)
+
+
+def test_health_and_metadata(triton):
+    assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(MODEL)
+    assert not triton.is_model_ready("other-model")
+    meta = triton.get_model_metadata(MODEL)
+    assert {i.name for i in meta.inputs} >= {"text_input", "stream", "sampling_parameters"}
+    assert triton.get_server_metadata().name == "splitserve"
+
+
+def test_kserve_infer_equals_single_process_engine(triton, real_engine, server):
+    before = _wait_idle(server)
+    result = triton.infer(MODEL, _inputs(PROMPTS[0], {"max_tokens": 24, "temperature": 0}))
+    expected = _expected(real_engine, PROMPTS[0])
+    assert result.as_numpy("text_output")[0].decode() == expected.text
+    assert result.as_numpy("finish_reason")[0].decode() == expected.finish_reason
+    after = _wait_idle(server)
+    # prefill and decode ran in different processes, and the KV that crossed is exactly the prompt's blocks
+    prefill = next(s for n, s in after.items() if "prefill" in n)
+    decode = next(s for n, s in after.items() if "decode" in n)
+    assert prefill["pid"] != decode["pid"]
+    moved = decode["kv_bytes_received"] - next(s for n, s in before.items() if "decode" in n)["kv_bytes_received"]
+    spec = real_engine.kv_spec
+    num_blocks = -(-expected.num_prompt_tokens // spec.block_size)
+    assert moved == num_blocks * spec.bytes_per_block
+
+
+def test_kserve_streams_concurrently_on_one_stream_and_across_streams(triton, real_engine, server):
+    import tritonclient.grpc as tg
+    results: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: results.put((result, error)))
+    second = tg.InferenceServerClient(server.endpoints["grpc"])
+    results2: queue.Queue = queue.Queue()
+    second.start_stream(callback=lambda result, error: results2.put((result, error)))
+    try:
+        for i, p in enumerate(PROMPTS):
+            triton.async_stream_infer(MODEL, _inputs(p, {"max_tokens": 16, "temperature": 0}, stream=True),
+                                      request_id=f"s{i}", enable_empty_final_response=True)
+        second.async_stream_infer(MODEL, _inputs(PROMPTS[1], {"max_tokens": 16, "temperature": 0}, stream=True),
+                                  request_id="other", enable_empty_final_response=True)
+        texts, order, done = {}, [], set()
+        deadline = time.monotonic() + 120
+        while len(done) < len(PROMPTS) and time.monotonic() < deadline:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            rid = result.get_response().id
+            order.append(rid)
+            texts[rid] = texts.get(rid, "") + result.as_numpy("text_output")[0].decode()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                done.add(rid)
+        result, error = results2.get(timeout=60)
+        other = ""
+        while True:
+            assert error is None, error
+            other += result.as_numpy("text_output")[0].decode()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            result, error = results2.get(timeout=60)
+    finally:
+        triton.stop_stream()
+        second.stop_stream()
+        second.close()
+    for i, p in enumerate(PROMPTS):
+        assert texts[f"s{i}"] == _expected(real_engine, p, max_tokens=16).text
+    assert other == _expected(real_engine, PROMPTS[1], max_tokens=16).text
+    # served concurrently: the streams' responses interleave rather than arriving one request after another
+    firsts = [order.index(f"s{i}") for i in range(3)]
+    lasts = [len(order) - 1 - order[::-1].index(f"s{i}") for i in range(3)]
+    assert max(firsts) < min(lasts)
+    _wait_idle(server)
+
+
+def test_openai_chat_and_completions(oai, real_engine, server):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    expected_chat = _expected(real_engine, messages=messages)
+    assert chat.choices[0].message.content == expected_chat.text
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.completion_tokens == len(expected_chat.token_ids)
+    stream = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_chat.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    comp = oai.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=24, temperature=0)
+    assert comp.choices[0].text == _expected(real_engine, PROMPTS[2]).text
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=24, temperature=0, stream=True))
+    assert streamed == comp.choices[0].text
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+    _wait_idle(server)
+
+
+def test_cancel_mid_stream_frees_every_block(oai, triton, server):
+    stream = oai.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=400, temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the client goes away mid-stream
+    results: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: results.put((result, error)))
+    triton.async_stream_infer(MODEL, _inputs(PROMPTS[0], {"max_tokens": 400}, stream=True), request_id="c1")
+    results.get(timeout=60)
+    triton.stop_stream(cancel_requests=True)
+    _wait_idle(server)
+
+
+def test_bad_input_is_rejected_with_its_reason(triton, oai, server):
+    import openai
+    from tritonclient.utils import InferenceServerException
+
+    def status(call):
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        return info.value.status(), info.value.message()
+
+    code, msg = status(lambda: triton.infer("no-such-model", _inputs("hi")))
+    assert code == "StatusCode.NOT_FOUND" and "no-such-model" in msg
+    import tritonclient.grpc as tg
+    code, msg = status(lambda: triton.infer(MODEL, [tg.InferInput("prompt", [1], "BYTES")]))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "unknown input 'prompt'" in msg
+    wrong = tg.InferInput("text_input", [1], "INT32")
+    wrong.set_data_from_numpy(np.array([3], dtype=np.int32))
+    code, msg = status(lambda: triton.infer(MODEL, [wrong]))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "text_input" in msg and "BYTES" in msg
+    bad_json = _inputs("hi")
+    s = tg.InferInput("sampling_parameters", [1], "BYTES")
+    s.set_data_from_numpy(np.array([b"{not json"], dtype=object))
+    code, msg = status(lambda: triton.infer(MODEL, bad_json + [s]))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "not valid JSON" in msg
+    code, msg = status(lambda: triton.infer(MODEL, _inputs("hi", {"temperature": -1})))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "temperature" in msg
+    code, msg = status(lambda: triton.infer(MODEL, _inputs("word " * 5000, {"max_tokens": 2})))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "prompt" in msg and "at most" in msg
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=MODEL, prompt="hi", temperature=-2)
+    assert info.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-4", prompt="hi")
+    _wait_idle(server)
+
+
+def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, server):
+    """Fill the decode pool with long requests; one more waits the bounded time, then is refused."""
+    from tritonclient.utils import InferenceServerException
+    results: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: results.put((result, error)))
+    long_prompt = "The history of science " * 225  # ~900 tokens: two fill most of the ~2,180-token decode pool
+    try:
+        for i in range(2):
+            triton.async_stream_infer(MODEL, _inputs(long_prompt, {"max_tokens": 300, "ignore_eos": True},
+                                                     stream=True), request_id=f"hog{i}")
+        for _ in range(2):
+            results.get(timeout=120)  # both are decoding
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            triton.infer(MODEL, _inputs(long_prompt, {"max_tokens": 4}), client_timeout=60)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert 2.5 < time.monotonic() - start < 30
+    finally:
+        triton.stop_stream(cancel_requests=True)
+    _wait_idle(server)
