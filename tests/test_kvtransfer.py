@@ -151,3 +151,39 @@ async def _header_only(engine):
     from splitserve.kvtransfer import kvtransfer_pb2 as pb
     yield pb.TransferMessage(header=pb.TransferHeader(request_id="r1", layout=fingerprint(engine.model_config,
                                                                                           engine.kv_spec)))
+
+
+def test_prefill_worker_retries_a_failed_transfer(tiny_path):
+    """The first transfer carries a corrupt chunk: the receiver drops it, the worker re-reserves and
+    resends the still-held KV, and the request completes as if nothing happened."""
+    from splitserve.prefill.worker import PrefillWorkerImpl
+
+    prompt, params = list(range(5, 40)), {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    expected = make_engine(tiny_path).generate([prompt], SamplingParams(**params))[0].token_ids
+    d_eng = make_engine(tiny_path)
+    worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
+                                    num_kv_blocks=64), TOKEN)
+    real_send, calls = worker.sender.send, []
+
+    async def flaky_send(address, engine, lock, rid, corrupt_chunk=None):
+        calls.append(rid)
+        return await real_send(address, engine, lock, rid, corrupt_chunk=1 if len(calls) == 1 else None)
+
+    worker.sender.send = flaky_send
+
+    async def run():
+        async with Harness(d_eng) as h:
+            result = await worker.prefill("r1", prompt, params, h.address)
+            await worker.sender.close()
+            return result, h.servicer.num_transfers_failed
+
+    try:
+        result, failed = asyncio.run(run())
+    finally:
+        worker.aengine.shutdown()
+    assert result["status"] == "transferred" and len(calls) == 2 and worker.num_transfer_retries == 1
+    assert failed == 1
+    rest = decode_all(d_eng)
+    assert result["first"].new_token_ids + [t for o in rest for t in o.new_token_ids] == expected
+    assert_no_leaks(worker.engine)
+    assert_no_leaks(d_eng)

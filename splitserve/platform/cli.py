@@ -125,7 +125,8 @@ def cmd_serve(args) -> int:
     ep = server.endpoints
     print(f"splitserve is serving '{ep['model']}' ({cfg.mode})\n"
           f"  KServe v2 gRPC : {ep['grpc']}\n  OpenAI HTTP    : {ep['openai']}\n"
-          f"  Ray dashboard  : http://127.0.0.1:8265\nCtrl-C stops it.", flush=True)
+          f"  Ray dashboard  : {ep['dashboard'] or 'not started here (joined an existing cluster)'}"
+          f" (token: ~/.ray/auth_token)\nCtrl-C stops it.", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -25,13 +25,15 @@ class RunningServer:
     cfg: ServeConfig
     pools: Pools
     started_ray: bool
+    dashboard_url: str | None = None
 
     @property
     def endpoints(self) -> dict:
         return {"http": f"http://{self.cfg.http_host}:{self.cfg.http_port}",
                 "openai": f"http://{self.cfg.http_host}:{self.cfg.http_port}/v1",
                 "grpc": f"{self.cfg.http_host}:{self.cfg.grpc_port}",
-                "model": self.cfg.model_name}
+                "model": self.cfg.model_name,
+                "dashboard": self.dashboard_url}
 
     def shutdown(self) -> None:
         try:
@@ -44,10 +46,11 @@ class RunningServer:
 
 def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = None,
                  log=print) -> RunningServer:
-    started_ray = False
+    started_ray, dashboard = False, None
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=True if address is None else None, log_to_driver=False)
+        ctx = ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                       include_dashboard=True if address is None else None, log_to_driver=False)
+        dashboard = f"http://{ctx.dashboard_url}" if getattr(ctx, "dashboard_url", None) else None
         started_ray = True
     log(f"starting pools ({cfg.mode}) ...")
     pools = Pools(cfg).start()
@@ -61,4 +64,4 @@ def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | N
         if started_ray:
             ray.shutdown()
         raise
-    return RunningServer(cfg, pools, started_ray)
+    return RunningServer(cfg, pools, started_ray, dashboard)

@@ -5,6 +5,7 @@ A request passes through::
     reserve on the chosen decode worker (RESOURCE_EXHAUSTED -> "no_capacity": the router picks another)
       -> prefill (chunked, batched with other prompts) -> first token sampled, blocks held
       -> KV streamed to the decode worker, layer by layer, until it commits
+       (a failed transfer is retried once with a new reservation; then the request fails with the reason)
       -> local blocks released -> the first token goes back to the router
 
 If the first token already ends the request (EOS, stop string, max_tokens=1)
@@ -34,6 +35,7 @@ class PrefillWorkerImpl:
         self.layout = fingerprint(self.engine.model_config, self.engine.kv_spec)
         self.queued_prompt_tokens = 0
         self.num_prefills = 0
+        self.num_transfer_retries = 0
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict,
                       decode_address: str) -> dict:
@@ -62,7 +64,7 @@ class PrefillWorkerImpl:
         if first.finish_reason != "prefilled":
             return {"status": "finished", **result}
         try:
-            ack = await self.sender.send(decode_address, self.engine, self.aengine._lock, request_id)
+            ack = await self._send_with_retry(decode_address, request_id, n)
         except TransferError as e:
             return {"status": "error", "error": f"KV transfer failed: {e}", **result}
         finally:
@@ -70,6 +72,20 @@ class PrefillWorkerImpl:
                 self.engine.release(request_id)
         self.num_prefills += 1
         return {"status": "transferred", "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks, **result}
+
+    async def _send_with_retry(self, address: str, request_id: str, num_tokens: int, attempts: int = 2):
+        """Stream the KV; a failed transfer (the receiver dropped its reservation) is retried once
+        with a fresh reservation, since the blocks are still held here."""
+        from splitserve.kvtransfer.client import TransferError
+        for attempt in range(attempts):
+            try:
+                if attempt:
+                    await self.sender.reserve(address, request_id, num_tokens, self.layout)
+                return await self.sender.send(address, self.engine, self.aengine._lock, request_id)
+            except TransferError:
+                if attempt == attempts - 1:
+                    raise
+                self.num_transfer_retries += 1
 
     async def _give_back(self, address: str, request_id: str) -> None:
         try:
@@ -87,6 +103,7 @@ class PrefillWorkerImpl:
     def stats(self) -> dict:
         with self.aengine._lock:
             return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
+                    "num_transfer_retries": self.num_transfer_retries,
                     "pid": os.getpid(), **self.engine.stats()}
 
 
