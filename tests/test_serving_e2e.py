@@ -183,17 +183,23 @@ def test_openai_chat_and_completions(oai, real_engine, server):
 
 
 def test_cancel_mid_stream_frees_every_block(oai, triton, server):
-    stream = oai.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=400, temperature=0, stream=True)
+    """Requests far too long to finish within the wait: only cancellation can free their blocks."""
+    long = {"max_tokens": 2000, "ignore_eos": True}
+    stream = oai.completions.create(model=MODEL, prompt=PROMPTS[1], temperature=0, stream=True,
+                                    max_tokens=2000, extra_body={"ignore_eos": True})
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()  # the client goes away mid-stream
+    _wait_idle(server, timeout=10)
     results: queue.Queue = queue.Queue()
     triton.start_stream(callback=lambda result, error: results.put((result, error)))
-    triton.async_stream_infer(MODEL, _inputs(PROMPTS[0], {"max_tokens": 400}, stream=True), request_id="c1")
+    for i in range(2):
+        triton.async_stream_infer(MODEL, _inputs(PROMPTS[i], long, stream=True), request_id=f"c{i}")
+    results.get(timeout=60)
     results.get(timeout=60)
     triton.stop_stream(cancel_requests=True)
-    _wait_idle(server)
+    _wait_idle(server, timeout=10)
 
 
 def test_bad_input_is_rejected_with_its_reason(triton, oai, server):

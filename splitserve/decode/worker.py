@@ -7,20 +7,25 @@ A request passes through (on this worker)::
       -> committed: joins the running batch (continuous batching with everything else)
       -> its outputs wait in a queue until the router calls ``stream`` -> finished: blocks freed
 
-A router that stops reading (client cancel) aborts the request; an unclaimed
-stream is aborted after ``unclaimed_ttl_s`` so nothing is held forever.
+A router that stops reading (client cancel) aborts the request. An abort can
+race the commit (the client left while its KV was in flight), so aborted ids
+are remembered for ``tombstone_ttl_s`` and a later commit of one is dropped;
+and a committed request nobody claims within ``unclaimed_ttl_s`` is aborted,
+so nothing is held forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import ray
 
 
 class DecodeWorkerImpl:
-    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_host: str = "127.0.0.1"):
+    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_host: str = "127.0.0.1",
+                 unclaimed_ttl_s: float = 30.0, tombstone_ttl_s: float = 120.0):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
 
@@ -29,6 +34,10 @@ class DecodeWorkerImpl:
         self.token, self.kv_host = cluster_token, kv_host
         self.queues: dict[str, asyncio.Queue] = {}
         self.address = None
+        self.unclaimed_ttl_s, self.tombstone_ttl_s = unclaimed_ttl_s, tombstone_ttl_s
+        self.tombstones: dict[str, float] = {}  # aborted request id -> when
+        self.num_dropped_after_abort = 0
+        self.num_unclaimed_aborted = 0
 
     async def start(self) -> str:
         """Start the KV server on a free port in this actor's event loop; returns host:port."""
@@ -39,7 +48,14 @@ class DecodeWorkerImpl:
         loop = asyncio.get_running_loop()
 
         def adopt(state):
-            self.queues[state.request_id] = self.aengine.adopt(state, loop)
+            rid = state.request_id
+            if rid in self.tombstones:  # aborted while its KV was in flight: never run it
+                with self.aengine._lock:
+                    self.engine.cancel_reservation(rid)
+                self.num_dropped_after_abort += 1
+                return
+            self.queues[rid] = self.aengine.adopt(state, loop)
+            loop.call_later(self.unclaimed_ttl_s, self._abort_if_unclaimed, rid)
 
         sink = EngineKVSink(self.engine, self.aengine._lock, commit=adopt)
         self.servicer = KVTransferServicer(sink, self.token)
@@ -56,7 +72,15 @@ class DecodeWorkerImpl:
         async for out in self.aengine.stream(request_id, queue):
             yield out
 
+    def _abort_if_unclaimed(self, request_id: str) -> None:
+        if request_id in self.queues:  # nobody called stream(): the router is gone
+            self.num_unclaimed_aborted += 1
+            self.abort(request_id)
+
     def abort(self, request_id: str) -> bool:
+        now = time.monotonic()
+        self.tombstones = {r: t for r, t in self.tombstones.items() if now - t < self.tombstone_ttl_s}
+        self.tombstones[request_id] = now
         self.queues.pop(request_id, None)
         with self.aengine._lock:
             if request_id in self.engine.requests:
@@ -70,7 +94,8 @@ class DecodeWorkerImpl:
         return {**s, "pid": os.getpid(), "address": self.address,
                 "kv_bytes_received": getattr(self, "servicer", None) and self.servicer.num_bytes_received,
                 "transfers_committed": getattr(self, "servicer", None) and self.servicer.num_transfers_committed,
-                "transfers_failed": getattr(self, "servicer", None) and self.servicer.num_transfers_failed}
+                "transfers_failed": getattr(self, "servicer", None) and self.servicer.num_transfers_failed,
+                "dropped_after_abort": self.num_dropped_after_abort, "unclaimed_aborted": self.num_unclaimed_aborted}
 
     async def stop(self) -> None:
         if getattr(self, "server", None) is not None:

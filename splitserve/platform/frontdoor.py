@@ -177,14 +177,29 @@ class FrontDoor:
             await asyncio.gather(*list(tasks), return_exceptions=True)
             await queue.put(None)
 
+        def cancel_all():
+            reader.cancel()
+            for t in list(tasks):
+                t.cancel()  # the router aborts the request on whichever worker holds it
+
+        async def watch_client():
+            # Serve may stop iterating this generator without closing it when the client
+            # cancels, so the requests are not tied to this frame: a watcher cancels them.
+            while not reader.done():
+                if getattr(request_stream, "is_cancelled", lambda: False)():
+                    cancel_all()
+                    await queue.put(None)
+                    return
+                await asyncio.sleep(0.1)
+
         reader = asyncio.create_task(read_requests())
+        watcher = asyncio.create_task(watch_client())
         try:
             while (item := await queue.get()) is not None:
                 yield item
-        finally:  # client gone: cancel everything still running (the router aborts on the workers)
-            reader.cancel()
-            for t in list(tasks):
-                t.cancel()
+        finally:  # the stream is over, or the client is gone
+            watcher.cancel()
+            cancel_all()
 
     # -- OpenAI HTTP -------------------------------------------------------------------
 

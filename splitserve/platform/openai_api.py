@@ -30,6 +30,7 @@ def sampling_params(body: dict) -> SamplingParams:
             top_k=body.get("top_k", 0) or 0,
             seed=body.get("seed"),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            ignore_eos=bool(body.get("ignore_eos", False)),  # extension, as vLLM's server has it
         )
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.field) from None

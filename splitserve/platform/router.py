@@ -99,8 +99,9 @@ class Router:
             ref = self.prefill[p].prefill.remote(request_id, prompt_token_ids, params, self.addresses[d])
             try:
                 result = await ref
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # client gone during prefill or transfer: stop it on both sides
                 self.prefill[p].abort.remote(request_id)
+                self.decode[d].abort.remote(request_id)
                 raise
             finally:
                 self._prefill_tokens[p] -= n
