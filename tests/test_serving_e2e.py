@@ -257,3 +257,23 @@ def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, server):
     finally:
         triton.stop_stream(cancel_requests=True)
     _wait_idle(server)
+
+
+@pytest.mark.parametrize("protocol", ["kserve", "openai"])
+def test_bench_command_against_the_live_server(server, real_model_path, tmp_path, protocol):
+    """`splitserve bench` over the real clients: every request completes with exactly the asked tokens."""
+    import json
+    from splitserve.platform.cli import main
+    url = server.endpoints["grpc"] if protocol == "kserve" else server.endpoints["openai"]
+    args = ["bench", "--url", url, "--protocol", protocol, "--model", MODEL, "--tokenizer-model", real_model_path,
+            "--duration", "3", "--warmup", "0.5", "--max-tokens", "6", "--no-progress", "--out", str(tmp_path)]
+    args += ["--rate", "2"] if protocol == "kserve" else ["--rates", "1,2", "--slo-ttft", "5", "--slo-tpot", "1"]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["records"] and all(r["error"] is None for r in doc["records"])
+    assert all(r["output_tokens"] == 6 for r in doc["records"])
+    assert doc["summary"]["ttft_s"]["p50"] > 0 and doc["summary"]["num_errors"] == 0
+    assert (tmp_path / "latency_cdf.png").exists()
+    if protocol == "openai":
+        assert doc["sweep"]["goodput"] == 2.0 and (tmp_path / "slo_attainment.png").exists()
+    _wait_idle(server)

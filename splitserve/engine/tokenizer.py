@@ -170,6 +170,16 @@ class TextTokenizer:
         return cls(tok, {int(e) for e in eos}, bos, add_bos, template)
 
 
+def load_tokenizer(model_path: str | None) -> TextTokenizer:
+    """The tokenizer of a model path (GGUF file or HF dir; None = the default model), without its weights."""
+    from splitserve.engine.default_model import default_model_path
+    path = model_path or default_model_path()
+    if os.path.isdir(path):
+        return TextTokenizer.from_hf_dir(path)
+    from splitserve.engine.weights.gguf_loader import open_gguf
+    return TextTokenizer.from_gguf(open_gguf(path))
+
+
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}

@@ -144,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub)
     _serve_args(sub)
+    from splitserve.bench import command as bench_command
+    bench_command.add_args(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "bench":
+            return bench_command.run(args)
     except (SplitserveError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

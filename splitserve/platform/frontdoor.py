@@ -22,22 +22,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.platform import kserve, openai_api
 from splitserve.platform.kserve import pb
 from splitserve.platform.pools import make_router
 from splitserve.platform.router import NoCapacityError
 
 app = FastAPI(title="splitserve")
-
-
-def load_tokenizer(model_path: str | None):
-    from splitserve.engine.default_model import default_model_path
-    from splitserve.engine.tokenizer import TextTokenizer
-    path = model_path or default_model_path()
-    if os.path.isdir(path):
-        return TextTokenizer.from_hf_dir(path)
-    from splitserve.engine.weights.gguf_loader import open_gguf
-    return TextTokenizer.from_gguf(open_gguf(path))
 
 
 def _params_dict(params) -> dict:

@@ -1,0 +1,240 @@
+"""One workload set against every system we compare with, on the same 2 cores, in one run.
+
+    python benchmarks/compare.py [--duration 20] [--rates 0.5,1,2,3] [--quick]
+
+Systems: splitserve disaggregated (prefill + decode actors, 1 thread each);
+splitserve colocated with chunked prefill and without (one engine, 2 threads);
+llama.cpp's server on the same GGUF when installed (``pip install
+'llama-cpp-python[server]'`` builds it from source; skipped with a message when
+absent); transformers generate as an offline batch (the floor: throughput only).
+
+Workloads: (a) short chat, (b) mixed (short chats with 1-2k-token prompts among
+them), at a rate sweep each (goodput under the SLOs, P99 TPOT); (c) a
+concurrency ramp 1 -> 32 (served output tokens/s). Writes
+``benchmarks/results/compare.md``, ``compare.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SYSTEMS = {
+    "disaggregated": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
+                          decode=dict(threads=1)),
+    "colocated+chunked": dict(mode="colocated", decode=dict(threads=2, max_num_batched_tokens=512)),
+    "colocated": dict(mode="colocated", decode=dict(threads=2, chunked_prefill=False)),
+}
+
+
+def run_splitserve(name: str, spec: dict, workloads, args, tokenizer, ids) -> dict:
+    import ray
+    from splitserve.bench import metrics
+    from splitserve.bench.clients import OpenAIClient
+    from splitserve.bench.runner import run_concurrency, run_open_loop
+    from splitserve.platform.config import PoolConfig, ServeConfig
+    from splitserve.platform.server import start_server
+
+    cfg = ServeConfig(mode=spec["mode"], http_port=_free_port(), grpc_port=_free_port(), max_queue_wait_s=60,
+                      prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})))
+    log(f"[{name}] starting ...")
+    srv = start_server(cfg, num_cpus=2, log=lambda m: None)
+    try:
+        return drive(name, OpenAIClient(srv.endpoints["openai"], "smollm2"), workloads, args, tokenizer, ids,
+                     metrics, run_open_loop, run_concurrency)
+    finally:
+        srv.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def drive(name, client, workloads, args, tokenizer, ids, metrics, run_open_loop, run_concurrency) -> dict:
+    from dataclasses import replace
+    from splitserve.bench.workload import WORKLOADS
+
+    out = {}
+
+    async def main():
+        for wl in workloads:
+            attain, summaries, records = {}, {}, {}
+            for rate in args.rates:
+                specs = WORKLOADS[wl].schedule(rate, args.duration + args.warmup, args.seed, tokenizer, ids)
+                specs = [replace(s, max_tokens=min(s.max_tokens, args.max_tokens)) for s in specs]
+                recs = await run_open_loop(client, specs, args.warmup, request_timeout_s=180, progress=False)
+                summaries[rate] = metrics.summarize(recs, args.slo_ttft, args.slo_tpot)
+                attain[rate], records[rate] = summaries[rate]["slo_attainment"], recs
+                s = summaries[rate]
+                log(f"[{name}] {wl} @ {rate} req/s: attainment {s['slo_attainment']:.0%}, P99 TTFT "
+                    f"{_ms(s['ttft_s']['p99'])}, P99 TPOT {_ms(s['tpot_s']['p99'])}, errors {s['num_errors']}")
+                if s["slo_attainment"] < 0.5:
+                    break  # far past the knee: higher rates only queue up
+            out[wl] = {"attainment": attain, "goodput": metrics.goodput(attain), "summaries": summaries,
+                       "records": records}
+        ramp = {}
+        rng = np.random.default_rng(args.seed)
+        for c in args.concurrency:
+            specs = WORKLOADS["short_chat"].specs(max(c * 2, 8), rng, tokenizer, ids)
+            specs = [replace(s, max_tokens=min(s.max_tokens, args.max_tokens)) for s in specs]
+            t = time.monotonic()
+            recs = await run_concurrency(client, specs, c, request_timeout_s=180, progress=False)
+            ramp[c] = sum(r.output_tokens for r in recs if r.ok) / (time.monotonic() - t)
+            log(f"[{name}] ramp @{c}: {ramp[c]:.1f} output tok/s")
+        out["ramp"] = ramp
+        await client.close()
+
+    asyncio.run(main())
+    return out
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1000:.0f} ms"
+
+
+def run_llama_cpp(workloads, args, tokenizer, ids) -> dict | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        log("[llama.cpp] not installed: skipped (pip install 'llama-cpp-python[server]' builds it)")
+        return None
+    import subprocess
+    from splitserve.bench import metrics
+    from splitserve.bench.clients import OpenAIClient
+    from splitserve.bench.runner import run_concurrency, run_open_loop
+    from splitserve.engine.default_model import default_model_path
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", default_model_path(),
+                             "--n_threads", "2", "--host", "127.0.0.1", "--port", str(port), "--model_alias",
+                             "smollm2", "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        return drive("llama.cpp", OpenAIClient(f"http://127.0.0.1:{port}/v1", "smollm2"), workloads, args,
+                     tokenizer, ids, metrics, run_open_loop, run_concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_transformers_floor(args, tokenizer, ids) -> dict:
+    """Offline batch generate of the short-chat prompts: output tokens/s (no latency figures)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from splitserve.bench.workload import WORKLOADS
+    from splitserve.engine.default_model import default_model_path
+    torch.set_num_threads(2)
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32).eval()
+    specs = WORKLOADS["short_chat"].specs(32, np.random.default_rng(args.seed), tokenizer, ids)
+    n = min(s.prompt_tokens for s in specs)
+    batch = torch.tensor([tokenizer.encode(s.prompt)[:n] for s in specs])  # equal lengths: no padding
+    new = args.max_tokens
+    t = time.monotonic()
+    with torch.no_grad():
+        model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False)
+    tps = batch.shape[0] * new / (time.monotonic() - t)
+    log(f"[transformers] offline batch of {batch.shape[0]}: {tps:.1f} output tok/s")
+    return {"offline_batch32_tok_s": tps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rates", default="0.5,1,2,3")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--max-tokens", type=int, default=64, help="cap on output tokens per request")
+    ap.add_argument("--slo-ttft", type=float, default=2.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    args.rates = [float(x) for x in args.rates.split(",")]
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    from splitserve.bench import report
+    from splitserve.bench.workload import corpus_text
+    from splitserve.engine.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(None)
+    ids = tokenizer.encode(corpus_text())
+    workloads = ["short_chat", "mixed"]
+    results = {}
+    for name in args.systems.split(","):
+        results[name] = run_splitserve(name, SYSTEMS[name], workloads, args, tokenizer, ids)
+    llama = run_llama_cpp(workloads, args, tokenizer, ids)
+    if llama:
+        results["llama.cpp"] = llama
+    floor = run_transformers_floor(args, tokenizer, ids)
+    write(args, results, floor, report)
+    return 0
+
+
+def write(args, results, floor, report) -> None:
+    from bench_engine import machine
+    os.makedirs(args.out, exist_ok=True)
+    for wl in ("short_chat", "mixed"):
+        report.plot_sweep(os.path.join(args.out, f"compare_{wl}_attainment.png"),
+                          {n: r[wl]["attainment"] for n, r in results.items()},
+                          {n: r[wl]["goodput"] for n, r in results.items()})
+        common = max(min(r[wl]["records"]) for r in results.values())
+        report.plot_cdfs(os.path.join(args.out, f"compare_{wl}_cdf.png"),
+                         {n: r[wl]["records"].get(common, []) for n, r in results.items()})
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    lines = ["# splitserve vs the alternatives, same 2 cores, one run", "",
+             f"- command: `{command}`", f"- machine: {machine()}",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- SLOs: TTFT <= {args.slo_ttft} s and TPOT <= {args.slo_tpot} s; goodput = highest swept rate with "
+             f">= 90% of requests meeting both; rates swept: {args.rates} req/s, {args.duration:.0f} s each "
+             f"after {args.warmup:.0f} s warm-up; outputs capped at {args.max_tokens} tokens; OpenAI SSE client",
+             "- llama.cpp: " + ("measured" if "llama.cpp" in results else "not installed here, skipped"), "",
+             "| system | goodput (a) short chat | goodput (b) mixed | P99 TPOT (b) @ rate | P99 TTFT (b) @ rate | "
+             "served tok/s @16 streams |", "|---|---|---|---|---|---|"]
+    for n, r in results.items():
+        mixed = r["mixed"]["summaries"]
+        rate = max(k for k in mixed if k in results[next(iter(results))]["mixed"]["summaries"])
+        s = mixed[rate]
+        lines.append(f"| {n} | {r['short_chat']['goodput']:.2f} req/s | {r['mixed']['goodput']:.2f} req/s | "
+                     f"{_ms(s['tpot_s']['p99'])} @ {rate} | {_ms(s['ttft_s']['p99'])} @ {rate} | "
+                     f"{r['ramp'].get(16, float('nan')):.1f} |")
+    lines += ["", f"transformers offline batch generate (32 prompts, the floor): "
+                  f"{floor['offline_batch32_tok_s']:.1f} output tok/s", "",
+              "Plots: `compare_short_chat_attainment.png`, `compare_mixed_attainment.png` (SLO attainment vs rate), "
+              "`compare_*_cdf.png` (latency CDFs at a common rate). Raw figures: `compare.json`.", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(text)
+    slim = {n: {wl: {k: v for k, v in r[wl].items() if k != "records"} if wl != "ramp" else r[wl]
+                for wl in r} for n, r in results.items()}
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump({"command": command, "results": slim, "transformers": floor}, f, indent=1, default=str)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
