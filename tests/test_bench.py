@@ -138,6 +138,7 @@ def test_goodput_search_on_a_synthetic_latency_model():
     assert 3.0 <= good <= 3.3 and 8 not in calls  # the sweep stops at the first failing rate
     assert metrics.goodput({1: 0.95, 2: 0.91, 3: 0.5}) == 2
     assert metrics.goodput({1: 0.5}) == 0.0
+    assert metrics.goodput({1: 0.83, 2: 1.0}) == 0.0  # a pass above a failing rate is noise, not goodput
 
 
 def test_json_report_and_plots(tmp_path):

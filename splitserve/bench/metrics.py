@@ -93,9 +93,14 @@ def summarize(records: list[RequestRecord], slo_ttft: float, slo_tpot: float, wi
 
 
 def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> float:
-    """Highest swept rate whose attainment reaches ``target`` (0 if none does)."""
-    passing = [rate for rate, a in attainment_by_rate.items() if a >= target]
-    return max(passing) if passing else 0.0
+    """Highest swept rate such that it and every lower swept rate reach ``target`` (0 if the lowest
+    misses): a noisy pass above a failing rate does not count."""
+    best = 0.0
+    for rate in sorted(attainment_by_rate):
+        if attainment_by_rate[rate] < target:
+            break
+        best = rate
+    return best
 
 
 def search_goodput(measure, rates: list[float], target: float = 0.9, refine: int = 2) -> tuple[float, dict]:

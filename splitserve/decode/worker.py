@@ -89,8 +89,9 @@ class DecodeWorkerImpl:
         return False
 
     def stats(self) -> dict:
-        with self.aengine._lock:
-            s = self.engine.stats()
+        # Lock-free on purpose: counters read between steps are good enough for routing, and
+        # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
+        s = self.engine.stats()
         return {**s, "pid": os.getpid(), "address": self.address,
                 "kv_bytes_received": getattr(self, "servicer", None) and self.servicer.num_bytes_received,
                 "transfers_committed": getattr(self, "servicer", None) and self.servicer.num_transfers_committed,

@@ -84,8 +84,9 @@ class KVSender:
                 generator_state=state.generator_state or b"", num_blocks=num_blocks))
             total = 0
             for i, plan in enumerate(plans):  # layer by layer
-                with lock:
-                    data = engine.export_kv(request_id, plan.layer)[plan.first_block:plan.first_block + plan.num_blocks]
+                # No engine lock: a held request's blocks are out of the running batch, so the
+                # engine's step never touches them (with the lock, each chunk would wait out a step).
+                data = engine.export_kv(request_id, plan.layer)[plan.first_block:plan.first_block + plan.num_blocks]
                 chunk = encode_chunk(plan, data)
                 if corrupt_chunk == i:
                     chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]

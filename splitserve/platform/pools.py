@@ -39,8 +39,9 @@ class ColocatedWorkerImpl:
         return False
 
     def stats(self) -> dict:
-        with self.aengine._lock:
-            return {**self.engine.stats(), "pid": os.getpid()}
+        # Lock-free on purpose: counters read between steps are good enough for routing, and
+        # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
+        return {**self.engine.stats(), "pid": os.getpid()}
 
 
 ColocatedWorker = ray.remote(ColocatedWorkerImpl)

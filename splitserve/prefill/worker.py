@@ -101,10 +101,10 @@ class PrefillWorkerImpl:
         return False
 
     def stats(self) -> dict:
-        with self.aengine._lock:
-            return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
-                    "num_transfer_retries": self.num_transfer_retries,
-                    "pid": os.getpid(), **self.engine.stats()}
+        # Lock-free on purpose: counters read between steps are good enough for routing, and
+        # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
+        return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
+                "num_transfer_retries": self.num_transfer_retries, "pid": os.getpid(), **self.engine.stats()}
 
 
 PrefillWorker = ray.remote(PrefillWorkerImpl)
