@@ -175,7 +175,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--render-from", default=None, help="re-render compare.md from an earlier compare.json")
     args = ap.parse_args()
+    if args.render_from:
+        with open(args.render_from) as f:
+            render(json.load(f), args.out)
+        return 0
     args.rates = [float(x) for x in args.rates.split(",")]
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     from splitserve.bench import report
@@ -196,7 +201,6 @@ def main() -> int:
 
 
 def write(args, results, floor, report) -> None:
-    from bench_engine import machine
     os.makedirs(args.out, exist_ok=True)
     for wl in ("short_chat", "mixed"):
         report.plot_sweep(os.path.join(args.out, f"compare_{wl}_attainment.png"),
@@ -206,33 +210,60 @@ def write(args, results, floor, report) -> None:
         report.plot_cdfs(os.path.join(args.out, f"compare_{wl}_cdf.png"),
                          {n: r[wl]["records"].get(common, []) for n, r in results.items()})
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    lines = ["# splitserve vs the alternatives, same 2 cores, one run", "",
-             f"- command: `{command}`", f"- machine: {machine()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- SLOs: TTFT <= {args.slo_ttft} s and TPOT <= {args.slo_tpot} s; goodput = highest swept rate with "
-             f">= 90% of requests meeting both; rates swept: {args.rates} req/s, {args.duration:.0f} s each "
-             f"after {args.warmup:.0f} s warm-up; outputs capped at {args.max_tokens} tokens; OpenAI SSE client",
-             "- llama.cpp: " + ("measured" if "llama.cpp" in results else "not installed here, skipped"), "",
-             "| system | goodput (a) short chat | goodput (b) mixed | P99 TPOT (b) @ rate | P99 TTFT (b) @ rate | "
-             "served tok/s @16 streams |", "|---|---|---|---|---|---|"]
-    for n, r in results.items():
-        mixed = r["mixed"]["summaries"]
-        rate = max(k for k in mixed if k in results[next(iter(results))]["mixed"]["summaries"])
-        s = mixed[rate]
-        lines.append(f"| {n} | {r['short_chat']['goodput']:.2f} req/s | {r['mixed']['goodput']:.2f} req/s | "
-                     f"{_ms(s['tpot_s']['p99'])} @ {rate} | {_ms(s['ttft_s']['p99'])} @ {rate} | "
-                     f"{r['ramp'].get(16, float('nan')):.1f} |")
-    lines += ["", f"transformers offline batch generate (32 prompts, the floor): "
-                  f"{floor['offline_batch32_tok_s']:.1f} output tok/s", "",
-              "Plots: `compare_short_chat_attainment.png`, `compare_mixed_attainment.png` (SLO attainment vs rate), "
-              "`compare_*_cdf.png` (latency CDFs at a common rate). Raw figures: `compare.json`.", ""]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
-        f.write(text)
     slim = {n: {wl: {k: v for k, v in r[wl].items() if k != "records"} if wl != "ramp" else r[wl]
                 for wl in r} for n, r in results.items()}
+    doc = {"command": command, "args": {k: v for k, v in vars(args).items() if k != "render_from"},
+           "results": slim, "transformers": floor}
     with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump({"command": command, "results": slim, "transformers": floor}, f, indent=1, default=str)
+        json.dump(doc, f, indent=1, default=str)
+    render(doc, args.out)
+
+
+def render(doc: dict, out: str) -> None:
+    """compare.md from compare.json (so the table can be re-rendered without re-running)."""
+    from bench_engine import machine
+    a, results = doc["args"], doc["results"]
+    rates = sorted({float(k) for r in results.values() for k in r["mixed"]["summaries"]})
+    common = [x for x in rates if all(x in {float(k) for k in r["mixed"]["summaries"]} for r in results.values())]
+
+    def at(r, rate, metric):
+        s = {float(k): v for k, v in r["mixed"]["summaries"].items()}[rate]
+        return s[metric]["p99"]
+
+    base = results.get("colocated")
+    lines = ["# splitserve vs the alternatives, same 2 cores, one run", "",
+             f"- command: `{doc['command']}`", f"- machine: {machine()}",
+             f"- SLOs: TTFT <= {a['slo_ttft']} s and TPOT <= {a['slo_tpot']} s; goodput = highest swept rate at "
+             f"which it and every lower rate have >= 90% of requests meeting both; rates swept: {a['rates']} "
+             f"req/s, {a['duration']:.0f} s each after {a['warmup']:.0f} s warm-up; outputs capped at "
+             f"{a['max_tokens']} tokens; OpenAI SSE client running on the same 2 cores as the server",
+             "- llama.cpp: " + ("measured" if "llama.cpp" in results else
+                                "not installed here, skipped (see README for the optional install)"), "",
+             "## Goodput and served throughput", "",
+             "| system | goodput (a) short chat | goodput (b) mixed | served output tok/s, ramp @1 / @4 / @16 / @32 |",
+             "|---|---|---|---|"]
+    for n, r in results.items():
+        ramp = " / ".join(f"{r['ramp'].get(c, r['ramp'].get(str(c), float('nan'))):.0f}" for c in (1, 4, 16, 32))
+        lines.append(f"| {n} | {r['short_chat']['goodput']:.2f} req/s | {r['mixed']['goodput']:.2f} req/s | {ramp} |")
+    lines += ["", f"transformers offline batch generate, 32 prompts x {a['max_tokens']} tokens (the floor, no latency "
+                  f"figures): {doc['transformers']['offline_batch32_tok_s']:.1f} output tok/s", "",
+              "## Workload (b), mixed: P99 latencies at each rate every system ran", "",
+              "| system | " + " | ".join(f"P99 TPOT @ {x} req/s" for x in common) + " | " +
+              " | ".join(f"P99 TTFT @ {x} req/s" for x in common) + " |",
+              "|---|" + "---|" * (2 * len(common))]
+    for n, r in results.items():
+        tpot = []
+        for x in common:
+            v = at(r, x, "tpot_s")
+            ratio = f" ({v / at(base, x, 'tpot_s'):.2f}x colocated)" if base and n != "colocated" else ""
+            tpot.append(f"{_ms(v)}{ratio}")
+        lines.append(f"| {n} | " + " | ".join(tpot) + " | " + " | ".join(_ms(at(r, x, "ttft_s")) for x in common)
+                     + " |")
+    lines += ["", "Plots: `compare_short_chat_attainment.png`, `compare_mixed_attainment.png` (SLO attainment vs "
+                  "rate), `compare_*_cdf.png` (latency CDFs at a common rate). Raw figures: `compare.json`.", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(text)
     print(text)
 
 

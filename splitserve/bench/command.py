@@ -14,7 +14,6 @@ rate) into ``--out``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 
@@ -165,6 +164,3 @@ def format_summary(s: dict) -> str:
             f"TTFT p50/p90/p99 ms: {ms(s['ttft_s'])}   TPOT: {ms(s['tpot_s'])}   ITL: {ms(s['itl_s'])}   "
             f"E2E: {ms(s['e2e_s'])}\nSLO attainment: {s['slo_attainment']:.1%}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps({"see": "splitserve bench --help"}))

@@ -82,11 +82,7 @@ class DecodeWorkerImpl:
         self.tombstones = {r: t for r, t in self.tombstones.items() if now - t < self.tombstone_ttl_s}
         self.tombstones[request_id] = now
         self.queues.pop(request_id, None)
-        with self.aengine._lock:
-            if request_id in self.engine.requests:
-                self.engine.abort(request_id)
-                return True
-        return False
+        return self.aengine.abort_request(request_id)
 
     def stats(self) -> dict:
         # Lock-free on purpose: counters read between steps are good enough for routing, and

@@ -75,11 +75,22 @@ class AsyncEngine:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
+        """The consumer is gone: stop the request and forget its stream."""
         with self._lock:
             self._streams.pop(request_id, None)
             if request_id in self.engine.requests:
                 self.engine.abort(request_id)
         self._wake.set()
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request on someone else's behalf (a router); a consumer still reading its stream
+        gets the final "abort" output. Returns whether the request was here."""
+        with self._lock:
+            if request_id not in self.engine.requests:
+                return False
+            self.engine.abort(request_id)
+        self._wake.set()
+        return True
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -96,7 +107,8 @@ class AsyncEngine:
                     try:
                         loop.call_soon_threadsafe(queue.put_nowait, out)
                     except RuntimeError:  # the caller's event loop is closed: drop its request
-                        self.abort(out.request_id) if not out.finished else None
+                        if not out.finished:
+                            self.abort(out.request_id)
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

@@ -18,7 +18,6 @@ recomputed). ``step`` is the whole loop:
 from __future__ import annotations
 
 import itertools
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -282,6 +281,3 @@ class LLMEngine(KVHandoffMixin):
             "max_model_len": self.max_model_len,
         }
 
-
-def default_num_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

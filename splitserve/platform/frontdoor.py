@@ -17,6 +17,7 @@ import os
 import uuid
 
 import grpc
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -54,12 +55,10 @@ def _grpc_error(e: Exception) -> tuple[grpc.StatusCode, str]:
 class FrontDoor:
     def __init__(self, handles: dict, model_name: str, model_path: str | None):
         self.router = make_router(handles)
-        self.handles = handles
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_path)
-        actors = [*handles["prefill"].values(), *handles["decode"].values(), *handles["colocated"].values()]
-        import ray
-        self.max_model_len = min(s["max_model_len"] for s in ray.get([a.stats.remote() for a in actors]))
+        self.actors = [*handles["prefill"].values(), *handles["decode"].values(), *handles["colocated"].values()]
+        self.max_model_len = min(s["max_model_len"] for s in ray.get([a.stats.remote() for a in self.actors]))
 
     # -- shared --------------------------------------------------------------------
 
@@ -76,17 +75,15 @@ class FrontDoor:
         return ids
 
     async def _ready(self) -> bool:
-        import ray
-        actors = [*self.handles["prefill"].values(), *self.handles["decode"].values(),
-                  *self.handles["colocated"].values()]
+        """Both pools are up: every worker answers within 5 s."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(a.stats.remote() for a in actors)), timeout=5)
+            await asyncio.wait_for(asyncio.gather(*(a.stats.remote() for a in self.actors)), timeout=5)
             return True
         except (asyncio.TimeoutError, ray.exceptions.RayError):
             return False
 
     async def _run(self, rid, ids, params):
-        """Router outputs, with the prompt length known."""
+        """One request through the router: RequestOutput deltas until the finished one."""
         async for out in self.router.generate(rid, ids, _params_dict(params)):
             yield out
 

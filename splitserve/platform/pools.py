@@ -32,11 +32,7 @@ class ColocatedWorkerImpl:
             yield out
 
     def abort(self, request_id: str) -> bool:
-        with self.aengine._lock:
-            if request_id in self.engine.requests:
-                self.engine.abort(request_id)
-                return True
-        return False
+        return self.aengine.abort_request(request_id)
 
     def stats(self) -> dict:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
