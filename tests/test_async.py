@@ -88,3 +88,23 @@ def test_bad_input_raises_before_streaming(aengine):
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
         asyncio.run(main())
     assert_no_leaks(aengine.engine)
+
+
+def test_a_reader_that_vanishes_without_closing_is_reported_stalled(aengine):
+    """The safety net behind the workers' reapers: outputs pile up unread -> stalled -> aborted."""
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def main():
+        gen = aengine.generate("nobody reads me", params)
+        await gen.__anext__()  # read one output, then stop reading without closing
+        await asyncio.sleep(0.05)  # the engine keeps producing into the queue (the tiny model is fast)
+        stalled = aengine.stalled(idle_s=0.01)
+        assert len(stalled) == 1 and aengine.stalled(idle_s=60) == []
+        for rid in stalled:
+            aengine.abort_request(rid)
+        return gen
+
+    gen = asyncio.run(main())
+    del gen
+    _wait_idle(aengine)
+    assert_no_leaks(aengine.engine)

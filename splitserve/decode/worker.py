@@ -11,7 +11,9 @@ A router that stops reading (client cancel) aborts the request. An abort can
 race the commit (the client left while its KV was in flight), so aborted ids
 are remembered for ``tombstone_ttl_s`` and a later commit of one is dropped;
 and a committed request nobody claims within ``unclaimed_ttl_s`` is aborted,
-so nothing is held forever.
+so nothing is held forever. Output streams are backpressured: a reader that stops
+reading without closing its stream stalls it, and a request stalled for
+``STALLED_READER_S`` is aborted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ import os
 import time
 
 import ray
+
+STREAM_BACKPRESSURE = 16  # outputs Ray buffers for a stream's reader before the generator waits
+STALLED_READER_S = 10.0
+
+
+async def reap_stalled_forever(worker, period_s: float = 1.0) -> None:
+    """Abort requests whose reader vanished without closing the stream (outputs pile up unread)."""
+    while True:
+        await asyncio.sleep(period_s)
+        for rid in worker.aengine.stalled(STALLED_READER_S):
+            worker.abort(rid)
 
 
 class DecodeWorkerImpl:
@@ -61,9 +74,11 @@ class DecodeWorkerImpl:
         self.servicer = KVTransferServicer(sink, self.token)
         self.server, port = await start_server(self.servicer, self.kv_host, 0)
         self._reaper = asyncio.create_task(self.servicer.reap_forever())
+        self._stall_reaper = asyncio.create_task(reap_stalled_forever(self))
         self.address = f"{self.kv_host}:{port}"
         return self.address
 
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     async def stream(self, request_id: str):
         """Yield the request's outputs (RequestOutput deltas) until it finishes."""
         queue = self.queues.pop(request_id, None)
@@ -97,6 +112,7 @@ class DecodeWorkerImpl:
     async def stop(self) -> None:
         if getattr(self, "server", None) is not None:
             self._reaper.cancel()
+            self._stall_reaper.cancel()
             await self.server.stop(None)
         self.aengine.shutdown()
 

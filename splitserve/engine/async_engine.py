@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import AsyncIterator
 
 from splitserve.engine.engine import LLMEngine
@@ -29,6 +30,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards the engine between the loop thread and callers
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._last_read: dict[str, float] = {}  # request id -> when its consumer last took an output
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="splitserve-engine", daemon=True)
         self._thread.start()
@@ -67,12 +69,22 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
+                self._last_read[rid] = time.monotonic()
                 out: RequestOutput = await queue.get()
                 finished = out.finished
                 yield out
         finally:
+            self._last_read.pop(rid, None)
             if not finished:
                 self.abort(rid)
+
+    def stalled(self, idle_s: float) -> list[str]:
+        """Requests with outputs waiting that their consumer has not read for ``idle_s``: a consumer
+        that went away without closing its stream (their producers' backpressure stops the reads)."""
+        now = time.monotonic()
+        with self._lock:
+            return [rid for rid, (_, queue) in self._streams.items()
+                    if queue.qsize() > 0 and now - self._last_read.get(rid, now) > idle_s]
 
     def abort(self, request_id: str) -> None:
         """The consumer is gone: stop the request and forget its stream."""

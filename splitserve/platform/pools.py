@@ -10,9 +10,12 @@ same number of single-engine actors (the baseline).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import ray
+
+from splitserve.decode.worker import STREAM_BACKPRESSURE, reap_stalled_forever
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.platform.config import ServeConfig, engine_kwargs
@@ -26,8 +29,12 @@ class ColocatedWorkerImpl:
         from splitserve.engine.engine import LLMEngine
         self.engine = LLMEngine(**kwargs)
         self.aengine = AsyncEngine(self.engine)
+        self._stall_reaper = None
 
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):
+        if self._stall_reaper is None:
+            self._stall_reaper = asyncio.create_task(reap_stalled_forever(self))
         async for out in self.aengine.generate(prompt_token_ids, SamplingParams(**params), request_id=request_id):
             yield out
 

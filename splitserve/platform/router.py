@@ -121,7 +121,7 @@ class Router:
         yield replace(first, finished=False, finish_reason=None)
         finished = False
         try:
-            async for ref in self.decode[d].stream.options(num_returns="streaming").remote(request_id):
+            async for ref in self.decode[d].stream.remote(request_id):  # streaming, backpressured
                 out = await ref
                 finished = out.finished
                 yield out
@@ -147,8 +147,7 @@ class ColocatedRouter:
             self._load[w] += 1
             finished = False
             try:
-                async for ref in self.workers[w].generate.options(num_returns="streaming").remote(
-                        request_id, prompt_token_ids, params):
+                async for ref in self.workers[w].generate.remote(request_id, prompt_token_ids, params):
                     out = await ref
                     finished = out.finished
                     yield out
