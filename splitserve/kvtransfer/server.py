@@ -99,21 +99,27 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
     async def Transfer(self, request_iterator, context):
         await self._check_token(context)
-        rid, committed = None, False
+        rid = None
+
+        async def fail(code, message):
+            # Free the reservation before the status can reach the sender: once it sees the error,
+            # the blocks are already back in the pool.
+            self._drop(rid)
+            await context.abort(code, message)
+
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("kind") != "header":
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a transfer must start with its header")
+                await fail(grpc.StatusCode.INVALID_ARGUMENT, "a transfer must start with its header")
             header = first.header
+            if header.request_id not in self._reservations or header.request_id in self._in_transfer:
+                await fail(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"no open reservation for request {header.request_id!r}")
             rid = header.request_id
-            if rid not in self._reservations or rid in self._in_transfer:
-                rid_known, rid = rid, None  # not ours to cancel
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"no open reservation for request {rid_known!r}")
             self._in_transfer.add(rid)
             mismatch = describe_mismatch(header.layout, self.sink.layout)
             if mismatch:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
+                await fail(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
             num_chunks = num_bytes = 0
             async for msg in request_iterator:
                 kind = msg.WhichOneof("kind")
@@ -122,29 +128,34 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                         data = decode_chunk(msg.chunk, header.layout)
                         self.sink.write(rid, msg.chunk.layer, msg.chunk.first_block, data)
                     except ValueError as e:
-                        await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+                        await fail(grpc.StatusCode.DATA_LOSS, str(e))
                     num_chunks += 1
                     num_bytes += len(msg.chunk.data)
                 elif kind == "commit":
                     if (msg.commit.num_chunks, msg.commit.num_bytes) != (num_chunks, num_bytes):
-                        await context.abort(grpc.StatusCode.DATA_LOSS,
-                                            f"commit announces {msg.commit.num_chunks} chunks / "
-                                            f"{msg.commit.num_bytes} bytes, received {num_chunks} / {num_bytes}")
+                        await fail(grpc.StatusCode.DATA_LOSS,
+                                   f"commit announces {msg.commit.num_chunks} chunks / {msg.commit.num_bytes} "
+                                   f"bytes, received {num_chunks} / {num_bytes}")
                     self.sink.commit(_state(header))
-                    committed = True
+                    self._in_transfer.discard(rid)
+                    self._reservations.pop(rid, None)
+                    rid = None  # committed: the blocks now belong to a running request
                     self.num_bytes_received += num_bytes
                     self.num_transfers_committed += 1
                     return pb.TransferAck(num_bytes=num_bytes, num_chunks=num_chunks)
                 else:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a second header in one transfer")
-            await context.abort(grpc.StatusCode.ABORTED, "the transfer stream ended without a commit")
+                    await fail(grpc.StatusCode.INVALID_ARGUMENT, "a second header in one transfer")
+            await fail(grpc.StatusCode.ABORTED, "the transfer stream ended without a commit")
         finally:
-            if rid is not None:
-                self._in_transfer.discard(rid)
-                self._reservations.pop(rid, None)
-                if not committed:
-                    self.num_transfers_failed += 1
-                    self.sink.cancel(rid)
+            self._drop(rid)  # a broken stream or cancellation: no-op if already dropped or committed
+
+    def _drop(self, rid: str | None) -> None:
+        if rid is None or rid not in self._reservations:
+            return
+        self._in_transfer.discard(rid)
+        self._reservations.pop(rid)
+        self.num_transfers_failed += 1
+        self.sink.cancel(rid)
 
     def expire_reservations(self) -> int:
         now = time.monotonic()

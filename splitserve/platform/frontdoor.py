@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED / 503.
 import asyncio
 import json
 import os
+import time
 import uuid
 
 import grpc
@@ -30,6 +31,7 @@ from splitserve.platform.pools import make_router
 from splitserve.platform.router import NoCapacityError
 
 app = FastAPI(title="splitserve")
+STALLED_READER_S = 10.0  # a bidi stream whose responses nobody takes for this long is abandoned
 
 
 def _params_dict(params) -> dict:
@@ -157,37 +159,45 @@ class FrontDoor:
                 await queue.put(pb().ModelStreamInferResponse(
                     error_message=message, infer_response=pb().ModelInferResponse(id=rid, model_name=request.model_name)))
 
-        async def read_requests():
-            async for request in request_stream:
-                t = asyncio.create_task(serve_one(request))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-            await queue.put(None)
-
-        def cancel_all():
-            reader.cancel()
+        def cancel_tasks():
             for t in list(tasks):
                 t.cancel()  # the router aborts the request on whichever worker holds it
 
+        async def read_requests():
+            try:
+                async for request in request_stream:
+                    t = asyncio.create_task(serve_one(request))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+            except Exception:  # the request stream broke: the client is gone
+                cancel_tasks()
+            if getattr(request_stream, "is_cancelled", lambda: False)():
+                cancel_tasks()
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+            await queue.put(None)
+
         async def watch_client():
-            # Serve may stop iterating this generator without closing it when the client
-            # cancels, so the requests are not tied to this frame: a watcher cancels them.
+            # Serve may stop iterating this generator without closing it when the client cancels,
+            # so the requests are not tied to this frame: cancel them when the client is seen to
+            # be gone, or when nobody has taken a response for STALLED_READER_S.
             while not reader.done():
-                if getattr(request_stream, "is_cancelled", lambda: False)():
-                    cancel_all()
-                    await queue.put(None)
+                stalled = queue.qsize() > 0 and time.monotonic() - last_taken[0] > STALLED_READER_S
+                if stalled or getattr(request_stream, "is_cancelled", lambda: False)():
+                    cancel_tasks()
                     return
                 await asyncio.sleep(0.1)
 
+        last_taken = [time.monotonic()]
         reader = asyncio.create_task(read_requests())
         watcher = asyncio.create_task(watch_client())
         try:
             while (item := await queue.get()) is not None:
+                last_taken[0] = time.monotonic()
                 yield item
         finally:  # the stream is over, or the client is gone
             watcher.cancel()
-            cancel_all()
+            reader.cancel()
+            cancel_tasks()
 
     # -- OpenAI HTTP -------------------------------------------------------------------
 
