@@ -130,11 +130,11 @@ def test_goodput_search_on_a_synthetic_latency_model():
     # attainment falls off a cliff past 3.3 req/s
     calls = []
 
-    def measure(rate):
+    async def measure(rate):
         calls.append(rate)
         return 0.97 if rate <= 3.3 else 0.4
 
-    good, seen = metrics.search_goodput(measure, [0.5, 1, 2, 4, 8], refine=3)
+    good, seen = asyncio.run(metrics.search_goodput(measure, [0.5, 1, 2, 4, 8], refine=3))
     assert 3.0 <= good <= 3.3 and 8 not in calls  # the sweep stops at the first failing rate
     assert metrics.goodput({1: 0.95, 2: 0.91, 3: 0.5}) == 2
     assert metrics.goodput({1: 0.5}) == 0.0

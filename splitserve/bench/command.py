@@ -99,22 +99,9 @@ def run(args) -> int:
                     sweep[rate] = metrics.summarize(recs, args.slo_ttft, args.slo_tpot)
                     return sweep[rate]["slo_attainment"]
 
-                rates = sorted(float(x) for x in args.rates.split(","))
-                seen = {}
-                for rate in rates:  # async version of metrics.search_goodput
-                    seen[rate] = await measure(rate)
-                    if seen[rate] < 0.9:
-                        break
-                passing = [r for r, a in seen.items() if a >= 0.9]
-                failing = [r for r, a in seen.items() if a < 0.9]
-                if passing and failing:
-                    lo, hi = max(passing), min(failing)
-                    for _ in range(2):
-                        mid = round((lo + hi) / 2, 3)
-                        seen[mid] = await measure(mid)
-                        lo, hi = (mid, hi) if seen[mid] >= 0.9 else (lo, mid)
-                return {"sweep": sweep, "records": records, "attainment": dict(sorted(seen.items())),
-                        "goodput": metrics.goodput(seen)}
+                rates = [float(x) for x in args.rates.split(",")]
+                good, seen = await metrics.search_goodput(measure, rates)
+                return {"sweep": sweep, "records": records, "attainment": seen, "goodput": good}
             recs = await _open_loop(args, client, tokenizer, ids, args.rate or 1.0, args.seed)
             return {"single": (metrics.summarize(recs, args.slo_ttft, args.slo_tpot), recs)}
         finally:

@@ -103,20 +103,21 @@ def goodput(attainment_by_rate: dict[float, float], target: float = 0.9) -> floa
     return best
 
 
-def search_goodput(measure, rates: list[float], target: float = 0.9, refine: int = 2) -> tuple[float, dict]:
+async def search_goodput(measure, rates: list[float], target: float = 0.9, refine: int = 2) -> tuple[float, dict]:
     """Sweep ``rates`` (ascending; stop at the first failure), then bisect between the last
-    passing and first failing rate ``refine`` times. ``measure(rate) -> attainment``."""
+    passing and first failing rate ``refine`` times. ``measure(rate)`` is an async function
+    returning the SLO attainment at that rate."""
     seen: dict[float, float] = {}
     lo = hi = None
     for rate in sorted(rates):
-        seen[rate] = measure(rate)
+        seen[rate] = await measure(rate)
         if seen[rate] >= target:
             lo = rate
         else:
             hi = rate
             break
     for _ in range(refine if lo is not None and hi is not None else 0):
-        mid = (lo + hi) / 2
-        seen[mid] = measure(mid)
+        mid = round((lo + hi) / 2, 3)
+        seen[mid] = await measure(mid)
         lo, hi = (mid, hi) if seen[mid] >= target else (lo, mid)
     return goodput(seen, target), dict(sorted(seen.items()))

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.handoff import serialize_params
 from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.platform import kserve, openai_api
 from splitserve.platform.kserve import pb
@@ -32,11 +33,6 @@ from splitserve.platform.router import NoCapacityError
 
 app = FastAPI(title="splitserve")
 STALLED_READER_S = 10.0  # a bidi stream whose responses nobody takes for this long is abandoned
-
-
-def _params_dict(params) -> dict:
-    from splitserve.engine.handoff import serialize_params
-    return serialize_params(params)
 
 
 def _grpc_error(e: Exception) -> tuple[grpc.StatusCode, str]:
@@ -86,7 +82,7 @@ class FrontDoor:
 
     async def _run(self, rid, ids, params):
         """One request through the router: RequestOutput deltas until the finished one."""
-        async for out in self.router.generate(rid, ids, _params_dict(params)):
+        async for out in self.router.generate(rid, ids, serialize_params(params)):
             yield out
 
     # -- KServe v2 gRPC ------------------------------------------------------------
