@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# No GPU here: the Triton kernels run under Triton's interpreter, which must be chosen before
+# anything imports triton (transformers may).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -8,10 +8,11 @@ A step's tokens are flattened into one batch of ``N`` tokens, decodes first:
 Per layer, :func:`paged_attention` first writes the new K/V into their slots,
 then
 
-* all decode tokens (one query each) attend together: their blocks are
-  gathered into ``[B, T, H, D]`` (``T`` = longest context, padded and masked),
-  and the query heads sharing a KV head are folded into one axis so GQA needs
-  no copy of K/V;
+* all decode tokens (one query each) attend together
+  (``kernels.ops.paged_decode_attention``: on CPU their blocks are gathered
+  into ``[B, T, H, D]``, ``T`` = longest context, padded and masked, with the
+  query heads sharing a KV head folded into one axis so GQA needs no copy of
+  K/V; on GPU a Triton kernel reads the blocks in place);
 * each prefill chunk attends on its own: a chunk with no earlier context uses
   its fresh K/V with a causal mask; a later chunk reads its earlier context
   from its blocks.
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from splitserve.kernels import ops
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class AttentionMetadata:
     num_decodes: int  # tokens [0, num_decodes) are single-token decodes
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] long (padded with block 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * bs] bool, True = attend
+    decode_context_lens: torch.Tensor | None  # [B] long: cached tokens per decode, this step's included
     prefills: tuple[PrefillChunk, ...]
 
 
@@ -62,13 +66,9 @@ def paged_attention(
 
     if meta.num_decodes:
         b = meta.num_decodes
-        kv = kv_layer[meta.decode_block_tables]  # [B, nblk, 2, bs, Hkv, D]
-        kv = kv.transpose(1, 2).reshape(b, 2, -1, num_kv_heads, head_dim)  # [B, 2, T, Hkv, D]
-        keys = kv[:, 0].transpose(1, 2)  # [B, Hkv, T, D]
-        values = kv[:, 1].transpose(1, 2)
-        qd = q[:b].view(b, num_kv_heads, group, head_dim)  # [B, Hkv, G, D]
-        od = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.decode_mask)
-        outs.append(od.reshape(b, num_heads, head_dim))
+        od = ops.paged_decode_attention(q[:b], kv_layer, meta.decode_block_tables, meta.decode_context_lens,
+                                        meta.decode_mask)
+        outs.append(od)
 
     # Prefill attention gets a leading batch dim: with 3-D inputs torch's CPU SDPA takes its
     # unfused math path (measured 6x slower at 2048 tokens than the flash kernel 4-D inputs get).

@@ -55,6 +55,10 @@ class EngineConfig:
     # bf16 on CPU: single-row matmuls through fp16 GEMV (2x faster batch-1 decode,
     # one extra fp16 copy of the weights); see splitserve/kernels/cpu_linear.py
     gemv_dispatch: bool = True
+    # weight-only quantization of the linears: "none" | "int8" (per channel) | "int4" (group-wise);
+    # GGUF Q4_0/Q4_1 tensors load straight into int4 (see splitserve/kernels/)
+    quantization: str = "none"
+    int4_group_size: int = 32
     show_progress: bool = True
 
 
@@ -89,7 +93,15 @@ class LLMEngine(KVHandoffMixin):
         self.dtype = resolve_dtype(cfg.dtype)
         self.model_path = cfg.model or default_model_path()
         bar = (lambda items, desc: progress(items, desc)) if cfg.show_progress else None
-        loaded = load_model(self.model_path, bar)
+        from splitserve.kernels.linear import QUANTIZATION_MODES, quantize_model
+        from splitserve.kernels.quant import INT4_GROUP_SIZES
+        if cfg.quantization not in QUANTIZATION_MODES:
+            raise InvalidRequestError("quantization", f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; "
+                                                      f"got {cfg.quantization!r}")
+        if cfg.int4_group_size not in INT4_GROUP_SIZES:
+            raise InvalidRequestError("int4_group_size", f"int4 group size must be one of {INT4_GROUP_SIZES}; "
+                                                         f"got {cfg.int4_group_size}")
+        loaded = load_model(self.model_path, bar, cfg.quantization, cfg.int4_group_size)
         self.model_config = loaded.config
         if isinstance(loaded.tokenizer_source, str):
             self.tokenizer = TextTokenizer.from_hf_dir(loaded.tokenizer_source)
@@ -106,7 +118,8 @@ class LLMEngine(KVHandoffMixin):
                                  cfg.max_model_len or 1 << 62)
         self.model = LlamaForCausalLM.from_state_dict(self.model_config, loaded.state, self.dtype,
                                                       self.max_model_len)
-        if cfg.gemv_dispatch and self.dtype == torch.bfloat16:
+        quantize_model(self.model, cfg.quantization, cfg.int4_group_size)  # float linears left (HF dirs)
+        if cfg.gemv_dispatch and self.dtype == torch.bfloat16 and cfg.quantization == "none":
             from splitserve.kernels.cpu_linear import use_gemv_dispatch
             use_gemv_dispatch(self.model)
         self.kv_cache = allocate_kv_cache(spec)

@@ -90,7 +90,8 @@ class RotaryEmbedding:
 
     rotate_half(x) * sin is computed as flip(x) * signed_sin: viewing the head
     dim as [2, D/2] and flipping the halves gives [x2, x1]; the table holds
-    [-sin, +sin], so one flip and two fused multiplies do the whole rotation.
+    [-sin, +sin], so one flip and two fused multiplies do the whole rotation
+    (``kernels.ops.rotary``).
     """
 
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype):
@@ -105,9 +106,3 @@ class RotaryEmbedding:
         """cos and signed sin for a step's positions: [N, 1, D] each (shared by every layer)."""
         return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, H, D]; cos, signed_sin: [N, 1, D] -> [N, H, D]
-    n, h, d = x.shape
-    swapped = x.reshape(n, h, 2, d // 2).flip(2).reshape(n, h, d)  # [x2, x1]
-    return torch.addcmul(x * cos, swapped, signed_sin)

@@ -62,13 +62,13 @@ def prepare_step(seqs: list[StepSequence], block_size: int) -> PreparedStep:
             prefills.append(PrefillChunk(row0, row0 + n, s.start,
                                          torch.tensor(s.block_table[:num_blocks], dtype=torch.long)))
 
-    decode_block_tables = decode_mask = None
+    decode_block_tables = decode_mask = decode_context_lens = None
     if decode_tables:
         width = max(len(t) for t in decode_tables)
         decode_block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in decode_tables],
                                            dtype=torch.long)  # [B, width]
-        lens = torch.tensor(decode_lens)
-        decode_mask = (torch.arange(width * block_size)[None, :] < lens[:, None])[:, None, None, :]
+        decode_context_lens = torch.tensor(decode_lens, dtype=torch.long)
+        decode_mask = (torch.arange(width * block_size)[None, :] < decode_context_lens[:, None])[:, None, None, :]
 
     logits_rows.sort(key=lambda r: r[1])
     meta = AttentionMetadata(
@@ -78,6 +78,7 @@ def prepare_step(seqs: list[StepSequence], block_size: int) -> PreparedStep:
         num_decodes=len(decode_tables),
         decode_block_tables=decode_block_tables,
         decode_mask=decode_mask,
+        decode_context_lens=decode_context_lens,
         prefills=tuple(prefills),
     )
     return PreparedStep(

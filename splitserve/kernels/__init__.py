@@ -1,5 +1,13 @@
 """Kernels and the transforms that put them into a built model.
 
-Today: the CPU linear dispatch (``cpu_linear``). Triton kernels (the GPU path),
-quantized GEMMs and the dispatch by device arrive with the kernels issue.
+    ops.py        the operations the model calls; each picks Triton (CUDA) or the torch CPU path
+    dispatch.py   that choice (by device; SPLITSERVE_KERNELS=triton forces Triton)
+    quant.py      int8 / int4 weight formats, quantizers, GGUF block conversion, references
+    linear.py     QuantLinear / QuantEmbedding and quantize_model (the quantization transform)
+    cpu_linear.py bf16 linear with an fp16 GEMV path for single rows (unquantized CPU serving)
+    triton/       the Triton kernels, each beside its plain-torch reference
 """
+
+from splitserve.kernels.dispatch import prepare_interpreter
+
+prepare_interpreter()

@@ -24,7 +24,9 @@ class LoadedModel:
     metadata: dict = field(default_factory=dict)
 
 
-def load_model(path: str, progress=None) -> LoadedModel:
+def load_model(path: str, progress=None, quantization: str = "none", group_size: int = 32) -> LoadedModel:
+    """Config, tensors and tokenizer source. GGUF files honour ``quantization`` while
+    loading (see ``gguf_loader``); HF directories load float and are quantized after build."""
     if not os.path.exists(path):
         raise ModelNotFoundError(f"model path {path!r} does not exist; pass a .gguf file or a Hugging Face "
                                  f"directory (config.json + *.safetensors)")
@@ -32,4 +34,4 @@ def load_model(path: str, progress=None) -> LoadedModel:
         from splitserve.engine.weights.hf_loader import load_hf_dir
         return load_hf_dir(path, progress)
     from splitserve.engine.weights.gguf_loader import load_gguf
-    return load_gguf(path, progress)
+    return load_gguf(path, progress, quantization, group_size)

@@ -1,8 +1,10 @@
 """Load a Llama-family GGUF file (read with the ``gguf`` package).
 
-Steps: open (memory-mapped) -> config from ``{arch}.*`` metadata -> each tensor
-dequantized to float32 under its Hugging Face name -> llama q/k rows
-un-permuted. llama.cpp's converter permutes q/k rows of ``llama`` models so
+Steps: open (memory-mapped) -> config from ``{arch}.*`` metadata -> each tensor,
+one at a time, under its Hugging Face name: dequantized to float32, or with
+``quantization`` int8/int4 made into our quantized formats (Q4_0/Q4_1 blocks
+go straight into int4 with no float detour; other types pass through float one
+tensor at a time) -> llama q/k rows un-permuted. llama.cpp's converter permutes q/k rows of ``llama`` models so
 that GGML's adjacent-pair rotary embedding equals HF's rotate-half one; we undo
 it so there is one rotary convention (``rope.py``).
 """
@@ -19,6 +21,7 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CorruptModelError, UnsupportedModelError
 from splitserve.engine.weights import LoadedModel
 from splitserve.engine.weights.dequant import dequantize
+from splitserve.kernels.quant import int4_from_gguf_blocks, quantize_int4, quantize_int8
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 
@@ -107,21 +110,51 @@ def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, progress=None) -> LoadedModel:
+def load_gguf(path: str, progress=None, quantization: str = "none", group_size: int = 32) -> LoadedModel:
     reader = open_gguf(path)
     cfg = gguf_config(reader, path)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, object] = {}
     tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
-    for t in progress(tensors, "dequantizing") if progress else tensors:
+    desc = "dequantizing" if quantization == "none" else f"loading as {quantization}"
+    for t in progress(tensors, desc) if progress else tensors:
         name = hf_name(t.name)
         if name is None:
             raise UnsupportedModelError(f"GGUF tensor {t.name!r} has no place in a {cfg.architecture} model")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         try:
-            w = dequantize(t.data, t.tensor_type, shape)
+            if quantization == "none" or len(shape) != 2:
+                w = dequantize(t.data, t.tensor_type, shape)
+            elif name == "model.embed_tokens.weight":
+                w = dequantize(t.data, t.tensor_type, shape)
+                if cfg.tie_word_embeddings and quantization == "int4":  # the head gets its own int4 copy
+                    state["lm_head.weight"] = quantize_int4(w, group_size)
+                w = quantize_int8(w)  # embedding rows: int8, one scale per row
+            else:
+                w = _quantized_tensor(t, shape, quantization, group_size)
         except (ValueError, RuntimeError) as e:
             raise CorruptModelError(f"tensor {t.name!r} ({t.tensor_type.name}, shape {shape}) is malformed: {e}")
         if cfg.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-            w = unpermute_rows(w, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads)
+            heads = cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads
+            if isinstance(w, torch.Tensor):
+                w = unpermute_rows(w, heads)
+            else:
+                w = w.index_rows(unpermute_rows(torch.arange(shape[0]), heads))
         state[name] = w
-    return LoadedModel(cfg, state, reader, {"format": "gguf", "path": path})
+    return LoadedModel(cfg, state, reader, {"format": "gguf", "path": path, "quantization": quantization})
+
+
+def _quantized_tensor(t, shape: tuple[int, int], mode: str, group_size: int):
+    """One linear weight in our int8 / int4 format; only this tensor is ever float at once."""
+    from gguf import GGMLQuantizationType as QT
+
+    if mode == "int4" and t.tensor_type in (QT.Q4_0, QT.Q4_1):
+        # exact: GGUF's 32-value blocks are int4 groups of 32 (whatever group_size asks for)
+        block_bytes = 18 if t.tensor_type == QT.Q4_0 else 20
+        blocks = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8).reshape(-1, block_bytes))
+        return int4_from_gguf_blocks(blocks, t.tensor_type == QT.Q4_1, shape)
+    w = dequantize(t.data, t.tensor_type, shape)
+    if mode == "int8":
+        return quantize_int8(w)
+    if mode == "int4":
+        return quantize_int4(w, group_size)
+    raise ValueError(f"quantization must be one of none, int8, int4; got {mode!r}")

@@ -1,0 +1,67 @@
+"""Which kernel implementation runs: Triton on CUDA tensors, torch's CPU kernels on CPU.
+
+``backend_for(tensor)`` is the one decision point. ``SPLITSERVE_KERNELS=triton``
+(or ``force_backend("triton")`` in tests) sends CPU tensors to the Triton
+kernels too; without a GPU that needs ``TRITON_INTERPRET=1`` set before Triton
+is imported, which ``triton_module`` does when it imports a kernel file with no
+CUDA device present. That is how the test suite runs every Triton kernel, and
+a whole model through them, on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton")
+_forced: str | None = None
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get("SPLITSERVE_KERNELS") or None
+    if value is not None and value not in BACKENDS:
+        raise ValueError(f"SPLITSERVE_KERNELS must be one of {BACKENDS}; got {value!r}")
+    return value
+
+
+def backend_for(t: torch.Tensor) -> str:
+    forced = _forced or _env_backend()
+    if forced:
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+@contextlib.contextmanager
+def force_backend(name: str | None):
+    """Run the block with every kernel op on ``name`` (``None``: by device again)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    saved, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = saved
+
+
+def prepare_interpreter() -> None:
+    """With no CUDA device, ask for Triton's interpreter. Must run before ``triton`` is first
+    imported: Triton decides interpreted-or-compiled per function when it is decorated."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_module(name: str):
+    """Import ``splitserve.kernels.triton.<name>``; with no CUDA, under Triton's interpreter."""
+    prepare_interpreter()
+    module = importlib.import_module(f"splitserve.kernels.triton.{name}")
+    if not torch.cuda.is_available():
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(tl.sum, InterpretedFunction):
+            raise RuntimeError("Triton kernels on CPU need TRITON_INTERPRET=1 set before triton is first "
+                               "imported (something imported triton earlier); set it in the environment")
+    return module

@@ -1,0 +1,148 @@
+"""Quantized linear and embedding modules, and the transform that installs them.
+
+Lifecycle: a loader hands quantized weights (``quant.py`` formats) for some
+module names -> ``install_quantized`` swaps those ``nn.Linear`` /
+``nn.Embedding`` modules of a built model for :class:`QuantLinear` /
+:class:`QuantEmbedding`; or ``quantize_model`` quantizes a float model's
+linears in place of loading. Each module fixes its backend when built
+(``dispatch.backend_for`` on its weights):
+
+    torch (CPU)   int8: torch._weight_int8pack_mm        (bf16 activations)
+                  int4: torch._weight_int4pack_mm_for_cpu (bf16 activations, torch's tile layout)
+    triton        int8 / int4 kernels on the canonical layout (kernels/triton/w8_matmul.py, w4_matmul.py)
+
+torch's int8 kernel is fast only with bf16 activations (15-45x slower with
+fp32, ``../shared/ANCHORS.md``), so on CPU activations enter these modules as
+bf16 and leave in the model's dtype.
+
+Shapes: x [M, in] -> [M, out].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.kernels.dispatch import backend_for, triton_module
+from splitserve.kernels.quant import Int4Weight, Int8Weight, QuantizedWeight, quantize_int4, quantize_int8
+
+QUANTIZATION_MODES = ("none", "int8", "int4")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype
+        self.bits = 8 if isinstance(weight, Int8Weight) else 4
+        self.backend = backend_for(weight.qweight)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype), persistent=False)
+        if self.backend == "triton":
+            self.weight = weight  # canonical layout, read by the Triton kernels
+        elif self.bits == 8:
+            self.register_buffer("qweight", weight.qweight, persistent=False)  # [N, K] int8
+            self.register_buffer("scale", weight.scale.to(torch.bfloat16), persistent=False)  # [N]
+        else:
+            self.group_size = weight.group_size
+            pad = -self.out_features % 16  # torch's int4 packing wants N % 16 == 0: zero rows, sliced off
+            values = F.pad(weight.values().to(torch.int32), (0, 0, 0, pad), value=8)  # [N + pad, K]
+            self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(values, 1), persistent=False)
+            # torch's layout of the group parameters: [K/g, N + pad, 2] = (scale, zero)
+            scales_zeros = F.pad(torch.stack([weight.scale, weight.zero], dim=-1), (0, 0, 0, 0, 0, pad))
+            scales_zeros = scales_zeros.transpose(0, 1)
+            self.register_buffer("scales_zeros", scales_zeros.contiguous().to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            kernel = triton_module("w8_matmul" if self.bits == 8 else "w4_matmul")
+            out = kernel.launch(x, self.weight, self.bias)
+            return out.to(self.out_dtype)
+        xb = x.to(torch.bfloat16)  # [M, K]
+        if self.bits == 8:
+            out = torch._weight_int8pack_mm(xb, self.qweight, self.scale)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales_zeros)
+            out = out[:, :self.out_features]
+        out = out.to(self.out_dtype)  # [M, N]
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, backend={self.backend}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding rows kept as int8 (one scale per row): lookup = q[ids] * scale[ids]."""
+
+    def __init__(self, weight: Int8Weight):
+        super().__init__()
+        self.register_buffer("qweight", weight.qweight, persistent=False)  # [V, H] int8
+        self.register_buffer("scale", weight.scale.float(), persistent=False)  # [V]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [N] -> [N, H] fp32
+        return self.qweight[ids].float() * self.scale[ids, None]
+
+
+def quantize_weight(w: torch.Tensor | QuantizedWeight, mode: str, group_size: int = 32) -> QuantizedWeight:
+    if not isinstance(w, torch.Tensor):
+        return w  # already quantized (loaded straight from a quantized file)
+    if mode == "int8":
+        return quantize_int8(w)
+    if mode == "int4":
+        return quantize_int4(w, group_size)
+    raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}; got {mode!r}")
+
+
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def install_quantized(model: nn.Module, quantized: dict[str, object], state: dict[str, torch.Tensor],
+                      dtype: torch.dtype) -> None:
+    """Swap the modules owning ``quantized`` weights (``"<module>.weight"`` names) for quantized ones.
+
+    Biases of swapped linears are taken out of ``state`` (they live in the new module).
+    """
+    for name, w in quantized.items():
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Embedding):
+            if not isinstance(w, Int8Weight):
+                raise ValueError(f"{name}: quantized embeddings are int8 only; got {type(w).__name__}")
+            _set_module(model, module_name, QuantEmbedding(w))
+        else:
+            bias = state.pop(module_name + ".bias", None)
+            _set_module(model, module_name, QuantLinear(w, bias, dtype))
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> int:
+    """Quantize every float ``nn.Linear`` (and the embedding, as int8) of a built model; returns how many."""
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}; got {mode!r}")
+    if mode == "none":
+        return 0
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            bias = None if module.bias is None else module.bias.detach()
+            _set_module(model, name, QuantLinear(quantize_weight(module.weight.detach(), mode, group_size),
+                                                 bias, module.weight.dtype))
+            count += 1
+        elif isinstance(module, nn.Embedding):
+            _set_module(model, name, QuantEmbedding(quantize_int8(module.weight.detach())))
+            count += 1
+    return count
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers, counting shared tensors once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.backend == "triton":
+            total += m.weight.nbytes()
+    return total

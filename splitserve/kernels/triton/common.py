@@ -1,0 +1,40 @@
+"""Shared launcher checks and the autotune set-up of the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    """Autotune candidates: the GPU list (Ampere/Hopper tile shapes) on a device; one small
+    config under the interpreter, where every launch is slow and timing means nothing."""
+    return [interpreter] if interpreting() else gpu
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def check_tensor(t: torch.Tensor, name: str, *, ndim: int, dtypes: tuple[torch.dtype, ...],
+                 unit_last_stride: bool = True) -> None:
+    check(isinstance(t, torch.Tensor), f"{name} must be a tensor; got {type(t).__name__}")
+    check(t.dim() == ndim, f"{name} must have {ndim} dims; got shape {tuple(t.shape)}")
+    check(t.dtype in dtypes, f"{name} must be one of {[str(d) for d in dtypes]}; got {t.dtype}")
+    if unit_last_stride:
+        check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim; got strides {t.stride()}")
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    check(len(set(devices.values())) <= 1, f"tensors must share one device; got {devices}")
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,0 +1,224 @@
+"""Every Triton kernel against its plain-torch reference (under TRITON_INTERPRET=1 on CPU),
+and the torch CPU paths of the same operations against the same references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.kernels import ops
+from splitserve.kernels.dispatch import force_backend, triton_module
+from splitserve.kernels.linear import QuantLinear
+from splitserve.kernels.quant import (Int4Weight, int4_from_gguf_blocks, pack_int4, quantize_int4, quantize_int8,
+                                      reference_linear, unpack_int4)
+
+w8 = triton_module("w8_matmul")
+w4 = triton_module("w4_matmul")
+rmsnorm = triton_module("rmsnorm")
+silu_mul = triton_module("silu_mul")
+rotary = triton_module("rotary")
+paged = triton_module("paged_attention")
+kvq = triton_module("kv_quant")
+
+
+def close(a, b, tol):
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------- quantized formats
+
+def test_int8_and_int4_roundtrip_error_is_bounded():
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    q8 = quantize_int8(w)
+    assert (q8.dequantize() - w).abs().max() <= q8.scale.max() / 2 + 1e-6  # half a step per row
+    for g in (32, 64, 128):
+        q4 = quantize_int4(w, g)
+        step = q4.scale.repeat_interleave(g, dim=1)
+        assert ((q4.dequantize() - w).abs() <= step / 2 + 1e-5).all()
+    assert torch.equal(unpack_int4(pack_int4(torch.arange(16).repeat(3, 2))), torch.arange(16).repeat(3, 2).byte())
+
+
+@pytest.mark.parametrize("q4_1", [False, True])
+def test_gguf_q4_blocks_load_exactly_into_int4(q4_1):
+    from gguf import GGMLQuantizationType as QT
+    from gguf import quants
+
+    from splitserve.engine.weights.dequant import dequantize
+    torch.manual_seed(1)
+    w = torch.randn(8, 64).numpy()
+    qtype = QT.Q4_1 if q4_1 else QT.Q4_0
+    raw = quants.quantize(w, qtype)  # the gguf package's own quantizer: independent of ours
+    expected = dequantize(raw, qtype, (8, 64))
+    blocks = torch.from_numpy(raw.view("uint8").reshape(-1, 20 if q4_1 else 18).copy())
+    got = int4_from_gguf_blocks(blocks, q4_1, (8, 64))
+    assert isinstance(got, Int4Weight) and got.group_size == 32
+    close(got.dequantize(), expected, 1e-6)
+
+
+# ---------------------------------------------------------------- quantized matmuls
+
+@pytest.mark.parametrize("m,n,k", [(1, 32, 64), (5, 70, 96), (17, 33, 160)])  # ragged: tile edges in M, N and K
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_w8_matmul_triton_matches_reference(m, n, k, dtype):
+    torch.manual_seed(m * n)
+    x, w = torch.randn(m, k).to(dtype), quantize_int8(torch.randn(n, k))
+    bias = torch.randn(n).to(dtype)
+    close(w8.launch(x, w, bias), w8.reference(x, w, bias), 2e-2 if dtype == torch.float16 else 1e-4)
+    close(w8.launch(x, w), reference_linear(x, w), 2e-2 if dtype == torch.float16 else 1e-4)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m,n", [(1, 40), (9, 33)])
+def test_w4_matmul_triton_matches_reference(group, m, n):
+    torch.manual_seed(group + m)
+    k = 256
+    x, w = torch.randn(m, k), quantize_int4(torch.randn(n, k), group)
+    close(w4.launch(x, w), w4.reference(x, w), 1e-4)
+    bias = torch.randn(n)
+    close(w4.launch(x, w, bias), reference_linear(x, w, bias), 1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 3, 32])
+def test_cpu_quantized_linear_matches_reference(bits, m):
+    torch.manual_seed(bits * m)
+    w = torch.randn(96, 128) * 0.05
+    qw = quantize_int8(w) if bits == 8 else quantize_int4(w, 32)
+    x = torch.randn(m, 128)
+    bias = torch.randn(96) * 0.1
+    layer = QuantLinear(qw, bias, torch.float32)
+    assert layer.backend == "torch"
+    expected = reference_linear(x.bfloat16().float(), qw, bias)  # the CPU path feeds bf16 activations
+    # bf16 output and bf16 scales: ~3 significant digits
+    close(layer(x), expected, 2e-2)
+
+
+def test_quantized_linear_on_the_triton_backend_matches_cpu():
+    torch.manual_seed(3)
+    w = torch.randn(64, 128) * 0.05
+    x = torch.randn(4, 128)
+    for qw in (quantize_int8(w), quantize_int4(w, 64)):
+        cpu = QuantLinear(qw, None, torch.float32)
+        with force_backend("triton"):
+            tri = QuantLinear(qw, None, torch.float32)
+            assert tri.backend == "triton"
+            y = tri(x)
+        close(y, reference_linear(x, qw), 1e-4)
+        close(cpu(x), y, 2e-2)
+
+
+def test_launchers_reject_bad_shapes_with_clear_errors():
+    w = quantize_int8(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="x has 16 input features but the weight has 32"):
+        w8.launch(torch.randn(2, 16), w)
+    with pytest.raises(ValueError, match="int8"):
+        w8.launch(torch.randn(2, 32), type(w)(w.qweight.float(), w.scale))
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        w8.launch(torch.randn(32, 2).T, w)
+    q4 = quantize_int4(torch.randn(8, 64), 32)
+    with pytest.raises(ValueError, match="scale must be"):
+        w4.launch(torch.randn(1, 64), Int4Weight(q4.qweight, q4.scale[:, :1].contiguous(), q4.zero, 32))
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged.launch(torch.randn(1, 5, 8), torch.randn(4, 2, 4, 2, 8), torch.zeros(1, 1, dtype=torch.long),
+                     torch.ones(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs more than the block table"):
+        paged.launch(torch.randn(1, 4, 8), torch.randn(4, 2, 4, 2, 8), torch.zeros(1, 1, dtype=torch.long),
+                     torch.tensor([5]))
+
+
+# ---------------------------------------------------------------- element-wise kernels
+
+@pytest.mark.parametrize("h", [64, 100])  # 100: masked tail of the row
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rmsnorm_triton_and_cpu_match_reference(h, with_delta):
+    torch.manual_seed(h)
+    res, weight = torch.randn(7, h) * 30, torch.randn(h)
+    delta = torch.randn(7, h) if with_delta else None
+    exp_res, exp_y = rmsnorm.reference(res, delta, weight, 1e-5)
+    got_res, got_y = rmsnorm.launch(res.clone(), delta, weight, 1e-5)
+    close(got_res, exp_res, 1e-5)
+    close(got_y, exp_y, 1e-4)
+    cpu_res, cpu_y = ops.add_rms_norm(res, delta, weight, 1e-5)
+    close(cpu_res, exp_res, 1e-5)
+    close(cpu_y, exp_y, 1e-4)
+
+
+@pytest.mark.parametrize("inter", [48, 1536])
+def test_silu_and_mul_triton_and_cpu_match_reference(inter):
+    gu = torch.randn(3, 2 * inter)
+    close(silu_mul.launch(gu, block=32), silu_mul.reference(gu), 1e-5)
+    close(ops.silu_and_mul(gu), silu_mul.reference(gu), 1e-5)
+
+
+def test_rotary_in_place_on_a_strided_slice_matches_reference():
+    from splitserve.engine.config import ModelConfig
+    from splitserve.engine.rope import RotaryEmbedding
+    cfg = ModelConfig(architecture="llama", vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=64, tie_word_embeddings=True)
+    cos, ssin = RotaryEmbedding(cfg, 64, torch.float32).tables(torch.tensor([0, 3, 9, 63, 17]))
+    qkv = torch.randn(5, 8 * 16)  # q (4 heads), k (2), v (2) fused, like the model's qkv_proj output
+    qk = qkv[:, :6 * 16].view(5, 6, 16)  # rows strided by 128
+    expected = rotary.reference(qk.clone(), cos[:, 0], ssin[:, 0])
+    v_before = qkv[:, 6 * 16:].clone()
+    close(ops.rotary(qk, cos, ssin), expected, 1e-5)  # the torch path
+    out = rotary.launch(qk, cos[:, 0].contiguous(), ssin[:, 0].contiguous())
+    assert out.data_ptr() == qk.data_ptr()  # in place
+    close(qkv[:, :6 * 16].view(5, 6, 16), expected, 1e-5)
+    assert torch.equal(qkv[:, 6 * 16:], v_before)  # v untouched
+
+
+# ---------------------------------------------------------------- paged attention
+
+def _cache_and_tables(layout: str, lens: list[int], bs: int, hkv: int, d: int):
+    """A KV pool and block tables: blocks in order, shuffled, or shared prefix blocks."""
+    g = torch.Generator().manual_seed(len(lens) * 7 + bs)
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + 5
+    kv = torch.randn(num_blocks, 2, bs, hkv, d, generator=g)
+    width = max(need) + 1  # one padding column of garbage ids beyond every sequence's blocks
+    tables = torch.full((len(lens), width), num_blocks - 1, dtype=torch.long)
+    ids = torch.randperm(num_blocks, generator=g) if layout == "shuffled" else torch.arange(num_blocks)
+    pos = 0
+    for i, k in enumerate(need):
+        if layout == "shared-prefix" and i > 0:
+            tables[i, :1] = tables[0, :1]  # first block shared with sequence 0
+            tables[i, 1:k] = ids[pos:pos + k - 1]
+            pos += k - 1
+        else:
+            tables[i, :k] = ids[pos:pos + k]
+            pos += k
+    return kv, tables
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "shuffled", "shared-prefix"])
+@pytest.mark.parametrize("hq,hkv,d,bs", [(4, 2, 16, 4), (9, 3, 64, 16), (6, 6, 32, 8)])
+def test_paged_decode_attention_triton_and_cpu_match_reference(layout, hq, hkv, d, bs):
+    lens = [1, bs, bs + 1, 3 * bs - 1]  # one token, exact block, one past, ragged last block
+    kv, tables = _cache_and_tables(layout, lens, bs, hkv, d)
+    q = torch.randn(len(lens), hq, d)
+    context = torch.tensor(lens)
+    expected = paged.reference(q, kv, tables, context)
+    close(paged.launch(q, kv, tables, context), expected, 1e-4)
+    close(ops.paged_decode_attention(q, kv, tables, context), expected, 1e-4)
+    close(paged.launch(q, kv, tables.int(), context.int()), expected, 1e-4)
+
+
+# ---------------------------------------------------------------- KV int8 codec
+
+@pytest.mark.parametrize("rows,d", [(1, 64), (37, 64), (16, 48)])
+def test_kv_quantize_triton_and_cpu_match_reference(rows, d):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, d) * torch.rand(rows, 1) * 10
+    q_ref, s_ref = kvq.reference_quantize(x)
+    q_tri, s_tri = kvq.quantize(x)
+    close(s_tri, s_ref, 1e-6)
+    assert (q_tri.int() - q_ref.int()).abs().max() <= 1  # float division may land either side of .5
+    q_cpu, s_cpu = ops.kv_quantize(x)
+    close(s_cpu, s_ref, 1e-6)
+    assert (q_cpu.int() - q_ref.int()).abs().max() <= 1
+    back = kvq.dequantize(q_tri, s_tri, torch.float32)
+    close(back, kvq.reference_dequantize(q_tri, s_tri), 1e-6)
+    close(ops.kv_dequantize(q_tri, s_tri, torch.float32), back, 1e-6)
+    assert ((back - x).abs() <= s_ref[:, None] / 2 + 1e-6).all()  # error within half a step per row
