@@ -187,3 +187,48 @@ def test_prefill_worker_retries_a_failed_transfer(tiny_path):
     assert result["first"].new_token_ids + [t for o in rest for t in o.new_token_ids] == expected
     assert_no_leaks(worker.engine)
     assert_no_leaks(d_eng)
+
+
+def test_int8_wire_codec_sends_fewer_bytes_and_close_values(tiny_path):
+    """int8 on the wire: the decode side holds the prefill KV within half a quantization step per
+    (token, head) row, for about a third of fp32's bytes; an unknown codec is refused and cleaned up."""
+    import torch
+
+    from splitserve.kvtransfer import kvtransfer_pb2 as pb
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    p_eng, d_eng = make_engine(tiny_path), make_engine(tiny_path)
+    layout = fingerprint(p_eng.model_config, p_eng.kv_spec)
+
+    async def run():
+        async with Harness(d_eng) as h:
+            h.sender = KVSender(TOKEN, kv_codec="int8")
+            first = prefill(p_eng, "a prompt that spans a few blocks", params)
+            await h.sender.reserve(h.address, "r1", first.num_prompt_tokens, layout)
+            ack = await h.sender.send(h.address, p_eng, threading.Lock(), "r1")
+            blocks = len(p_eng.kv.block_table("r1"))
+            raw_bytes = blocks * p_eng.kv_spec.bytes_per_block  # fp32
+            d = p_eng.kv_spec.head_dim
+            assert ack.num_bytes == raw_bytes // 4 * (d + 4) // d  # int8 values + one fp32 scale per D values
+            src = p_eng.kv_cache[:, torch.tensor(p_eng.kv.block_table("r1"))]  # [L, n, 2, bs, H, D]
+            dst = d_eng.kv_cache[:, torch.tensor(d_eng.kv.block_table("r1"))]
+            step = src.abs().amax(dim=-1, keepdim=True) / 127
+            assert ((dst - src).abs() <= step / 2 + 1e-6).all()
+            assert not torch.equal(dst, src)  # it really went through int8
+            p_eng.release("r1")
+            # an unknown codec: INVALID_ARGUMENT naming the allowed ones; the reservation is freed
+            prefill(p_eng, "another prompt", params, rid="r2")
+            await h.sender.reserve(h.address, "r2", 14, layout)
+
+            async def bad_header():
+                yield pb.TransferMessage(header=pb.TransferHeader(request_id="r2", layout=layout, kv_codec="zstd"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await h.sender._stub(h.address).Transfer(bad_header(), metadata=h.sender.metadata)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw" in info.value.details()
+            p_eng.release("r2")
+
+    asyncio.run(run())
+    assert [t for o in decode_all(d_eng) for t in o.new_token_ids]  # decoding goes on from the int8 KV
+    with pytest.raises(ValueError, match="kv_codec must be one of"):
+        KVSender(TOKEN, kv_codec="fp8")
+    assert_no_leaks(p_eng)
+    assert_no_leaks(d_eng)

@@ -27,8 +27,8 @@ def _dequantized_twin(path, mode: str) -> LlamaForCausalLM:
     """The float model whose weights are the quantize->dequantize round trip of each linear (the reference)."""
     ref = _ours(path)
     quantize = (lambda w: quantize_int8(w)) if mode == "int8" else (lambda w: quantize_int4(w, 32))
-    new = {name: quantize(m.weight.detach()).dequantize() for name, m in ref.named_modules()
-           if isinstance(m, nn.Linear)}
+    new = {name: (quantize_int8 if name == "lm_head" else quantize)(m.weight.detach()).dequantize()
+           for name, m in ref.named_modules() if isinstance(m, nn.Linear)}  # the head is int8 in every mode
     new["embed_tokens"] = quantize_int8(ref.embed_tokens.weight.detach()).dequantize()
     for name, w in new.items():  # assigned after computing all: the tied head shares the embedding tensor
         ref.get_submodule(name).weight = nn.Parameter(w)

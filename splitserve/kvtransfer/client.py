@@ -17,8 +17,8 @@ import grpc
 from splitserve.engine.handoff import serialize_params
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 from splitserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
-from splitserve.kvtransfer.wire import (DEFAULT_MAX_CHUNK_BYTES, TOKEN_METADATA_KEY, encode_chunk, fingerprint,
-                                        plan_chunks)
+from splitserve.kvtransfer.wire import (DEFAULT_MAX_CHUNK_BYTES, TOKEN_METADATA_KEY, check_codec, encode_chunk,
+                                        fingerprint, plan_chunks)
 
 
 class NoCapacityError(Exception):
@@ -34,7 +34,9 @@ class TransferError(Exception):
 
 
 class KVSender:
-    def __init__(self, cluster_token: str, timeout_s: float = 30.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES):
+    def __init__(self, cluster_token: str, timeout_s: float = 30.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                 kv_codec: str = "raw"):
+        self.kv_codec = check_codec(kv_codec)  # "raw" or "int8" (about half the bytes; see wire.py)
         self.metadata = ((TOKEN_METADATA_KEY, cluster_token),)
         self.timeout_s = timeout_s
         self.max_chunk_bytes = max_chunk_bytes
@@ -81,13 +83,13 @@ class KVSender:
             yield pb.TransferMessage(header=pb.TransferHeader(
                 request_id=request_id, layout=layout, prompt_token_ids=state.prompt_token_ids,
                 output_token_ids=state.output_token_ids, sampling_params_json=json.dumps(serialize_params(state.params)),
-                generator_state=state.generator_state or b"", num_blocks=num_blocks))
+                generator_state=state.generator_state or b"", num_blocks=num_blocks, kv_codec=self.kv_codec))
             total = 0
             for i, plan in enumerate(plans):  # layer by layer
                 # No engine lock: a held request's blocks are out of the running batch, so the
                 # engine's step never touches them (with the lock, each chunk would wait out a step).
                 data = engine.export_kv(request_id, plan.layer)[plan.first_block:plan.first_block + plan.num_blocks]
-                chunk = encode_chunk(plan, data)
+                chunk = encode_chunk(plan, data, self.kv_codec)
                 if corrupt_chunk == i:
                     chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
                 total += len(chunk.data)

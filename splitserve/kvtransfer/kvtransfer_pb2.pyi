@@ -41,7 +41,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ...) -> None: ...
 
 class TransferHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "prompt_token_ids", "output_token_ids", "sampling_params_json", "generator_state", "num_blocks")
+    __slots__ = ("request_id", "layout", "prompt_token_ids", "output_token_ids", "sampling_params_json", "generator_state", "num_blocks", "kv_codec")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class TransferHeader(_message.Message):
     SAMPLING_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_CODEC_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: LayoutFingerprint
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -56,7 +57,8 @@ class TransferHeader(_message.Message):
     sampling_params_json: str
     generator_state: bytes
     num_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling_params_json: _Optional[str] = ..., generator_state: _Optional[bytes] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    kv_codec: str
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling_params_json: _Optional[str] = ..., generator_state: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., kv_codec: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("layer", "first_block", "num_blocks", "data", "crc32c")

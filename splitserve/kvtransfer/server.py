@@ -21,7 +21,7 @@ from splitserve.engine.handoff import HandoffState
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 from splitserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
-from splitserve.kvtransfer.wire import TOKEN_METADATA_KEY, decode_chunk, describe_mismatch
+from splitserve.kvtransfer.wire import TOKEN_METADATA_KEY, check_codec, decode_chunk, describe_mismatch
 
 
 class EngineKVSink:
@@ -120,12 +120,16 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             mismatch = describe_mismatch(header.layout, self.sink.layout)
             if mismatch:
                 await fail(grpc.StatusCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
+            try:
+                codec = check_codec(header.kv_codec)
+            except ValueError as e:
+                await fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             num_chunks = num_bytes = 0
             async for msg in request_iterator:
                 kind = msg.WhichOneof("kind")
                 if kind == "chunk":
                     try:
-                        data = decode_chunk(msg.chunk, header.layout)
+                        data = decode_chunk(msg.chunk, header.layout, codec)
                         self.sink.write(rid, msg.chunk.layer, msg.chunk.first_block, data)
                     except ValueError as e:
                         await fail(grpc.StatusCode.DATA_LOSS, str(e))

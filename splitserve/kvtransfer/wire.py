@@ -4,9 +4,11 @@ A transfer stream::
 
     Header | Chunk(layer 0, blocks 0..k) | Chunk(layer 0, blocks k..n) | Chunk(layer 1, ...) | ... | Commit
 
-Each chunk's payload is the raw bytes of ``kv_cache[layer, block_table[a:b]]``
-(``[b - a, 2, block_size, Hkv, D]``, C order, the layout's dtype) with its
-CRC32C. A chunk holds whole blocks of one layer and at most ``max_chunk_bytes``
+Each chunk's payload is ``kv_cache[layer, block_table[a:b]]``
+(``[b - a, 2, block_size, Hkv, D]``, C order) with its CRC32C, in one of two
+codecs named in the header: ``raw`` (the layout's dtype) or ``int8`` (int8
+values, then one fp32 scale per token and head: about half the bytes of bf16,
+a quarter of fp32; ``kernels.ops.kv_quantize``). A chunk holds whole blocks of one layer and at most ``max_chunk_bytes``
 (a few MiB), so the sender can ship each layer as soon as it has it.
 """
 
@@ -19,9 +21,11 @@ from dataclasses import dataclass
 import google_crc32c
 import torch
 
+from splitserve.kernels import ops
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 
 DEFAULT_MAX_CHUNK_BYTES = 4 << 20
+KV_CODECS = ("raw", "int8")
 TOKEN_METADATA_KEY = "x-splitserve-token"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -63,19 +67,38 @@ def plan_chunks(num_layers: int, num_blocks: int, bytes_per_block_layer: int,
             for layer in range(num_layers) for start in range(0, num_blocks, per_chunk)]
 
 
-def encode_chunk(plan: ChunkPlan, data: torch.Tensor) -> pb.TensorChunk:
-    raw = data.contiguous().view(torch.uint8).numpy().tobytes()
+def check_codec(codec: str) -> str:
+    codec = codec or "raw"
+    if codec not in KV_CODECS:
+        raise ValueError(f"kv_codec must be one of {list(KV_CODECS)}; got {codec!r}")
+    return codec
+
+
+def encode_chunk(plan: ChunkPlan, data: torch.Tensor, codec: str = "raw") -> pb.TensorChunk:
+    # data: [num_blocks, 2, bs, Hkv, D] in the cache dtype
+    if check_codec(codec) == "int8":
+        q, scale = ops.kv_quantize(data.reshape(-1, data.shape[-1]))  # [R, D] int8, [R] fp32
+        raw = q.numpy().tobytes() + scale.numpy().tobytes()
+    else:
+        raw = data.contiguous().view(torch.uint8).numpy().tobytes()
     return pb.TensorChunk(layer=plan.layer, first_block=plan.first_block, num_blocks=plan.num_blocks,
                           data=raw, crc32c=crc32c(raw))
 
 
-def decode_chunk(chunk: pb.TensorChunk, layout: pb.LayoutFingerprint) -> torch.Tensor:
-    """Checked payload -> [num_blocks, 2, bs, Hkv, D]. Raises ValueError on a bad checksum or size."""
+def decode_chunk(chunk: pb.TensorChunk, layout: pb.LayoutFingerprint, codec: str = "raw") -> torch.Tensor:
+    """Checked payload -> [num_blocks, 2, bs, Hkv, D] in the layout's dtype. ValueError on a bad checksum or size."""
     if crc32c(chunk.data) != chunk.crc32c:
         raise ValueError(f"chunk (layer {chunk.layer}, block {chunk.first_block}) failed its CRC32C check")
     dtype = _DTYPES[layout.dtype]
     shape = (chunk.num_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
-    expected = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    numel = torch.Size(shape).numel()
+    int8 = check_codec(codec) == "int8"
+    expected = numel + 4 * (numel // layout.head_dim) if int8 else numel * torch.tensor([], dtype=dtype).element_size()
     if len(chunk.data) != expected:
         raise ValueError(f"chunk (layer {chunk.layer}) holds {len(chunk.data)} bytes, expected {expected}")
-    return torch.frombuffer(bytearray(chunk.data), dtype=dtype).view(shape)
+    payload = bytearray(chunk.data)
+    if not int8:
+        return torch.frombuffer(payload, dtype=dtype).view(shape)
+    q = torch.frombuffer(payload, dtype=torch.int8, count=numel).view(-1, layout.head_dim)  # [R, D]
+    scale = torch.frombuffer(payload, dtype=torch.float32, offset=numel)  # [R]
+    return ops.kv_dequantize(q, scale, dtype).view(shape)

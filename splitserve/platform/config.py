@@ -8,6 +8,8 @@
     http_port: 8000            # Ray Serve's own defaults
     grpc_port: 9000
     model_name: smollm2        # the name clients address (KServe model_name, OpenAI model)
+    quantization: none         # none | int8 | int4 weights; a pool may override it (prefill: {quantization: none})
+    kv_wire_codec: raw         # raw | int8: how prefill sends KV to decode (int8: about half the bytes)
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
+
+QUANTIZATION_MODES = ("none", "int8", "int4")  # = splitserve.kernels.linear.QUANTIZATION_MODES (not imported: no torch here)
+KV_CODECS = ("raw", "int8")  # = splitserve.kvtransfer.wire.KV_CODECS
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class PoolConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     chunked_prefill: bool = True  # colocated mode: False = whole prompts per step (no chunking)
+    quantization: str | None = None  # None: the server-wide setting
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class ServeConfig:
                                or secrets.token_hex(16))
     max_queue_wait_s: float = 30.0  # a request waits this long for capacity, then RESOURCE_EXHAUSTED
     max_queued_requests: int = 256
+    quantization: str = "none"  # weights of every pool unless the pool says otherwise
+    kv_wire_codec: str = "raw"
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -55,6 +63,13 @@ class ServeConfig:
                 object.__setattr__(self, name, PoolConfig(**pool))
             if getattr(self, name).replicas < 1:
                 raise ValueError(f"{name}.replicas must be >= 1")
+            if getattr(self, name).quantization not in (None, *QUANTIZATION_MODES):
+                raise ValueError(f"{name}.quantization must be one of {QUANTIZATION_MODES}; "
+                                 f"got {getattr(self, name).quantization!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}; got {self.quantization!r}")
+        if self.kv_wire_codec not in KV_CODECS:
+            raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "ServeConfig":
@@ -73,4 +88,5 @@ def engine_kwargs(cfg: ServeConfig, pool: PoolConfig) -> dict:
     return dict(model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_threads=pool.threads,
                 kv_cache_memory=pool.kv_cache_memory_mb << 20,
                 max_num_batched_tokens=pool.max_num_batched_tokens if pool.chunked_prefill else 1 << 20,
-                max_num_seqs=pool.max_num_seqs, show_progress=False)
+                max_num_seqs=pool.max_num_seqs, quantization=pool.quantization or cfg.quantization,
+                show_progress=False)

@@ -23,7 +23,7 @@ from splitserve.engine.sampling_params import SamplingParams
 
 
 class PrefillWorkerImpl:
-    def __init__(self, engine_kwargs: dict, cluster_token: str):
+    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw"):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         from splitserve.kvtransfer.client import KVSender
@@ -31,7 +31,7 @@ class PrefillWorkerImpl:
 
         self.engine = LLMEngine(**engine_kwargs)
         self.aengine = AsyncEngine(self.engine)
-        self.sender = KVSender(cluster_token)
+        self.sender = KVSender(cluster_token, kv_codec=kv_codec)
         self.layout = fingerprint(self.engine.model_config, self.engine.kv_spec)
         self.queued_prompt_tokens = 0
         self.num_prefills = 0
