@@ -32,7 +32,7 @@ dest="$(cd "$dest" && pwd)"
 version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 jobs="${LLAMACPP_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 native="${LLAMACPP_NATIVE:-ON}"
-targets=(llama-server llama-bench llama-quantize)
+targets=(llama-server llama-bench llama-batched-bench llama-quantize)
 
 log() { echo "[build_llamacpp] $*" >&2; }
 

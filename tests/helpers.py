@@ -72,7 +72,7 @@ def our_logits_chunked(model, token_ids: list[int], chunks: list[int], block_siz
     table = tuple(reversed(range(num_blocks)))  # deliberately non-contiguous, descending block ids
     outs, start = [], 0
     for n in chunks:
-        step = prepare_step([StepSequence(token_ids[start:start + n], start, table, True)], block_size)
+        step = prepare_step([StepSequence(token_ids[start:start + n], start, table, True)], block_size, kv.dtype)
         outs.append(model(step.input_ids, kv, step.meta, torch.arange(n)))
         start += n
     assert start == len(token_ids)

@@ -29,6 +29,11 @@ class PerplexityResult:
     perplexity: float
     num_tokens: int  # targets scored
     num_windows: int
+    predictions: torch.Tensor  # [num_tokens] the model's argmax at every scored position
+
+    def top1_agreement(self, other: "PerplexityResult") -> float:
+        """Share of positions where two models' most likely next token is the same (teacher-forced)."""
+        return (self.predictions == other.predictions).float().mean().item()
 
 
 def corpus_token_ids(tokenizer, num_tokens: int) -> list[int]:
@@ -61,15 +66,16 @@ def perplexity(model, token_ids: list[int], window: int = 512, block_size: int =
     starts = list(range(0, len(token_ids) - window, window))
     if not starts:
         raise ValueError(f"need more than {window} tokens; got {len(token_ids)}")
-    nll, count = 0.0, 0
+    nll, count, predictions = 0.0, 0, []
     for start in progress(starts, "perplexity") if progress else starts:
         ids = token_ids[start:start + window + 1]
         for lo, hi in ((0, half), (half, window)):
-            step = prepare_step([StepSequence(ids[lo:hi], lo, table, True)], block_size)
+            step = prepare_step([StepSequence(ids[lo:hi], lo, table, True)], block_size, kv.dtype)
             logits = model(step.input_ids, kv, step.meta, torch.arange(hi - lo))  # [hi - lo, V] fp32
             targets = torch.tensor(ids[lo + 1:hi + 1])
             nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += hi - lo
+            predictions.append(logits.argmax(dim=-1))
             if lo == 0 and kv_codec == "int8":
                 _roundtrip_int8(kv, torch.tensor(table[:-(-half // block_size)]))
-    return PerplexityResult(math.exp(nll / count), count, len(starts))
+    return PerplexityResult(math.exp(nll / count), count, len(starts), torch.cat(predictions))

@@ -46,7 +46,7 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [N] long: offset inside that block
     num_decodes: int  # tokens [0, num_decodes) are single-token decodes
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] long (padded with block 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * bs] bool, True = attend
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * bs] float: 0 = attend, -inf = padding
     decode_context_lens: torch.Tensor | None  # [B] long: cached tokens per decode, this step's included
     prefills: tuple[PrefillChunk, ...]
 

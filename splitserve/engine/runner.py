@@ -33,7 +33,8 @@ class PreparedStep:
     sample_order: tuple[int, ...]  # for each logits row, index into the input sequence list
 
 
-def prepare_step(seqs: list[StepSequence], block_size: int) -> PreparedStep:
+def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype = torch.float32) -> PreparedStep:
+    """``dtype``: the KV cache's, which the decode attention mask is built in."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) != 1)  # decodes first, stable
     ids: list[int] = []
     positions: list[int] = []
@@ -68,7 +69,9 @@ def prepare_step(seqs: list[StepSequence], block_size: int) -> PreparedStep:
         decode_block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in decode_tables],
                                            dtype=torch.long)  # [B, width]
         decode_context_lens = torch.tensor(decode_lens, dtype=torch.long)
-        decode_mask = (torch.arange(width * block_size)[None, :] < decode_context_lens[:, None])[:, None, None, :]
+        # additive float mask (0 = attend, -inf = padding): SDPA would convert a bool mask in every layer
+        visible = torch.arange(width * block_size)[None, :] < decode_context_lens[:, None]
+        decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
     logits_rows.sort(key=lambda r: r[1])
     meta = AttentionMetadata(
@@ -97,6 +100,6 @@ class ModelRunner:
 
     def execute(self, seqs: list[StepSequence]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Run one step. Returns (logits [S, vocab] fp32, index into ``seqs`` of each row)."""
-        step = prepare_step(seqs, self.block_size)
+        step = prepare_step(seqs, self.block_size, self.kv_cache.dtype)
         logits = self.model(step.input_ids, self.kv_cache, step.meta, step.logits_indices)
         return logits, step.sample_order

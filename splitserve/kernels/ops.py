@@ -50,8 +50,8 @@ def rotary(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One query per sequence over its cached K/V. ``mask`` ([B, 1, 1, W * bs] bool, True = attend)
-    may be passed precomputed from ``context_lens`` (the runner builds it once for all layers)."""
+    """One query per sequence over its cached K/V. ``mask`` ([B, 1, 1, W * bs], True or 0.0 = attend,
+    False or -inf = not) may be passed precomputed from ``context_lens`` (the runner builds it once a step)."""
     if backend_for(q) == "triton":
         return triton_module("paged_attention").launch(q, kv_layer, block_tables, context_lens)
     b, num_heads, head_dim = q.shape
@@ -59,9 +59,10 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     if mask is None:
         width = block_tables.shape[1] * kv_layer.shape[2]
         mask = (torch.arange(width)[None, :] < context_lens[:, None])[:, None, None, :]
-    # Copies only these sequences' blocks (never the pool): [B, W, 2, bs, Hkv, D]
-    kv = kv_layer[block_tables].transpose(1, 2).reshape(b, 2, -1, num_kv_heads, head_dim)  # [B, 2, T, Hkv, D]
-    keys, values = kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)  # [B, Hkv, T, D]
+    # One gather of these sequences' blocks (never the pool), K/V-major so the reshape is a view:
+    kv = kv_layer.transpose(0, 1)[:, block_tables]  # [2, B, W, bs, Hkv, D]
+    kv = kv.view(2, b, -1, num_kv_heads, head_dim)  # [2, B, T, Hkv, D]
+    keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, Hkv, T, D] (strided views)
     qd = q.view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]: GQA without a K/V copy
     out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask)
     return out.reshape(b, num_heads, head_dim)
