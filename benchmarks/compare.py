@@ -4,9 +4,14 @@
 
 Systems: splitserve disaggregated (prefill + decode actors, 1 thread each);
 splitserve colocated with chunked prefill and without (one engine, 2 threads);
-llama.cpp's server on the same GGUF when installed (``pip install
-'llama-cpp-python[server]'`` builds it from source; skipped with a message when
-absent); transformers generate as an offline batch (the floor: throughput only).
+llama.cpp's C++ ``llama-server`` on the same GGUF with parallel slots and
+continuous batching, when built (``scripts/build_llamacpp.sh`` builds it from the
+llama.cpp sources in the ``llama-cpp-python`` sdist; or pass ``--llama-server
+PATH``; ``pip install 'llama-cpp-python[server]'``'s Python server is used
+as a fallback, though it has no parallel slots; skipped with a message when
+neither is there); transformers generate as an offline batch (the floor:
+throughput only). ``disaggregated+int4`` is the disaggregated system with an
+int4 decode pool (``--quantization`` per pool; prefill stays bf16).
 
 Workloads: (a) short chat, (b) mixed (short chats with 1-2k-token prompts among
 them), at a rate sweep each (goodput under the SLOs, P99 TPOT); (c) a
@@ -46,7 +51,10 @@ SYSTEMS = {
                           decode=dict(threads=1)),
     "colocated+chunked": dict(mode="colocated", decode=dict(threads=2, max_num_batched_tokens=512)),
     "colocated": dict(mode="colocated", decode=dict(threads=2, chunked_prefill=False)),
+    "disaggregated+int4": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
+                               decode=dict(threads=1, quantization="int4")),
 }
+LLAMA_SLOTS = 32  # llama-server --parallel: one slot per stream up to the ramp's top concurrency
 
 
 def run_splitserve(name: str, spec: dict, workloads, args, tokenizer, ids) -> dict:
@@ -112,19 +120,34 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v * 1000:.0f} ms"
 
 
+def llama_server_command(args, port: int) -> list[str] | None:
+    from splitserve.engine.default_model import default_model_path
+    binary = args.llama_server or os.path.join(os.path.dirname(HERE), ".llamacpp", "build", "bin", "llama-server")
+    if os.path.exists(binary):  # the C++ server: parallel slots, continuous batching
+        return [binary, "-m", default_model_path(), "-t", "2", "--parallel", str(LLAMA_SLOTS), "-cb",
+                "-c", str(LLAMA_SLOTS * 2304), "--host", "127.0.0.1", "--port", str(port), "--alias", "smollm2",
+                "--no-webui"]
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama-cpp-python's server: one sequence at a time
+        log("[llama.cpp] C++ llama-server not built; using llama-cpp-python's server (no parallel slots)")
+        return [sys.executable, "-m", "llama_cpp.server", "--model", default_model_path(), "--n_threads", "2",
+                "--host", "127.0.0.1", "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096"]
+    return None
+
+
 def run_llama_cpp(workloads, args, tokenizer, ids) -> dict | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        log("[llama.cpp] not installed: skipped (pip install 'llama-cpp-python[server]' builds it)")
-        return None
     import subprocess
     from splitserve.bench import metrics
     from splitserve.bench.clients import OpenAIClient
     from splitserve.bench.runner import run_concurrency, run_open_loop
-    from splitserve.engine.default_model import default_model_path
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", default_model_path(),
-                             "--n_threads", "2", "--host", "127.0.0.1", "--port", str(port), "--model_alias",
-                             "smollm2", "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = llama_server_command(args, port)
+    if command is None:
+        log("[llama.cpp] not built: skipped (scripts/build_llamacpp.sh builds llama-server from the "
+            "llama-cpp-python sdist, or pip install 'llama-cpp-python[server]')")
+        return None
+    args.llama_command = " ".join(command[:1] + [c for c in command[1:] if c != str(port)])
+    log(f"[llama.cpp] starting {command[0]} ...")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import urllib.request
         for _ in range(120):
@@ -176,6 +199,9 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--render-from", default=None, help="re-render compare.md from an earlier compare.json")
+    ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server "
+                                                         "(default: .llamacpp/build/bin/llama-server)")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     args = ap.parse_args()
     if args.render_from:
         with open(args.render_from) as f:
@@ -192,7 +218,7 @@ def main() -> int:
     results = {}
     for name in args.systems.split(","):
         results[name] = run_splitserve(name, SYSTEMS[name], workloads, args, tokenizer, ids)
-    llama = run_llama_cpp(workloads, args, tokenizer, ids)
+    llama = None if args.no_llama else run_llama_cpp(workloads, args, tokenizer, ids)
     if llama:
         results["llama.cpp"] = llama
     floor = run_transformers_floor(args, tokenizer, ids)
@@ -237,7 +263,8 @@ def render(doc: dict, out: str) -> None:
              f"which it and every lower rate have >= 90% of requests meeting both; rates swept: {a['rates']} "
              f"req/s, {a['duration']:.0f} s each after {a['warmup']:.0f} s warm-up; outputs capped at "
              f"{a['max_tokens']} tokens; OpenAI SSE client running on the same 2 cores as the server",
-             "- llama.cpp: " + ("measured" if "llama.cpp" in results else
+             "- llama.cpp: " + (f"`{a.get('llama_command', 'llama-server')}` (prompt text sent as-is, OpenAI "
+                                f"completions with SSE)" if "llama.cpp" in results else
                                 "not installed here, skipped (see README for the optional install)"), "",
              "## Goodput and served throughput", "",
              "| system | goodput (a) short chat | goodput (b) mixed | served output tok/s, ramp @1 / @4 / @16 / @32 |",
@@ -245,6 +272,11 @@ def render(doc: dict, out: str) -> None:
     for n, r in results.items():
         ramp = " / ".join(f"{r['ramp'].get(c, r['ramp'].get(str(c), float('nan'))):.0f}" for c in (1, 4, 16, 32))
         lines.append(f"| {n} | {r['short_chat']['goodput']:.2f} req/s | {r['mixed']['goodput']:.2f} req/s | {ramp} |")
+    llama = results.get("llama.cpp")
+    if llama:
+        at16 = lambda r: r["ramp"].get(16, r["ramp"].get("16"))  # noqa: E731 (JSON keys are strings)
+        lines += ["", "Served output tokens/s at 16 concurrent streams, against llama.cpp's server (target >= 2x): " +
+                  ", ".join(f"{n} **{at16(r) / at16(llama):.2f}x**" for n, r in results.items() if n != "llama.cpp")]
     lines += ["", f"transformers offline batch generate, 32 prompts x {a['max_tokens']} tokens (the floor, no latency "
                   f"figures): {doc['transformers']['offline_batch32_tok_s']:.1f} output tok/s", "",
               "## Workload (b), mixed: P99 latencies at each rate every system ran", "",

@@ -125,6 +125,17 @@ class KVCacheManager:
             raise RuntimeError(f"request {request_id} already has a block table")
         self._tables[request_id] = list(block_ids)
 
+    def trim(self, request_id: str, num_tokens: int) -> int:
+        """Give back trailing blocks beyond what ``num_tokens`` tokens need (speculative rollback);
+        returns how many were freed."""
+        table = self._tables.get(request_id, [])
+        keep = self.blocks_needed(num_tokens)
+        extra = table[keep:]
+        if extra:
+            del table[keep:]
+            self.pool.free(list(reversed(extra)))
+        return len(extra)
+
     def free(self, request_id: str) -> int:
         """Release every block of the request; returns how many were held."""
         table = self._tables.pop(request_id, [])

@@ -32,9 +32,11 @@ from splitserve.engine.output import CompletionResult, RequestOutput, TextState
 from splitserve.engine.progress import progress
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.runner import ModelRunner, StepSequence
-from splitserve.engine.sampler import make_generator, sample
+from splitserve.engine.sampler import make_generator, sample, target_probs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler, SchedulerOutput
+from splitserve.engine.speculative import (NGramProposer, RequestSpecState, SpecConfig, SpecStats, choose_k,
+                                           verify_greedy, verify_sampled)
 from splitserve.engine.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -59,6 +61,11 @@ class EngineConfig:
     # GGUF Q4_0/Q4_1 tensors load straight into int4 (see splitserve/kernels/)
     quantization: str = "none"
     int4_group_size: int = 32
+    # speculative decoding of decoding requests: "off" | "ngram" (prompt lookup); see engine/speculative.py
+    speculative: str = "off"
+    spec_max_draft_tokens: int = 4
+    spec_max_batch: int = 4  # no drafts while more requests than this are running
+    spec_draft_cost: float = 0.1  # verifying one more token, relative to a decode step (adaptive k)
     show_progress: bool = True
 
 
@@ -135,6 +142,11 @@ class LLMEngine(KVHandoffMixin):
         self._held_generators: dict[str, torch.Generator | None] = {}
         self.reserved: dict[str, int] = {}  # decode role: request id -> reserved tokens, KV arriving
         self._arrivals = itertools.count()
+        self.spec_config = SpecConfig(cfg.speculative, cfg.spec_max_draft_tokens, cfg.spec_max_batch,
+                                      cfg.spec_draft_cost)
+        self.proposer = NGramProposer() if cfg.speculative == "ngram" else None
+        self.spec_stats = SpecStats()
+        self._spec_states: dict[str, RequestSpecState] = {}
 
     # -- requests -----------------------------------------------------------
 
@@ -198,6 +210,8 @@ class LLMEngine(KVHandoffMixin):
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        if self.proposer is not None:
+            self._propose()
         plan = self.scheduler.schedule()
         if plan.empty:
             return outputs
@@ -206,37 +220,99 @@ class LLMEngine(KVHandoffMixin):
         except Exception as e:  # a failed forward fails the requests in it, with the reason
             return outputs + self._fail_all(plan, f"model step failed: {type(e).__name__}: {e}")
         self.scheduler.on_step_finished(plan)
-        sampled = [plan.chunks[i].request for i in order]
-        token_ids = sample(logits, [r.params for r in sampled],
-                           [self._generators[r.request_id] for r in sampled], self.generator)
-        for req, token_id in zip(sampled, token_ids):
-            outputs.append(self._post_process(req, token_id))
+        # rows of one chunk are adjacent: one row = a plain sample, 1 + k rows = k drafts to verify
+        groups: list[tuple[int, int, int]] = []  # (chunk index, first row, row count)
+        for row, i in enumerate(order):
+            if groups and groups[-1][0] == i:
+                groups[-1] = (i, groups[-1][1], groups[-1][2] + 1)
+            else:
+                groups.append((i, row, 1))
+        plain = [(i, row) for i, row, count in groups if count == 1]
+        sampled = [plan.chunks[i].request for i, _ in plain]
+        plain_tokens = sample(logits[[row for _, row in plain]], [r.params for r in sampled],
+                              [self._generators[r.request_id] for r in sampled], self.generator)
+        tokens = {i: [t] for (i, _), t in zip(plain, plain_tokens)}
+        for i, row, count in groups:
+            if count > 1:
+                tokens[i] = self._verify(plan.chunks[i].request, logits[row:row + count])
+        for i, _, _ in groups:
+            outputs.append(self._post_process(plan.chunks[i].request, tokens[i]))
         return outputs
 
+    # -- speculative decoding -------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Draft tokens for the decoding requests of the next step (adaptive k; off for big batches)."""
+        running = self.scheduler.running
+        if len(running) > self.spec_config.max_batch:
+            self.spec_stats.skipped_batch += 1
+            return
+        for req in running:
+            if req.num_computed_tokens != req.num_tokens - 1 or req.hold_kv or not req.params.speculative:
+                continue  # prefilling, prefill role, or opted out
+            state = self._spec_states.setdefault(req.request_id, RequestSpecState())
+            k = choose_k(state.acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost)
+            k = min(k, req.params.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+            if k < 1:
+                state.acceptance += 0.05 * (0.5 - state.acceptance)  # drift back so it gets probed again
+                continue
+            drafts, q = self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k)
+            req.draft_token_ids, req.draft_probs = drafts, q
+
+    def _verify(self, req: Request, logits: torch.Tensor) -> list[int]:
+        """Accepted drafts + one target token; rolls the request's KV back to what was accepted."""
+        drafts = list(req.draft_token_ids)
+        q = None if req.draft_probs is None else req.draft_probs[:len(drafts)]
+        req.draft_token_ids, req.draft_probs = [], None
+        if req.params.greedy:
+            out = verify_greedy(logits, drafts)
+        else:
+            probs = target_probs(logits, [req.params] * logits.shape[0])
+            out = verify_sampled(probs, drafts, q, self._generators[req.request_id] or self.generator)
+        accepted = len(out) - 1
+        req.num_computed_tokens += accepted  # their KV was written by this step
+        self.kv.trim(req.request_id, req.num_computed_tokens + 1)  # blocks of rejected drafts only
+        st = self.spec_stats
+        st.steps, st.proposed, st.accepted, st.emitted = (st.steps + 1, st.proposed + len(drafts),
+                                                         st.accepted + accepted, st.emitted + len(out))
+        state = self._spec_states.setdefault(req.request_id, RequestSpecState())
+        state.proposed, state.accepted = state.proposed + len(drafts), state.accepted + accepted
+        state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / len(drafts)
+        return out
+
+    # -- post-processing ------------------------------------------------------------
+
     def _step_sequences(self, plan: SchedulerOutput) -> list[StepSequence]:
-        return [StepSequence(c.request.token_ids(c.start, c.end), c.start, c.block_table, c.samples)
+        return [StepSequence(c.request.token_ids(c.start, c.end - c.num_draft_tokens) + c.request.draft_token_ids,
+                             c.start, c.block_table, c.samples, 1 + c.num_draft_tokens)
                 for c in plan.chunks]
 
-    def _post_process(self, req: Request, token_id: int) -> RequestOutput:
+    def _post_process(self, req: Request, token_ids: list[int]) -> RequestOutput:
+        """Append the step's new tokens (one, or several after speculation) until one finishes the request."""
+        emitted: list[int] = []
         try:
-            req.output_token_ids.append(token_id)
-            text = self._texts[req.request_id]
             status = None
-            if token_id in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
-                status = RequestStatus.FINISHED_STOPPED
-            elif text.add(token_id):
-                status = RequestStatus.FINISHED_STOPPED
-            elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-                status = RequestStatus.FINISHED_LENGTH
+            text = self._texts[req.request_id]
+            for token_id in token_ids:
+                req.output_token_ids.append(token_id)
+                emitted.append(token_id)
+                if token_id in self.tokenizer.eos_token_ids and not req.params.ignore_eos:
+                    status = RequestStatus.FINISHED_STOPPED
+                elif text.add(token_id):
+                    status = RequestStatus.FINISHED_STOPPED
+                elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                    status = RequestStatus.FINISHED_LENGTH
+                if status is not None:
+                    break
             if status is not None:
                 self._finish(req, status)
             elif req.hold_kv:  # prefill role: hand the rest to a decode worker
-                return self._hold(req, token_id)
-            return self._output(req, [token_id], final=status is not None)
+                return self._hold(req, emitted[-1])
+            return self._output(req, emitted, final=status is not None)
         except Exception as e:  # isolate: only this request fails
             req.error = f"post-processing failed: {type(e).__name__}: {e}"
             self._finish(req, RequestStatus.FINISHED_ERROR)
-            return self._output(req, [token_id], final=True)
+            return self._output(req, emitted, final=True)
 
     def _hold(self, req: Request, token_id: int) -> RequestOutput:
         self.scheduler.detach(req, RequestStatus.FINISHED_PREFILLED)
@@ -258,6 +334,7 @@ class LLMEngine(KVHandoffMixin):
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)
         self.requests.pop(req.request_id, None)
+        self._spec_states.pop(req.request_id, None)
 
     def _fail_all(self, plan: SchedulerOutput, reason: str) -> list[RequestOutput]:
         outs = []
@@ -292,5 +369,7 @@ class LLMEngine(KVHandoffMixin):
             "num_held": len(self.held),
             "num_reserved": len(self.reserved),
             "max_model_len": self.max_model_len,
+            "speculative": self.spec_config.proposer,
+            **self.spec_stats.as_dict(),
         }
 

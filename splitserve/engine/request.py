@@ -51,6 +51,8 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None
     hold_kv: bool = False  # prefill role: stop after the first token and keep the blocks
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative drafts for the next step only
+    draft_probs: object = None  # their proposal distributions [k, V], or None (point masses)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,7 +2,8 @@
 
 Input: a list of :class:`StepSequence` (new token ids of one sequence, where
 they start, its block table, whether its next token is wanted). Output: logits
-``[S, vocab]`` for the sequences that sample, in input order.
+``[S, vocab]`` for the sequences that sample, in input order: one row each, or
+``1 + k`` adjacent rows for a sequence verifying k speculative drafts.
 
 Decode sequences (one new token) are laid out first in the flattened batch so
 attention can treat them as one group (see ``attention.py``).
@@ -23,6 +24,7 @@ class StepSequence:
     start: int  # position of token_ids[0] (= tokens already in the cache)
     block_table: tuple[int, ...]  # covers at least start + len(token_ids) tokens
     samples: bool  # is the next token after these wanted?
+    num_logits: int = 1  # when sampling: logits of this many trailing positions (1 + speculative drafts)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class PreparedStep:
     input_ids: torch.Tensor  # [N]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S]
-    sample_order: tuple[int, ...]  # for each logits row, index into the input sequence list
+    sample_order: tuple[int, ...]  # for each logits row, index into the input sequence list (a sequence's
+                                   # rows are adjacent, in position order)
 
 
 def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype = torch.float32) -> PreparedStep:
@@ -53,7 +56,7 @@ def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype =
             slot_blocks.append(s.block_table[p // block_size])
             slot_offsets.append(p % block_size)
         if s.samples:
-            logits_rows.append((i, row0 + n - 1))
+            logits_rows.extend((i, row0 + n - j) for j in range(s.num_logits, 0, -1))
         if n == 1:
             num_blocks = -(-(s.start + 1) // block_size)
             decode_tables.append(s.block_table[:num_blocks])

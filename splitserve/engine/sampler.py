@@ -30,18 +30,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
-    x = logits[rows]  # [R, V]
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=x.dtype)
-    x = x / temps[:, None]
-    top_ks = [params[i].top_k for i in rows]
-    top_ps = torch.tensor([params[i].top_p for i in rows], dtype=x.dtype)
-    if any(k > 0 for k in top_ks) or bool((top_ps < 1).any()):
-        x = _top_k_top_p(x, top_ks, top_ps)
-    probs = torch.softmax(x, dim=-1)  # [R, V]
+    probs = target_probs(logits[rows], [params[i] for i in rows])  # [R, V]
     for j, i in enumerate(rows):
         g = generators[i] or shared
         out[i] = int(torch.multinomial(probs[j], 1, generator=g))
     return out
+
+
+def target_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each sampled row draws from: temperature, then top-k, then top-p.
+    x: [R, V] logits of non-greedy rows -> [R, V] probabilities (also what speculative
+    verification accepts against)."""
+    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype)
+    x = x / temps[:, None]
+    top_ks = [p.top_k for p in params]
+    top_ps = torch.tensor([p.top_p for p in params], dtype=x.dtype)
+    if any(k > 0 for k in top_ks) or bool((top_ps < 1).any()):
+        x = _top_k_top_p(x, top_ks, top_ps)
+    return torch.softmax(x, dim=-1)
 
 
 def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: torch.Tensor) -> torch.Tensor:

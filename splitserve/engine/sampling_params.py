@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    speculative: bool = True  # False: this request never gets draft tokens (when the engine speculates)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -51,6 +52,8 @@ class SamplingParams:
             _check_int("seed", self.seed, minimum=0, allowed=f"an integer in [0, {_MAX_SEED}]")
             if self.seed > _MAX_SEED:
                 raise InvalidRequestError("seed", f"seed must be in [0, {_MAX_SEED}], got {self.seed}")
+        if not isinstance(self.speculative, bool):
+            raise InvalidRequestError("speculative", f"speculative must be true or false, got {self.speculative!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")

@@ -4,7 +4,8 @@ One call to :meth:`Scheduler.schedule` plans one engine step under a token
 budget (``max_num_batched_tokens``):
 
 1. **Running requests first**, oldest first. A decoding request needs one
-   token; a request still in (chunked) prefill gets as much of its remaining
+   token (plus its speculative drafts, if the engine proposed any and they
+   fit without preempting anyone); a request still in (chunked) prefill gets as much of its remaining
    prompt as the budget allows. If the KV pool cannot hold the new tokens,
    the newest running request is **preempted** (blocks freed, computed tokens
    forgotten, put back at the head of the waiting queue to be recomputed)
@@ -36,6 +37,7 @@ class ScheduledChunk:
     num_new_tokens: int
     block_table: tuple[int, ...]
     samples: bool  # the chunk reaches the last known token, so the step samples a new one
+    num_draft_tokens: int = 0  # speculative drafts appended after the last known token
 
     @property
     def end(self) -> int:
@@ -108,6 +110,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.draft_token_ids:  # a decode with speculative drafts: verify them in this chunk
+                del req.draft_token_ids[max(0, budget - 1):]
+                n = 1 + len(req.draft_token_ids)
+                if not self.kv.can_allocate(req.request_id, req.num_computed_tokens + n):
+                    req.draft_token_ids.clear()  # speculation never preempts anybody
+                    n = 1
             while not self.kv.can_allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -117,7 +125,7 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
             self.kv.allocate(req.request_id, req.num_computed_tokens + n)
-            chunks.append(self._chunk(req, n))
+            chunks.append(self._chunk(req, n, len(req.draft_token_ids)))
             budget -= n
             i += 1
 
@@ -137,18 +145,19 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks), tuple(preempted))
 
     def on_step_finished(self, output: SchedulerOutput) -> None:
-        for c in output.chunks:
-            c.request.num_computed_tokens = c.end
+        for c in output.chunks:  # drafts count once verified (the engine adds the accepted ones)
+            c.request.num_computed_tokens = c.end - c.num_draft_tokens
 
     # -- helpers -----------------------------------------------------------
 
-    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+    def _chunk(self, req: Request, n: int, drafts: int = 0) -> ScheduledChunk:
         start = req.num_computed_tokens
         return ScheduledChunk(req, start, n, tuple(self.kv.block_table(req.request_id)),
-                              samples=start + n == req.num_tokens)
+                              samples=start + n - drafts == req.num_tokens, num_draft_tokens=drafts)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.draft_token_ids.clear()
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1

@@ -1,0 +1,158 @@
+"""Speculative decoding: proposers, the adaptive policy, and exact verification (pure Python + torch).
+
+One engine step with speculation, for a decoding request whose last token is ``t``:
+
+    propose      drafts d1..dk = proposer.propose(tokens so far, k)      k from the adaptive policy
+    schedule     the chunk [t, d1, ..., dk] (k + 1 tokens; its KV slots are allocated like a prefill's)
+    forward      one target pass over the chunk: logits at all k + 1 positions  -> p_1 .. p_{k+1}
+    verify       greedy:  accept the longest prefix with d_i == argmax p_i, then emit argmax at the
+                          first mismatch (or argmax p_{k+1} when all match: the bonus token)
+                 sampled: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+                          rejection emit a token drawn from norm(max(p_i - q_i, 0)) and stop; when all
+                          are accepted, draw the bonus token from p_{k+1}. The output distribution is
+                          exactly the target's (Leviathan et al. 2023, Chen et al. 2023).
+    roll back    the request keeps KV for t and the accepted drafts; slots of rejected drafts are
+                 overwritten later; blocks that only held rejected drafts go back to the pool.
+
+Proposers implement ``propose(token_ids, k) -> (drafts, q)``: ``q`` is the
+proposal distribution per draft ([len(drafts), vocab]) or None for a
+deterministic proposer (a point mass on each draft, as n-gram lookup is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, token_ids: list[int], k: int) -> tuple[list[int], torch.Tensor | None]: ...
+
+
+class NGramProposer:
+    """Prompt lookup: continue the most recent earlier occurrence of the longest matching suffix.
+
+    For n from ``max_n`` down to ``min_n``: take the last n tokens; find their latest earlier
+    occurrence in prompt + output; propose the (up to k) tokens that followed it.
+    No model, no state: strong on input-grounded text (summaries, rewrites, code edits).
+    """
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n; got {min_n}, {max_n}")
+        self.max_n, self.min_n, self.window = max_n, min_n, window
+
+    def propose(self, token_ids: list[int], k: int) -> tuple[list[int], None]:
+        tokens = token_ids[-self.window:]
+        n_tokens = len(tokens)
+        for n in range(min(self.max_n, n_tokens - 1), self.min_n - 1, -1):
+            suffix = tokens[-n:]
+            first = suffix[0]
+            # latest start i < n_tokens - n with tokens[i:i + n] == suffix
+            for i in range(n_tokens - n - 1, -1, -1):
+                if tokens[i] == first and tokens[i:i + n] == suffix:
+                    follow = tokens[i + n:i + n + k]
+                    if follow:
+                        return follow, None
+        return [], None
+
+
+@dataclass
+class SpecConfig:
+    proposer: str = "ngram"  # "ngram" (the only built-in one today) or "off"
+    max_draft_tokens: int = 4  # k at most
+    max_batch: int = 4  # speculate only while at most this many requests decode (beyond, it stops paying)
+    draft_cost: float = 0.1  # cost of verifying one more token, relative to a one-token decode step
+    ngram_max: int = 4
+    ngram_min: int = 1
+
+    def __post_init__(self):
+        if self.proposer not in ("ngram", "off"):
+            raise ValueError(f"speculative proposer must be 'ngram' or 'off'; got {self.proposer!r}")
+        if self.max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1; got {self.max_draft_tokens}")
+
+
+@dataclass
+class RequestSpecState:
+    """Running acceptance of one request, for its adaptive k."""
+
+    acceptance: float = 0.6  # exponential moving average of the per-draft acceptance rate (optimistic start)
+    proposed: int = 0
+    accepted: int = 0
+
+
+def choose_k(acceptance: float, max_k: int, draft_cost: float) -> int:
+    """The k that maximises expected tokens per unit of step cost.
+
+    With per-draft acceptance a, a step emits E[k] = (1 - a^(k+1)) / (1 - a) tokens and costs
+    about 1 + draft_cost * k decode steps; k = 0 (no speculation) is one token for cost 1.
+    """
+    best_k, best = 0, 1.0
+    a = min(max(acceptance, 0.0), 0.999)
+    for k in range(1, max_k + 1):
+        value = (1 - a ** (k + 1)) / (1 - a) / (1 + draft_cost * k)
+        if value > best:
+            best_k, best = k, value
+    return best_k
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # verified (request, step) pairs
+    proposed: int = 0
+    accepted: int = 0
+    emitted: int = 0  # tokens produced by verified steps (accepted + the corrected/bonus one)
+    skipped_batch: int = 0  # steps where the batch was too large to speculate
+    per_k: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
+                "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
+                "spec_mean_accepted_per_step": self.accepted / self.steps if self.steps else 0.0,
+                "spec_tokens_per_step": self.emitted / self.steps if self.steps else 0.0,
+                "spec_skipped_batch_steps": self.skipped_batch}
+
+
+def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> list[int]:
+    # logits: [k + 1, V] -> accepted drafts + one target token
+    target = logits.argmax(dim=-1).tolist()
+    out = []
+    for d, t in zip(drafts, target):
+        if d != t:
+            break
+        out.append(d)
+    out.append(target[len(out)])
+    return out
+
+
+def verify_sampled(probs: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
+                   generator: torch.Generator | None) -> list[int]:
+    """Rejection sampling. probs: [k + 1, V] target distributions (after temperature/top-k/top-p);
+    q: [k, V] proposal distributions, or None for point masses on the drafts."""
+    out = []
+    for i, d in enumerate(drafts):
+        p_d = probs[i, d].item()
+        q_d = 1.0 if q is None else q[i, d].item()
+        u = torch.rand((), generator=generator).item()
+        if q_d > 0 and u < min(1.0, p_d / q_d):
+            out.append(d)
+            continue
+        residual = probs[i].clone()
+        if q is None:
+            residual[d] = 0.0
+        else:
+            residual = (residual - q[i]).clamp_(min=0.0)
+        total = residual.sum()
+        if total <= 0:  # p equals q: any draw from p is exact
+            residual = probs[i]
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)))
+    return out
