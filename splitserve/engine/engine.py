@@ -65,7 +65,8 @@ class EngineConfig:
     speculative: str = "off"
     spec_max_draft_tokens: int = 4
     spec_max_batch: int = 4  # no drafts while more requests than this are running
-    spec_draft_cost: float = 0.1  # verifying one more token, relative to a decode step (adaptive k)
+    spec_draft_cost: float = 0.15  # verifying one more token, relative to a decode step (adaptive k)
+    spec_calibrate: bool = True  # time verification steps at start-up for the adaptive k (~0.5 s)
     show_progress: bool = True
 
 
@@ -147,6 +148,8 @@ class LLMEngine(KVHandoffMixin):
         self.proposer = NGramProposer() if cfg.speculative == "ngram" else None
         self.spec_stats = SpecStats()
         self._spec_states: dict[str, RequestSpecState] = {}
+        if self.proposer is not None and cfg.spec_calibrate:
+            self.spec_config.step_costs = self._calibrate_speculation()
 
     # -- requests -----------------------------------------------------------
 
@@ -251,13 +254,39 @@ class LLMEngine(KVHandoffMixin):
             if req.num_computed_tokens != req.num_tokens - 1 or req.hold_kv or not req.params.speculative:
                 continue  # prefilling, prefill role, or opted out
             state = self._spec_states.setdefault(req.request_id, RequestSpecState())
-            k = choose_k(state.acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost)
+            k = choose_k(state.acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost,
+                         self.spec_config.step_costs)
             k = min(k, req.params.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
             if k < 1:
                 state.acceptance += 0.05 * (0.5 - state.acceptance)  # drift back so it gets probed again
                 continue
             drafts, q = self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k)
             req.draft_token_ids, req.draft_probs = drafts, q
+
+    def _calibrate_speculation(self, context: int = 64, repeats: int = 5) -> list[float]:
+        """Cost of a step verifying k drafts relative to a plain decode step, k = 0..max (measured).
+
+        Runs scratch forwards over free blocks (nothing is allocated; what they write is never read)."""
+        import time
+        max_k = self.spec_config.max_draft_tokens
+        bs = self.kv_spec.block_size
+        blocks = tuple(range(-(-(context + max_k + 1) // bs)))
+        if len(blocks) > self.kv.num_free_blocks:
+            return [1 + self.spec_config.draft_cost * k for k in range(max_k + 1)]
+        self.runner.execute([StepSequence([0] * context, 0, blocks, True)])
+
+        def timed(k: int) -> float:  # the fastest of a few runs: the least disturbed by other processes
+            seq = StepSequence([0] * (k + 1), context, blocks, True, k + 1)
+            self.runner.execute([seq])
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.runner.execute([seq])
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        base = timed(0)
+        return [1.0] + [max(1.0, timed(k) / base) for k in range(1, max_k + 1)]
 
     def _verify(self, req: Request, logits: torch.Tensor) -> list[int]:
         """Accepted drafts + one target token; rolls the request's KV back to what was accepted."""
@@ -370,6 +399,7 @@ class LLMEngine(KVHandoffMixin):
             "num_reserved": len(self.reserved),
             "max_model_len": self.max_model_len,
             "speculative": self.spec_config.proposer,
+            "spec_step_costs": self.spec_config.step_costs,
             **self.spec_stats.as_dict(),
         }
 

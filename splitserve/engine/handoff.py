@@ -133,5 +133,6 @@ class KVHandoffMixin:
 
 def serialize_params(params: SamplingParams) -> dict:
     return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
-            "top_p": params.top_p, "seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos}
+            "top_p": params.top_p, "seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos,
+            "speculative": params.speculative}
 

@@ -68,7 +68,12 @@ class SpecConfig:
     proposer: str = "ngram"  # "ngram" (the only built-in one today) or "off"
     max_draft_tokens: int = 4  # k at most
     max_batch: int = 4  # speculate only while at most this many requests decode (beyond, it stops paying)
-    draft_cost: float = 0.1  # cost of verifying one more token, relative to a one-token decode step
+    draft_cost: float = 0.15  # cost of verifying one more token, relative to a one-token decode step
+    # cost of a step verifying k drafts, relative to a plain decode step, for k = 0 .. max_draft_tokens;
+    # None: 1 + draft_cost * k. The engine measures it at start-up (``LLMEngine._calibrate_speculation``):
+    # on CPU a bf16 model's single-row GEMV is much cheaper than any multi-row GEMM, so the first draft
+    # costs far more than the next ones.
+    step_costs: list[float] | None = None
     ngram_max: int = 4
     ngram_min: int = 1
 
@@ -88,16 +93,18 @@ class RequestSpecState:
     accepted: int = 0
 
 
-def choose_k(acceptance: float, max_k: int, draft_cost: float) -> int:
+def choose_k(acceptance: float, max_k: int, draft_cost: float, step_costs: list[float] | None = None) -> int:
     """The k that maximises expected tokens per unit of step cost.
 
     With per-draft acceptance a, a step emits E[k] = (1 - a^(k+1)) / (1 - a) tokens and costs
-    about 1 + draft_cost * k decode steps; k = 0 (no speculation) is one token for cost 1.
+    step_costs[k] decode steps (default 1 + draft_cost * k); k = 0 (no speculation) is one token
+    for cost 1.
     """
     best_k, best = 0, 1.0
     a = min(max(acceptance, 0.0), 0.999)
     for k in range(1, max_k + 1):
-        value = (1 - a ** (k + 1)) / (1 - a) / (1 + draft_cost * k)
+        cost = step_costs[k] if step_costs and k < len(step_costs) else 1 + draft_cost * k
+        value = (1 - a ** (k + 1)) / (1 - a) / cost
         if value > best:
             best_k, best = k, value
     return best_k

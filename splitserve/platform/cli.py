@@ -2,10 +2,11 @@
 
     splitserve generate --prompt TEXT [--chat] [--model PATH] [--max-tokens N]
                         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]
-                        [--dtype auto|float32|bfloat16] [--quantization none|int8|int4] [--threads N]
+                        [--dtype auto|float32|bfloat16] [--quantization none|int8|int4]
+                        [--speculative off|ngram] [--threads N]
 
     splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
-                     [--quantization none|int8|int4] [--kv-wire-codec raw|int8]
+                     [--quantization none|int8|int4] [--kv-wire-codec raw|int8] [--speculative off|ngram]
                      [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS] ...
 
 ``generate`` loads the model (progress on stderr), streams the completion to
@@ -40,6 +41,8 @@ def _generate_args(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the linears (GGUF Q4 tensors load straight into int4)")
+    p.add_argument("--speculative", default="off", choices=["off", "ngram"],
+                   help="speculative decoding with n-gram prompt lookup (exact: same greedy output)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -78,7 +81,8 @@ def cmd_generate(args) -> int:
     print("loading model ...", file=sys.stderr)
     t = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
-                                    quantization=args.quantization, kv_cache_memory=256 << 20))
+                                    quantization=args.quantization, speculative=args.speculative,
+                                    kv_cache_memory=256 << 20))
     print(f"loaded {engine.model_config.name} ({engine.dtype}) in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
     reason = asyncio.run(_stream(engine, args))
@@ -97,6 +101,8 @@ def _serve_args(sub) -> None:
                    help="weights of both pools (a YAML config can set each pool)")
     p.add_argument("--kv-wire-codec", default=None, choices=["raw", "int8"],
                    help="KV from prefill to decode: raw, or int8 (about half the bytes)")
+    p.add_argument("--speculative", default=None, choices=["off", "ngram"],
+                   help="speculative decoding in the decode pool (n-gram prompt lookup)")
     p.add_argument("--prefill-replicas", type=int, default=None)
     p.add_argument("--decode-replicas", type=int, default=None)
     p.add_argument("--prefill-threads", type=int, default=None)
@@ -118,7 +124,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     top = {"model": args.model, "model_name": args.model_name, "mode": args.mode, "dtype": args.dtype,
            "http_host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
-           "quantization": args.quantization, "kv_wire_codec": args.kv_wire_codec}
+           "quantization": args.quantization, "kv_wire_codec": args.kv_wire_codec, "speculative": args.speculative}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in top.items() if v is not None})
 
     def pool(p: PoolConfig, replicas, threads) -> PoolConfig:

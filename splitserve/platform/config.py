@@ -10,6 +10,7 @@
     model_name: smollm2        # the name clients address (KServe model_name, OpenAI model)
     quantization: none         # none | int8 | int4 weights; a pool may override it (prefill: {quantization: none})
     kv_wire_codec: raw         # raw | int8: how prefill sends KV to decode (int8: about half the bytes)
+    speculative: off           # off | ngram: speculative decoding in the decode pool (and colocated engines)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ServeConfig:
     max_queued_requests: int = 256
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
+    speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram"
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -68,6 +70,10 @@ class ServeConfig:
                                  f"got {getattr(self, name).quantization!r}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}; got {self.quantization!r}")
+        if self.speculative is False:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "speculative", "off")
+        if self.speculative not in ("off", "ngram"):
+            raise ValueError(f"speculative must be 'off' or 'ngram'; got {self.speculative!r}")
         if self.kv_wire_codec not in KV_CODECS:
             raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
 
@@ -83,9 +89,9 @@ class ServeConfig:
         return replace(cls(**raw), **{k: v for k, v in overrides.items() if v is not None})
 
 
-def engine_kwargs(cfg: ServeConfig, pool: PoolConfig) -> dict:
-    """LLMEngine keyword arguments for one worker of ``pool``."""
-    return dict(model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_threads=pool.threads,
+def engine_kwargs(cfg: ServeConfig, pool: PoolConfig, decodes: bool = True) -> dict:
+    """LLMEngine keyword arguments for one worker of ``pool`` (``decodes``: it runs decode steps)."""
+    return dict(speculative=cfg.speculative if decodes else "off",model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_threads=pool.threads,
                 kv_cache_memory=pool.kv_cache_memory_mb << 20,
                 max_num_batched_tokens=pool.max_num_batched_tokens if pool.chunked_prefill else 1 << 20,
                 max_num_seqs=pool.max_num_seqs, quantization=pool.quantization or cfg.quantization,

@@ -35,7 +35,7 @@ def pb():
     from splitserve.platform import grpc_service_pb2
     return grpc_service_pb2
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative")
 KNOWN_INPUTS = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output")
 
 

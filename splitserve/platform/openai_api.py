@@ -31,6 +31,7 @@ def sampling_params(body: dict) -> SamplingParams:
             seed=body.get("seed"),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             ignore_eos=bool(body.get("ignore_eos", False)),  # extension, as vLLM's server has it
+            speculative=body.get("speculative", True),  # extension: false opts out of speculative decoding
         )
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.field) from None

@@ -78,7 +78,7 @@ class Pools:
         for i in range(cfg.prefill.replicas):
             name = f"{self.prefix}-prefill-{i}"
             self.prefill[name] = PrefillWorker.options(**self._options(name, cfg.prefill)).remote(
-                engine_kwargs(cfg, cfg.prefill), cfg.cluster_token, cfg.kv_wire_codec)
+                engine_kwargs(cfg, cfg.prefill, decodes=False), cfg.cluster_token, cfg.kv_wire_codec)
         for i in range(cfg.decode.replicas):
             name = f"{self.prefix}-decode-{i}"
             self.decode[name] = DecodeWorker.options(**self._options(name, cfg.decode)).remote(
