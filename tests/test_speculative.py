@@ -73,6 +73,7 @@ def tiny_path(tmp_path_factory):
 
 def _engine(path, spec, **kw):
     kw.setdefault("num_kv_blocks", 96)
+    kw.setdefault("spec_calibrate", False)  # costs 1 + 0.15 k: deterministic k choices in tests
     return LLMEngine(model=path, dtype="float32", show_progress=False, block_size=4, speculative=spec, **kw)
 
 
@@ -80,10 +81,14 @@ def _engine(path, spec, **kw):
 PROMPTS = [list(range(40, 60)) * 3, [7, 8, 9, 10] * 8 + [7, 8], list(range(100, 131)), [1, 2] * 5]
 
 
-def test_greedy_with_ngram_speculation_equals_greedy_without(tiny_path):
+@pytest.mark.parametrize("proposer", ["ngram", "draft-self-int4", "draft-path"])
+def test_greedy_with_speculation_equals_greedy_without(tiny_path, proposer):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     ref = _engine(tiny_path, "off").generate(PROMPTS, params)
-    spec = _engine(tiny_path, "ngram")
+    if proposer == "ngram":
+        spec = _engine(tiny_path, "ngram")
+    else:  # the target quantized to int4 as its own draft, or a draft model given by path (here: the same one)
+        spec = _engine(tiny_path, "draft", spec_draft_model=None if proposer == "draft-self-int4" else tiny_path)
     alone = [spec.generate([p], params)[0] for p in PROMPTS]
     together = spec.generate(PROMPTS, params)  # mixed batch: different lengths and acceptance
     for r, a, t in zip(ref, alone, together):
@@ -91,7 +96,11 @@ def test_greedy_with_ngram_speculation_equals_greedy_without(tiny_path):
     stats = spec.stats()
     assert stats["spec_proposed"] > 0 and stats["spec_accepted"] > 0  # speculation really ran
     assert stats["spec_tokens_per_step"] > 1
+    if proposer == "draft-path":  # a draft identical to the target proposes what the target picks
+        assert stats["spec_acceptance_rate"] > 0.95
     assert_no_leaks(spec)
+    if proposer != "ngram":
+        assert spec.proposer.kv.num_free_blocks == spec.proposer.kv.num_blocks  # the draft's pool too
 
 
 def test_opt_out_batch_limit_and_stop_conditions(tiny_path):
@@ -109,9 +118,10 @@ def test_opt_out_batch_limit_and_stop_conditions(tiny_path):
     assert_no_leaks(spec)
 
 
-def test_rollbacks_aborts_and_preemption_leave_no_blocks_behind(tiny_path):
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_rollbacks_aborts_and_preemption_leave_no_blocks_behind(tiny_path, proposer):
     # a pool small enough that four 60-token-prompt requests preempt each other
-    spec = _engine(tiny_path, "ngram", num_kv_blocks=40, max_num_batched_tokens=64)
+    spec = _engine(tiny_path, proposer, num_kv_blocks=40, max_num_batched_tokens=64, spec_max_batch=8)
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     ref = _engine(tiny_path, "off").generate(PROMPTS, params)
     got = spec.generate(PROMPTS, params)
@@ -124,9 +134,12 @@ def test_rollbacks_aborts_and_preemption_leave_no_blocks_behind(tiny_path):
     while spec.has_unfinished():
         spec.step()
     assert_no_leaks(spec)
+    if proposer == "draft":  # the draft model's own pool and bookkeeping too
+        assert spec.proposer.kv.num_free_blocks == spec.proposer.kv.num_blocks and not spec.proposer.computed
 
 
-def test_sampling_with_speculation_matches_without(tiny_path):
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_sampling_with_speculation_matches_without(tiny_path, proposer):
     """Joint distribution of the first two sampled tokens, speculation on vs off (total variation bound).
     The second token goes through verification (a one-token draft after the first)."""
     # The prompt is the model's own greedy text, so n-gram drafts are often (not always) what it
@@ -140,11 +153,12 @@ def test_sampling_with_speculation_matches_without(tiny_path):
     def joint(engine):
         return collections.Counter(tuple(r.token_ids[:2]) for r in engine.generate([prompt] * len(params), params))
 
-    spec = _engine(tiny_path, "ngram", num_kv_blocks=800, max_num_seqs=256, max_num_batched_tokens=4096,
-                   spec_max_batch=1024)
+    extra = {"spec_draft_kv_blocks": 8000} if proposer == "draft" else {}  # draft: the int4 self-draft (q != p)
+    spec = _engine(tiny_path, proposer, num_kv_blocks=800, max_num_seqs=256, max_num_batched_tokens=4096,
+                   spec_max_batch=1024, **extra)
     on = joint(spec)
     off = joint(off_engine)
-    assert spec.stats()["spec_proposed"] > 400  # the second token went through verification (measured ~740)
+    assert spec.stats()["spec_proposed"] > 400  # the second token went through verification (ngram ~740)
     assert 0 < spec.stats()["spec_acceptance_rate"] < 1  # both branches: accepted, and resampled
     tv = 0.5 * sum(abs(on[k] - off[k]) for k in set(on) | set(off)) / len(params)
     print(f"\nspec stats {spec.stats()}, TV {tv:.3f}")

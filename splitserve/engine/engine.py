@@ -61,8 +61,11 @@ class EngineConfig:
     # GGUF Q4_0/Q4_1 tensors load straight into int4 (see splitserve/kernels/)
     quantization: str = "none"
     int4_group_size: int = 32
-    # speculative decoding of decoding requests: "off" | "ngram" (prompt lookup); see engine/speculative.py
+    # speculative decoding of decoding requests: "off" | "ngram" (prompt lookup) | "draft" (a draft model:
+    # spec_draft_model, or None for the target itself quantized to int4); see engine/speculative.py
     speculative: str = "off"
+    spec_draft_model: str | None = None
+    spec_draft_kv_blocks: int | None = None  # the draft's own KV pool (default: a quarter of the target's)
     spec_max_draft_tokens: int = 4
     spec_max_batch: int = 4  # no drafts while more requests than this are running
     spec_draft_cost: float = 0.15  # verifying one more token, relative to a decode step (adaptive k)
@@ -145,7 +148,7 @@ class LLMEngine(KVHandoffMixin):
         self._arrivals = itertools.count()
         self.spec_config = SpecConfig(cfg.speculative, cfg.spec_max_draft_tokens, cfg.spec_max_batch,
                                       cfg.spec_draft_cost)
-        self.proposer = NGramProposer() if cfg.speculative == "ngram" else None
+        self.proposer = self._make_proposer(loaded_path=self.model_path)
         self.spec_stats = SpecStats()
         self._spec_states: dict[str, RequestSpecState] = {}
         if self.proposer is not None and cfg.spec_calibrate:
@@ -260,8 +263,30 @@ class LLMEngine(KVHandoffMixin):
             if k < 1:
                 state.acceptance += 0.05 * (0.5 - state.acceptance)  # drift back so it gets probed again
                 continue
-            drafts, q = self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k)
+            drafts, q = self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k, req.request_id,
+                                              req.params)
             req.draft_token_ids, req.draft_probs = drafts, q
+
+    def _make_proposer(self, loaded_path: str):
+        cfg = self.config
+        if cfg.speculative == "ngram":
+            return NGramProposer()
+        if cfg.speculative != "draft":
+            return None
+        from splitserve.engine.draft import DraftModelProposer
+        from splitserve.engine.weights import load_model
+        from splitserve.kernels.linear import quantize_model
+        path = cfg.spec_draft_model or loaded_path
+        quant = "int4" if cfg.spec_draft_model is None else "none"  # self-draft: the target as int4
+        loaded = load_model(path, None, quant)
+        if loaded.config.vocab_size != self.model_config.vocab_size:
+            raise InvalidRequestError("spec_draft_model", f"the draft model's vocabulary ({loaded.config.vocab_size}) "
+                                                          f"differs from the target's ({self.model_config.vocab_size}); "
+                                                          f"a draft must share the target's tokenizer")
+        draft = LlamaForCausalLM.from_state_dict(loaded.config, loaded.state, self.dtype, self.max_model_len)
+        quantize_model(draft, quant, cfg.int4_group_size)
+        blocks = cfg.spec_draft_kv_blocks or max(16, self.kv_spec.num_blocks // 4)
+        return DraftModelProposer(draft, blocks, self.kv_spec.block_size, cfg.seed)
 
     def _calibrate_speculation(self, context: int = 64, repeats: int = 5) -> list[float]:
         """Cost of a step verifying k drafts relative to a plain decode step, k = 0..max (measured).
@@ -286,7 +311,8 @@ class LLMEngine(KVHandoffMixin):
             return min(times)
 
         base = timed(0)
-        return [1.0] + [max(1.0, timed(k) / base) for k in range(1, max_k + 1)]
+        per_draft = self.proposer.cost_per_token(base) if hasattr(self.proposer, "cost_per_token") else 0.0
+        return [1.0] + [max(1.0, timed(k) / base) + k * per_draft for k in range(1, max_k + 1)]
 
     def _verify(self, req: Request, logits: torch.Tensor) -> list[int]:
         """Accepted drafts + one target token; rolls the request's KV back to what was accepted."""
@@ -301,6 +327,8 @@ class LLMEngine(KVHandoffMixin):
         accepted = len(out) - 1
         req.num_computed_tokens += accepted  # their KV was written by this step
         self.kv.trim(req.request_id, req.num_computed_tokens + 1)  # blocks of rejected drafts only
+        if hasattr(self.proposer, "rollback"):
+            self.proposer.rollback(req.request_id, req.num_computed_tokens)
         st = self.spec_stats
         st.steps, st.proposed, st.accepted, st.emitted = (st.steps + 1, st.proposed + len(drafts),
                                                          st.accepted + accepted, st.emitted + len(out))
@@ -364,6 +392,8 @@ class LLMEngine(KVHandoffMixin):
         self.scheduler.finish(req, status)
         self.requests.pop(req.request_id, None)
         self._spec_states.pop(req.request_id, None)
+        if hasattr(self.proposer, "release"):
+            self.proposer.release(req.request_id)
 
     def _fail_all(self, plan: SchedulerOutput, reason: str) -> list[RequestOutput]:
         outs = []

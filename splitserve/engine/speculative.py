@@ -14,9 +14,12 @@ One engine step with speculation, for a decoding request whose last token is ``t
     roll back    the request keeps KV for t and the accepted drafts; slots of rejected drafts are
                  overwritten later; blocks that only held rejected drafts go back to the pool.
 
-Proposers implement ``propose(token_ids, k) -> (drafts, q)``: ``q`` is the
-proposal distribution per draft ([len(drafts), vocab]) or None for a
-deterministic proposer (a point mass on each draft, as n-gram lookup is).
+Proposers implement ``propose(token_ids, k, request_id, params) -> (drafts, q)``:
+``q`` is the proposal distribution per draft ([len(drafts), vocab]) or None
+for a deterministic proposer (a point mass on each draft, as n-gram lookup
+is). Stateful proposers (``draft.py``: a draft model with its own KV cache)
+also get ``rollback(request_id, num_valid_tokens)`` after each verification
+and ``release(request_id)`` when the request ends.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ from typing import Protocol
 import torch
 
 
+PROPOSERS = ("off", "ngram", "draft")
+
+
 class Proposer(Protocol):
     name: str
 
-    def propose(self, token_ids: list[int], k: int) -> tuple[list[int], torch.Tensor | None]: ...
+    def propose(self, token_ids: list[int], k: int, request_id: str = "",
+                params=None) -> tuple[list[int], torch.Tensor | None]: ...
 
 
 class NGramProposer:
@@ -48,7 +55,7 @@ class NGramProposer:
             raise ValueError(f"need 1 <= min_n <= max_n; got {min_n}, {max_n}")
         self.max_n, self.min_n, self.window = max_n, min_n, window
 
-    def propose(self, token_ids: list[int], k: int) -> tuple[list[int], None]:
+    def propose(self, token_ids: list[int], k: int, request_id: str = "", params=None) -> tuple[list[int], None]:
         tokens = token_ids[-self.window:]
         n_tokens = len(tokens)
         for n in range(min(self.max_n, n_tokens - 1), self.min_n - 1, -1):
@@ -65,7 +72,7 @@ class NGramProposer:
 
 @dataclass
 class SpecConfig:
-    proposer: str = "ngram"  # "ngram" (the only built-in one today) or "off"
+    proposer: str = "ngram"  # "ngram" (prompt lookup), "draft" (a draft model, draft.py) or "off"
     max_draft_tokens: int = 4  # k at most
     max_batch: int = 4  # speculate only while at most this many requests decode (beyond, it stops paying)
     draft_cost: float = 0.15  # cost of verifying one more token, relative to a one-token decode step
@@ -78,8 +85,8 @@ class SpecConfig:
     ngram_min: int = 1
 
     def __post_init__(self):
-        if self.proposer not in ("ngram", "off"):
-            raise ValueError(f"speculative proposer must be 'ngram' or 'off'; got {self.proposer!r}")
+        if self.proposer not in PROPOSERS:
+            raise ValueError(f"speculative must be one of {PROPOSERS}; got {self.proposer!r}")
         if self.max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1; got {self.max_draft_tokens}")
 

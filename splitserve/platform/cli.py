@@ -3,10 +3,10 @@
     splitserve generate --prompt TEXT [--chat] [--model PATH] [--max-tokens N]
                         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]
                         [--dtype auto|float32|bfloat16] [--quantization none|int8|int4]
-                        [--speculative off|ngram] [--threads N]
+                        [--speculative off|ngram|draft] [--threads N]
 
     splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
-                     [--quantization none|int8|int4] [--kv-wire-codec raw|int8] [--speculative off|ngram]
+                     [--quantization none|int8|int4] [--kv-wire-codec raw|int8] [--speculative off|ngram|draft]
                      [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS] ...
 
 ``generate`` loads the model (progress on stderr), streams the completion to
@@ -41,8 +41,9 @@ def _generate_args(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the linears (GGUF Q4 tensors load straight into int4)")
-    p.add_argument("--speculative", default="off", choices=["off", "ngram"],
-                   help="speculative decoding with n-gram prompt lookup (exact: same greedy output)")
+    p.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
+                   help="speculative decoding: n-gram prompt lookup, or the model itself in int4 as a draft "
+                        "(exact: same greedy output)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -101,7 +102,7 @@ def _serve_args(sub) -> None:
                    help="weights of both pools (a YAML config can set each pool)")
     p.add_argument("--kv-wire-codec", default=None, choices=["raw", "int8"],
                    help="KV from prefill to decode: raw, or int8 (about half the bytes)")
-    p.add_argument("--speculative", default=None, choices=["off", "ngram"],
+    p.add_argument("--speculative", default=None, choices=["off", "ngram", "draft"],
                    help="speculative decoding in the decode pool (n-gram prompt lookup)")
     p.add_argument("--prefill-replicas", type=int, default=None)
     p.add_argument("--decode-replicas", type=int, default=None)

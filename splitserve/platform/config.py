@@ -10,7 +10,7 @@
     model_name: smollm2        # the name clients address (KServe model_name, OpenAI model)
     quantization: none         # none | int8 | int4 weights; a pool may override it (prefill: {quantization: none})
     kv_wire_codec: raw         # raw | int8: how prefill sends KV to decode (int8: about half the bytes)
-    speculative: off           # off | ngram: speculative decoding in the decode pool (and colocated engines)
+    speculative: off           # off | ngram | draft: speculative decoding where decode runs (draft: int4 self-draft)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ServeConfig:
     max_queued_requests: int = 256
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
-    speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram"
+    speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -72,8 +72,8 @@ class ServeConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}; got {self.quantization!r}")
         if self.speculative is False:  # YAML reads a bare `off` as false
             object.__setattr__(self, "speculative", "off")
-        if self.speculative not in ("off", "ngram"):
-            raise ValueError(f"speculative must be 'off' or 'ngram'; got {self.speculative!r}")
+        if self.speculative not in ("off", "ngram", "draft"):
+            raise ValueError(f"speculative must be 'off', 'ngram' or 'draft'; got {self.speculative!r}")
         if self.kv_wire_codec not in KV_CODECS:
             raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
 

@@ -7,6 +7,8 @@ import os
 import torch
 import triton
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -32,9 +34,14 @@ def check_tensor(t: torch.Tensor, name: str, *, ndim: int, dtypes: tuple[torch.d
         check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim; got strides {t.stride()}")
 
 
+def check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtypes=FLOATS)
+        check(bias.shape[0] == n, f"bias must have {n} entries; got {bias.shape[0]}")
+
+
 def same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     check(len(set(devices.values())) <= 1, f"tensors must share one device; got {devices}")
 
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.quant import INT4_GROUP_SIZES, Int4Weight
-from splitserve.kernels.triton.common import FLOATS, check, check_tensor, configs, same_device
+from splitserve.kernels.triton.common import FLOATS, check, check_bias, check_tensor, configs, same_device
 
 _CONFIGS = configs(
     gpu=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -65,9 +65,7 @@ def launch(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
         check(tuple(t.shape) == (n, k // w.group_size), f"{name} must be [{n}, {k // w.group_size}]; "
                                                          f"got {tuple(t.shape)}")
     check(w.scale.stride() == w.zero.stride(), "scale and zero must share strides")
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1, dtypes=FLOATS)
-        check(bias.shape[0] == n, f"bias must have {n} entries; got {bias.shape[0]}")
+    check_bias(bias, n)
     same_device(x=x, qweight=w.qweight, scale=w.scale, zero=w.zero, bias=bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731

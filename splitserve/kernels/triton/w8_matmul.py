@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.quant import Int8Weight
-from splitserve.kernels.triton.common import FLOATS, check, check_tensor, configs, same_device
+from splitserve.kernels.triton.common import FLOATS, check, check_bias, check_tensor, configs, same_device
 
 _CONFIGS = configs(
     gpu=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -55,9 +55,7 @@ def launch(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> 
     (m, k), (n, kw) = x.shape, w.qweight.shape
     check(k == kw, f"x has {k} input features but the weight has {kw}")
     check(w.scale.shape[0] == n, f"scale must have {n} entries (one per output row); got {w.scale.shape[0]}")
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1, dtypes=FLOATS)
-        check(bias.shape[0] == n, f"bias must have {n} entries; got {bias.shape[0]}")
+    check_bias(bias, n)
     same_device(x=x, qweight=w.qweight, scale=w.scale, bias=bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
