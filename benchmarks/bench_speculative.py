@@ -1,14 +1,15 @@
 """Speculative decoding on and off, in the same run on the same threads.
 
     python benchmarks/bench_speculative.py [--threads 2] [--repeats 3] [--quantization int4] [--max-tokens 128]
+                                           [--proposers off,ngram,draft]
 
 Workloads (chat template, greedy):
   (a) input-grounded: a passage of the offline corpus (standard-library docstrings) with an
       instruction to repeat / rewrite / extract from it, where n-gram lookup has text to copy;
   (b) open chat: questions with no passage.
 For each: decode tokens/s of one request at a time (batch 1), and aggregate tokens/s of 8 and
-32 requests at once, with ``speculative="off"`` and ``"ngram"``; engines interleaved, medians
-of the repeats. Acceptance figures come from the engine's own metrics. Writes
+32 requests at once, with ``speculative="off"``, ``"ngram"`` and ``"draft"`` (the target
+itself quantized to int4 as the draft model); engines interleaved, medians of the repeats. Acceptance figures come from the engine's own metrics. Writes
 ``benchmarks/results/speculative.md`` and ``speculative.json``.
 """
 
@@ -67,6 +68,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantization", default="int4")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--proposers", default="off,ngram,draft")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     import torch
@@ -75,7 +77,10 @@ def main() -> int:
     from splitserve.engine.engine import LLMEngine
     torch.set_num_threads(args.threads)
     engines = {}
-    for spec in ("off", "ngram"):
+    proposers = args.proposers.split(",")
+    if proposers[0] != "off":
+        proposers.insert(0, "off")
+    for spec in proposers:
         print(f"loading ({spec}) ...", file=sys.stderr)
         engines[spec] = LLMEngine(quantization=args.quantization, speculative=spec, num_threads=args.threads,
                                   kv_cache_memory=512 << 20, show_progress=False)
@@ -84,8 +89,8 @@ def main() -> int:
              ("grounded", 32): grounded_prompts(32), ("open", 32): open_prompts(32)}
     for spec, e in engines.items():  # warm-up
         run(e, grounded_prompts(1), 1, 16)
-    samples = {f"{w} @{c}": {"off": [], "ngram": []} for w, c in cases}
-    accept = {f"{w} @{c}": [] for w, c in cases}
+    samples = {f"{w} @{c}": {p: [] for p in proposers} for w, c in cases}
+    accept = {f"{w} @{c}": {p: [] for p in proposers[1:]} for w, c in cases}
     total, done = args.repeats * len(cases), 0
     for r in range(args.repeats):
         for (w, c), prompts in cases.items():
@@ -93,36 +98,42 @@ def main() -> int:
             for spec, e in engines.items():  # interleaved: off, on, off, on ...
                 before = dict(e.spec_stats.as_dict())
                 samples[key][spec].append(run(e, prompts, c, args.max_tokens))
-                if spec == "ngram":
+                if spec != "off":
                     after = e.spec_stats.as_dict()
                     steps = after["spec_steps"] - before["spec_steps"]
                     prop = after["spec_proposed"] - before["spec_proposed"]
                     acc = after["spec_accepted"] - before["spec_accepted"]
-                    accept[key].append({"acceptance": acc / prop if prop else 0.0,
-                                        "accepted_per_step": acc / steps if steps else 0.0, "verified_steps": steps})
+                    accept[key][spec].append({"acceptance": acc / prop if prop else 0.0,
+                                              "accepted_per_step": acc / steps if steps else 0.0,
+                                              "verified_steps": steps})
             done += 1
-            print(f"[{done}/{total}] round {r + 1} {key}: off {samples[key]['off'][-1]:.1f}, "
-                  f"ngram {samples[key]['ngram'][-1]:.1f} tok/s", file=sys.stderr)
+            line = ", ".join(f"{p} {samples[key][p][-1]:.1f}" for p in proposers)
+            print(f"[{done}/{total}] round {r + 1} {key}: {line} tok/s", file=sys.stderr)
     med = {k: {s: statistics.median(v) for s, v in d.items()} for k, d in samples.items()}
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    rows = ["| workload | concurrency | off tok/s | ngram tok/s | ratio | acceptance | accepted drafts per verified step |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| workload | concurrency | off tok/s | proposer | tok/s | ratio to off | acceptance | "
+            "accepted drafts per verified step |", "|---|---|---|---|---|---|---|---|"]
     for key, m in med.items():
         w, c = key.split(" @")
-        a = accept[key][-1]
-        rows.append(f"| {w} | {c} | {m['off']:.1f} | {m['ngram']:.1f} | **{m['ngram'] / m['off']:.2f}x** | "
-                    f"{a['acceptance']:.0%} | {a['accepted_per_step']:.2f} ({a['verified_steps']} steps) |")
+        for p in proposers[1:]:
+            a = accept[key][p][-1]
+            rows.append(f"| {w} | {c} | {m['off']:.1f} | {p} | {m[p]:.1f} | **{m[p] / m['off']:.2f}x** | "
+                        f"{a['acceptance']:.0%} | {a['accepted_per_step']:.2f} ({a['verified_steps']} steps) |")
     text = "\n".join([
-        "# Speculative decoding: n-gram proposer on vs off (same run, same threads)", "",
+        "# Speculative decoding: each proposer vs none (same run, same threads)", "",
         f"- command: `{command}`", f"- machine: {machine()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- model: SmolLM2-135M-Instruct, `--quantization {args.quantization}`, greedy, up to {args.max_tokens} "
         f"output tokens (EOS ends a request), chat template; prefill time included in tok/s",
         "- grounded: an instruction (repeat / rewrite / quote / extract) over a 300-700 character passage of the "
         "offline corpus; open: questions with no passage",
-        f"- engine defaults: at most {engines['ngram'].spec_config.max_draft_tokens} drafts, speculation off while "
-        f"more than {engines['ngram'].spec_config.max_batch} requests run; measured step costs (verifying k drafts "
-        f"/ one decode step, k = 0..): {[round(x, 2) for x in engines['ngram'].spec_config.step_costs]}",
+        f"- engine defaults: at most {engines[proposers[1]].spec_config.max_draft_tokens} drafts, speculation off "
+        f"while more than {engines[proposers[1]].spec_config.max_batch} requests run; measured step costs (drafting "
+        f"and verifying k drafts / one decode step, k = 0..): " +
+        "; ".join(f"{p} {[round(x, 2) for x in engines[p].spec_config.step_costs]}" for p in proposers[1:]),
+        "- draft = the target model itself quantized to int4 (self-draft): with an int4 target it is the same "
+        "weights, so each draft token costs about a whole decode step and the adaptive policy mostly declines "
+        "to draft",
         f"- medians of {args.repeats} interleaved repeats; acceptance from the engine's metrics (last repeat)", "",
         *rows, "", "Raw samples are in `speculative.json`.", ""])
     os.makedirs(args.out, exist_ok=True)

@@ -70,6 +70,8 @@ def test_parse_conventions_of_the_vllm_backend():
     assert (p.prompt, p.stream, p.exclude_input, p.want_final_flag, p.request_id) == ("héllo", True, True, True, "r")
     assert (p.params.max_tokens, p.params.temperature, p.params.stop) == (7, 0.5, ("x",))
     assert parse_infer_request(_request([("text_input", "BYTES", b"hi")]), "m", "d").params.greedy
+    opt_out = _request([("text_input", "BYTES", b"hi"), ("sampling_parameters", "BYTES", b'{"speculative": false}')])
+    assert parse_infer_request(opt_out, "m", "d").params.speculative is False  # per-request opt-out
     cases = [
         (_request([("text_input", "BYTES", b"hi")], model="other"), grpc.StatusCode.NOT_FOUND, "unknown model"),
         (_request([("stream", "BOOL", True)]), grpc.StatusCode.INVALID_ARGUMENT, "missing input 'text_input'"),
@@ -80,6 +82,8 @@ def test_parse_conventions_of_the_vllm_backend():
         (_request([("text_input", "BYTES", b"hi"), ("sampling_parameters", "BYTES", b'{"top_p": 0}')]),
          grpc.StatusCode.INVALID_ARGUMENT, r"sampling_parameters.top_p: top_p must be in \(0, 1\]"),
         (_request([("text_input", "BYTES", b"\xff\xfe")]), grpc.StatusCode.INVALID_ARGUMENT, "not valid UTF-8"),
+        (_request([("text_input", "BYTES", b"hi"), ("sampling_parameters", "BYTES", b'{"speculative": "no"}')]),
+         grpc.StatusCode.INVALID_ARGUMENT, "sampling_parameters.speculative: speculative must be true or false"),
     ]
     for req, code, message in cases:
         with pytest.raises(ProtocolError, match=message) as info:

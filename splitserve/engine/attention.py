@@ -60,15 +60,13 @@ def paged_attention(
 ) -> torch.Tensor:  # [N, Hq, D]
     kv_layer[meta.slot_blocks, 0, meta.slot_offsets] = k
     kv_layer[meta.slot_blocks, 1, meta.slot_offsets] = v
-    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
     outs = []
 
     if meta.num_decodes:
         b = meta.num_decodes
-        od = ops.paged_decode_attention(q[:b], kv_layer, meta.decode_block_tables, meta.decode_context_lens,
-                                        meta.decode_mask)
-        outs.append(od)
+        outs.append(ops.paged_decode_attention(q[:b], kv_layer, meta.decode_block_tables, meta.decode_context_lens,
+                                               meta.decode_mask))
 
     # Prefill attention gets a leading batch dim: with 3-D inputs torch's CPU SDPA takes its
     # unfused math path (measured 6x slower at 2048 tokens than the flash kernel 4-D inputs get).

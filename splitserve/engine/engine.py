@@ -9,10 +9,11 @@ one token per step) -> FINISHED (stop / length / abort / error; blocks freed),
 with possible trips back to WAITING when preempted for blocks (its KV is then
 recomputed). ``step`` is the whole loop:
 
+    propose()                           speculative drafts for decoding requests (if enabled)
     plan = scheduler.schedule()
     logits = runner.execute(plan)
-    tokens = sample(logits)
-    return [post_process(request, token) ...]
+    tokens = sample(logits)             or verify(drafts) -> accepted drafts + one token, KV rolled back
+    return [post_process(request, tokens) ...]
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from splitserve.engine.output import CompletionResult, RequestOutput, TextState
 from splitserve.engine.progress import progress
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.runner import ModelRunner, StepSequence
-from splitserve.engine.sampler import make_generator, sample, target_probs
+from splitserve.engine.sampler import make_generator, sample
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler, SchedulerOutput
-from splitserve.engine.speculative import (NGramProposer, RequestSpecState, SpecConfig, SpecStats, choose_k,
-                                           verify_greedy, verify_sampled)
+from splitserve.engine.spec_decode import SpeculativeMixin
 from splitserve.engine.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -90,7 +90,7 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class LLMEngine(KVHandoffMixin):
+class LLMEngine(KVHandoffMixin, SpeculativeMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
         from splitserve.engine.default_model import default_model_path
         from splitserve.engine.weights import load_model
@@ -146,13 +146,7 @@ class LLMEngine(KVHandoffMixin):
         self._held_generators: dict[str, torch.Generator | None] = {}
         self.reserved: dict[str, int] = {}  # decode role: request id -> reserved tokens, KV arriving
         self._arrivals = itertools.count()
-        self.spec_config = SpecConfig(cfg.speculative, cfg.spec_max_draft_tokens, cfg.spec_max_batch,
-                                      cfg.spec_draft_cost)
-        self.proposer = self._make_proposer(loaded_path=self.model_path)
-        self.spec_stats = SpecStats()
-        self._spec_states: dict[str, RequestSpecState] = {}
-        if self.proposer is not None and cfg.spec_calibrate:
-            self.spec_config.step_costs = self._calibrate_speculation()
+        self._init_speculation(cfg)
 
     # -- requests -----------------------------------------------------------
 
@@ -235,7 +229,9 @@ class LLMEngine(KVHandoffMixin):
                 groups.append((i, row, 1))
         plain = [(i, row) for i, row, count in groups if count == 1]
         sampled = [plan.chunks[i].request for i, _ in plain]
-        plain_tokens = sample(logits[[row for _, row in plain]], [r.params for r in sampled],
+        rows = [row for _, row in plain]
+        plain_logits = logits if len(rows) == logits.shape[0] else logits[rows]  # no copy without drafts
+        plain_tokens = sample(plain_logits, [r.params for r in sampled],
                               [self._generators[r.request_id] for r in sampled], self.generator)
         tokens = {i: [t] for (i, _), t in zip(plain, plain_tokens)}
         for i, row, count in groups:
@@ -244,98 +240,6 @@ class LLMEngine(KVHandoffMixin):
         for i, _, _ in groups:
             outputs.append(self._post_process(plan.chunks[i].request, tokens[i]))
         return outputs
-
-    # -- speculative decoding -------------------------------------------------------
-
-    def _propose(self) -> None:
-        """Draft tokens for the decoding requests of the next step (adaptive k; off for big batches)."""
-        running = self.scheduler.running
-        if len(running) > self.spec_config.max_batch:
-            self.spec_stats.skipped_batch += 1
-            return
-        for req in running:
-            if req.num_computed_tokens != req.num_tokens - 1 or req.hold_kv or not req.params.speculative:
-                continue  # prefilling, prefill role, or opted out
-            state = self._spec_states.setdefault(req.request_id, RequestSpecState())
-            k = choose_k(state.acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost,
-                         self.spec_config.step_costs)
-            k = min(k, req.params.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
-            if k < 1:
-                state.acceptance += 0.05 * (0.5 - state.acceptance)  # drift back so it gets probed again
-                continue
-            drafts, q = self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k, req.request_id,
-                                              req.params)
-            req.draft_token_ids, req.draft_probs = drafts, q
-
-    def _make_proposer(self, loaded_path: str):
-        cfg = self.config
-        if cfg.speculative == "ngram":
-            return NGramProposer()
-        if cfg.speculative != "draft":
-            return None
-        from splitserve.engine.draft import DraftModelProposer
-        from splitserve.engine.weights import load_model
-        from splitserve.kernels.linear import quantize_model
-        path = cfg.spec_draft_model or loaded_path
-        quant = "int4" if cfg.spec_draft_model is None else "none"  # self-draft: the target as int4
-        loaded = load_model(path, None, quant)
-        if loaded.config.vocab_size != self.model_config.vocab_size:
-            raise InvalidRequestError("spec_draft_model", f"the draft model's vocabulary ({loaded.config.vocab_size}) "
-                                                          f"differs from the target's ({self.model_config.vocab_size}); "
-                                                          f"a draft must share the target's tokenizer")
-        draft = LlamaForCausalLM.from_state_dict(loaded.config, loaded.state, self.dtype, self.max_model_len)
-        quantize_model(draft, quant, cfg.int4_group_size)
-        blocks = cfg.spec_draft_kv_blocks or max(16, self.kv_spec.num_blocks // 4)
-        return DraftModelProposer(draft, blocks, self.kv_spec.block_size, cfg.seed)
-
-    def _calibrate_speculation(self, context: int = 64, repeats: int = 5) -> list[float]:
-        """Cost of a step verifying k drafts relative to a plain decode step, k = 0..max (measured).
-
-        Runs scratch forwards over free blocks (nothing is allocated; what they write is never read)."""
-        import time
-        max_k = self.spec_config.max_draft_tokens
-        bs = self.kv_spec.block_size
-        blocks = tuple(range(-(-(context + max_k + 1) // bs)))
-        if len(blocks) > self.kv.num_free_blocks:
-            return [1 + self.spec_config.draft_cost * k for k in range(max_k + 1)]
-        self.runner.execute([StepSequence([0] * context, 0, blocks, True)])
-
-        def timed(k: int) -> float:  # the fastest of a few runs: the least disturbed by other processes
-            seq = StepSequence([0] * (k + 1), context, blocks, True, k + 1)
-            self.runner.execute([seq])
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self.runner.execute([seq])
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        base = timed(0)
-        per_draft = self.proposer.cost_per_token(base) if hasattr(self.proposer, "cost_per_token") else 0.0
-        return [1.0] + [max(1.0, timed(k) / base) + k * per_draft for k in range(1, max_k + 1)]
-
-    def _verify(self, req: Request, logits: torch.Tensor) -> list[int]:
-        """Accepted drafts + one target token; rolls the request's KV back to what was accepted."""
-        drafts = list(req.draft_token_ids)
-        q = None if req.draft_probs is None else req.draft_probs[:len(drafts)]
-        req.draft_token_ids, req.draft_probs = [], None
-        if req.params.greedy:
-            out = verify_greedy(logits, drafts)
-        else:
-            probs = target_probs(logits, [req.params] * logits.shape[0])
-            out = verify_sampled(probs, drafts, q, self._generators[req.request_id] or self.generator)
-        accepted = len(out) - 1
-        req.num_computed_tokens += accepted  # their KV was written by this step
-        self.kv.trim(req.request_id, req.num_computed_tokens + 1)  # blocks of rejected drafts only
-        if hasattr(self.proposer, "rollback"):
-            self.proposer.rollback(req.request_id, req.num_computed_tokens)
-        st = self.spec_stats
-        st.steps, st.proposed, st.accepted, st.emitted = (st.steps + 1, st.proposed + len(drafts),
-                                                         st.accepted + accepted, st.emitted + len(out))
-        state = self._spec_states.setdefault(req.request_id, RequestSpecState())
-        state.proposed, state.accepted = state.proposed + len(drafts), state.accepted + accepted
-        state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / len(drafts)
-        return out
 
     # -- post-processing ------------------------------------------------------------
 
@@ -391,9 +295,7 @@ class LLMEngine(KVHandoffMixin):
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)
         self.requests.pop(req.request_id, None)
-        self._spec_states.pop(req.request_id, None)
-        if hasattr(self.proposer, "release"):
-            self.proposer.release(req.request_id)
+        self._end_speculation(req.request_id)
 
     def _fail_all(self, plan: SchedulerOutput, reason: str) -> list[RequestOutput]:
         outs = []
