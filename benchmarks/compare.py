@@ -54,6 +54,7 @@ SYSTEMS = {
     "disaggregated+int4": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
                                decode=dict(threads=1, quantization="int4")),
 }
+NAMES = {"short_chat": "(a) short chat", "mixed": "(b) mixed"}
 LLAMA_SLOTS = 32  # llama-server --parallel: one slot per stream up to the ramp's top concurrency
 
 
@@ -92,6 +93,7 @@ def drive(name, client, workloads, args, tokenizer, ids, metrics, run_open_loop,
                 specs = [replace(s, max_tokens=min(s.max_tokens, args.max_tokens)) for s in specs]
                 recs = await run_open_loop(client, specs, args.warmup, request_timeout_s=180, progress=False)
                 summaries[rate] = metrics.summarize(recs, args.slo_ttft, args.slo_tpot)
+                summaries[rate]["num_long_prompts"] = sum(r.kind == "long_prompt" for r in recs)
                 attain[rate], records[rate] = summaries[rate]["slo_attainment"], recs
                 s = summaries[rate]
                 log(f"[{name}] {wl} @ {rate} req/s: attainment {s['slo_attainment']:.0%}, P99 TTFT "
@@ -202,33 +204,35 @@ def main() -> int:
     ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server "
                                                          "(default: .llamacpp/build/bin/llama-server)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--workloads", default="short_chat,mixed")
+    ap.add_argument("--no-floor", action="store_true", help="skip transformers' offline batch (the floor)")
     args = ap.parse_args()
     if args.render_from:
         with open(args.render_from) as f:
             render(json.load(f), args.out)
         return 0
     args.rates = [float(x) for x in args.rates.split(",")]
-    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip() and x != "none"]
     from splitserve.bench import report
     from splitserve.bench.workload import corpus_text
     from splitserve.engine.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(None)
     ids = tokenizer.encode(corpus_text())
-    workloads = ["short_chat", "mixed"]
+    workloads = args.workloads.split(",")
     results = {}
     for name in args.systems.split(","):
         results[name] = run_splitserve(name, SYSTEMS[name], workloads, args, tokenizer, ids)
     llama = None if args.no_llama else run_llama_cpp(workloads, args, tokenizer, ids)
     if llama:
         results["llama.cpp"] = llama
-    floor = run_transformers_floor(args, tokenizer, ids)
+    floor = None if args.no_floor else run_transformers_floor(args, tokenizer, ids)
     write(args, results, floor, report)
     return 0
 
 
 def write(args, results, floor, report) -> None:
     os.makedirs(args.out, exist_ok=True)
-    for wl in ("short_chat", "mixed"):
+    for wl in args.workloads.split(","):
         report.plot_sweep(os.path.join(args.out, f"compare_{wl}_attainment.png"),
                           {n: r[wl]["attainment"] for n, r in results.items()},
                           {n: r[wl]["goodput"] for n, r in results.items()})
@@ -249,7 +253,9 @@ def render(doc: dict, out: str) -> None:
     """compare.md from compare.json (so the table can be re-rendered without re-running)."""
     from bench_engine import machine
     a, results = doc["args"], doc["results"]
-    rates = sorted({float(k) for r in results.values() for k in r["mixed"]["summaries"]})
+    workloads = [w for w in ("short_chat", "mixed") if all(w in r for r in results.values())]
+    has_ramp = all(r.get("ramp") for r in results.values())
+    rates = sorted({float(k) for r in results.values() for k in r.get("mixed", {}).get("summaries", {})})
     common = [x for x in rates if all(x in {float(k) for k in r["mixed"]["summaries"]} for r in results.values())]
 
     def at(r, rate, metric):
@@ -267,19 +273,33 @@ def render(doc: dict, out: str) -> None:
                                 f"completions with SSE)" if "llama.cpp" in results else
                                 "not installed here, skipped (see README for the optional install)"), "",
              "## Goodput and served throughput", "",
-             "| system | goodput (a) short chat | goodput (b) mixed | served output tok/s, ramp @1 / @4 / @16 / @32 |",
-             "|---|---|---|---|"]
+             "| system | " + " | ".join(f"goodput {NAMES[w]}" for w in workloads) +
+             (" | served output tok/s, ramp @1 / @4 / @16 / @32 |" if has_ramp else " |"),
+             "|---|" + "---|" * (len(workloads) + has_ramp)]
     for n, r in results.items():
-        ramp = " / ".join(f"{r['ramp'].get(c, r['ramp'].get(str(c), float('nan'))):.0f}" for c in (1, 4, 16, 32))
-        lines.append(f"| {n} | {r['short_chat']['goodput']:.2f} req/s | {r['mixed']['goodput']:.2f} req/s | {ramp} |")
+        cells = [f"{r[w]['goodput']:.2f} req/s" for w in workloads]
+        if has_ramp:
+            cells.append(" / ".join(f"{r['ramp'].get(c, r['ramp'].get(str(c), float('nan'))):.0f}"
+                                    for c in (1, 4, 16, 32)))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     llama = results.get("llama.cpp")
-    if llama:
+    if llama and has_ramp:
         at16 = lambda r: r["ramp"].get(16, r["ramp"].get("16"))  # noqa: E731 (JSON keys are strings)
         lines += ["", "Served output tokens/s at 16 concurrent streams, against llama.cpp's server (target >= 2x): " +
                   ", ".join(f"{n} **{at16(r) / at16(llama):.2f}x**" for n, r in results.items() if n != "llama.cpp")]
-    lines += ["", f"transformers offline batch generate, 32 prompts x {a['max_tokens']} tokens (the floor, no latency "
-                  f"figures): {doc['transformers']['offline_batch32_tok_s']:.1f} output tok/s", "",
-              "## Workload (b), mixed: P99 latencies at each rate every system ran", "",
+    if doc.get("transformers"):
+        lines += ["", f"transformers offline batch generate, 32 prompts x {a['max_tokens']} tokens (the floor, no "
+                      f"latency figures): {doc['transformers']['offline_batch32_tok_s']:.1f} output tok/s"]
+    if not common:
+        lines += ["", "(workload (b) not run)"]
+        common = []
+    first = {float(k): v for k, v in next(iter(results.values()))["mixed"]["summaries"].items()} if common else {}
+    longs = {x: first[x].get("num_long_prompts") for x in common}
+    counts = {x: first[x]["num_requests"] for x in common}
+    lines += ["", "## Workload (b), mixed: P99 latencies at each rate every system ran", "",
+              "Requests counted at each rate (after warm-up), and how many of them had a 1-2k-token prompt: " +
+              ", ".join(f"{x} req/s: {counts[x]} ({longs[x] if longs[x] is not None else '?'} long)"
+                        for x in common), "",
               "| system | " + " | ".join(f"P99 TPOT @ {x} req/s" for x in common) + " | " +
               " | ".join(f"P99 TTFT @ {x} req/s" for x in common) + " |",
               "|---|" + "---|" * (2 * len(common))]
