@@ -311,8 +311,9 @@ def render(doc: dict, out: str) -> None:
             tpot.append(f"{_ms(v)}{ratio}")
         lines.append(f"| {n} | " + " | ".join(tpot) + " | " + " | ".join(_ms(at(r, x, "ttft_s")) for x in common)
                      + " |")
-    lines += ["", "Plots: `compare_short_chat_attainment.png`, `compare_mixed_attainment.png` (SLO attainment vs "
-                  "rate), `compare_*_cdf.png` (latency CDFs at a common rate). Raw figures: `compare.json`.", ""]
+    lines += ["", "Plots: " + ", ".join(f"`compare_{w}_attainment.png`" for w in workloads) + " (SLO attainment "
+                  "vs rate), " + ", ".join(f"`compare_{w}_cdf.png`" for w in workloads) + " (latency CDFs at a "
+                  "common rate). Raw figures: `compare.json`.", ""]
     text = "\n".join(lines)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
