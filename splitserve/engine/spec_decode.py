@@ -54,7 +54,7 @@ class SpeculativeMixin:
     def _make_proposer(self, loaded_path: str):
         cfg = self.config
         if cfg.speculative == "ngram":
-            return NGramProposer()
+            return NGramProposer(self.spec_config.ngram_max, self.spec_config.ngram_min)
         if cfg.speculative != "draft":
             return None
         from splitserve.engine.draft import DraftModelProposer
@@ -118,7 +118,6 @@ class SpeculativeMixin:
         st.steps, st.proposed, st.accepted, st.emitted = (st.steps + 1, st.proposed + len(drafts),
                                                          st.accepted + accepted, st.emitted + len(out))
         state = self._spec_states.setdefault(req.request_id, RequestSpecState())
-        state.proposed, state.accepted = state.proposed + len(drafts), state.accepted + accepted
         state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / len(drafts)
         return out
 

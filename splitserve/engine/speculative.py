@@ -24,7 +24,7 @@ and ``release(request_id)`` when the request ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -96,8 +96,6 @@ class RequestSpecState:
     """Running acceptance of one request, for its adaptive k."""
 
     acceptance: float = 0.6  # exponential moving average of the per-draft acceptance rate (optimistic start)
-    proposed: int = 0
-    accepted: int = 0
 
 
 def choose_k(acceptance: float, max_k: int, draft_cost: float, step_costs: list[float] | None = None) -> int:
@@ -124,7 +122,6 @@ class SpecStats:
     accepted: int = 0
     emitted: int = 0  # tokens produced by verified steps (accepted + the corrected/bonus one)
     skipped_batch: int = 0  # steps where the batch was too large to speculate
-    per_k: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.kernels.dispatch import backend_for, triton_module
-from splitserve.kernels.quant import Int4Weight, Int8Weight, QuantizedWeight, quantize_int4, quantize_int8
+from splitserve.kernels.quant import Int8Weight, QuantizedWeight, quantize_int4, quantize_int8
 
 QUANTIZATION_MODES = ("none", "int8", "int4")
 
@@ -97,9 +97,8 @@ class QuantEmbedding(nn.Module):
         return self.qweight[ids].float() * self.scale[ids, None]
 
 
-def quantize_weight(w: torch.Tensor | QuantizedWeight, mode: str, group_size: int = 32) -> QuantizedWeight:
-    if not isinstance(w, torch.Tensor):
-        return w  # already quantized (loaded straight from a quantized file)
+def quantize_weight(w: torch.Tensor, mode: str, group_size: int = 32) -> QuantizedWeight:
+    """A float weight [N, K] in the format of ``mode`` ("int8" or "int4")."""
     if mode == "int8":
         return quantize_int8(w)
     if mode == "int4":

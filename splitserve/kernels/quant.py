@@ -42,9 +42,6 @@ class Int8Weight:
     def index_rows(self, rows: torch.Tensor) -> "Int8Weight":
         return Int8Weight(self.qweight[rows], self.scale[rows])
 
-    def nbytes(self) -> int:
-        return self.qweight.numel() + 4 * self.scale.numel()
-
 
 @dataclass
 class Int4Weight:
@@ -67,9 +64,6 @@ class Int4Weight:
 
     def index_rows(self, rows: torch.Tensor) -> "Int4Weight":
         return Int4Weight(self.qweight[rows], self.scale[rows], self.zero[rows], self.group_size)
-
-    def nbytes(self) -> int:
-        return self.qweight.numel() + 8 * self.scale.numel()
 
 
 QuantizedWeight = Int8Weight | Int4Weight

@@ -21,7 +21,8 @@ from splitserve.engine.config import ModelConfig
 from splitserve.engine.errors import CorruptModelError, UnsupportedModelError
 from splitserve.engine.weights import LoadedModel
 from splitserve.engine.weights.dequant import dequantize
-from splitserve.kernels.quant import int4_from_gguf_blocks, quantize_int4, quantize_int8
+from splitserve.kernels.linear import quantize_weight
+from splitserve.kernels.quant import int4_from_gguf_blocks, quantize_int8
 
 HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")  # int8 whatever the quantization mode
 
@@ -154,9 +155,4 @@ def _quantized_tensor(t, shape: tuple[int, int], mode: str, group_size: int):
         block_bytes = 18 if t.tensor_type == QT.Q4_0 else 20
         blocks = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8).reshape(-1, block_bytes))
         return int4_from_gguf_blocks(blocks, t.tensor_type == QT.Q4_1, shape)
-    w = dequantize(t.data, t.tensor_type, shape)
-    if mode == "int8":
-        return quantize_int8(w)
-    if mode == "int4":
-        return quantize_int4(w, group_size)
-    raise ValueError(f"quantization must be one of none, int8, int4; got {mode!r}")
+    return quantize_weight(dequantize(t.data, t.tensor_type, shape), mode, group_size)
