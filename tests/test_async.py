@@ -10,7 +10,7 @@ from conftest import assert_no_leaks
 from helpers import make_tiny_model
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 
 
@@ -26,7 +26,7 @@ def aengine(tmp_path):
 def _wait_idle(aengine, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with aengine._lock:
+        with aengine.lock:
             if not aengine.engine.has_unfinished():
                 return
         time.sleep(0.01)
@@ -44,7 +44,7 @@ def test_stream_matches_batch_result_and_ends_with_reason(aengine):
 
     streams = asyncio.run(main())
     _wait_idle(aengine)
-    with aengine._lock:
+    with aengine.lock:
         expected = aengine.engine.generate(["one", "two two", "three three three"], params)
     for outs, exp in zip(streams, expected):
         assert [t for o in outs for t in o.new_token_ids] == exp.token_ids

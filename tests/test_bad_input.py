@@ -6,7 +6,7 @@ import pytest
 from conftest import assert_no_leaks
 from helpers import make_tiny_model
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from splitserve.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from splitserve.engine.sampling_params import SamplingParams
 
 

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from helpers import SPECIALS, hf_logits, make_tiny_model, our_logits_chunked
-from splitserve.engine.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from splitserve.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.tokenizer import TextTokenizer
 from splitserve.engine.weights import load_model

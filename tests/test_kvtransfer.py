@@ -11,8 +11,10 @@ from conftest import assert_no_leaks
 from helpers import make_tiny_model
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.kvtransfer.client import KVSender, NoCapacityError, TransferError
-from splitserve.kvtransfer.server import EngineKVSink, KVTransferServicer, start_server
+from splitserve.engine.kv_port import EngineKVPort
+from splitserve.errors import NoCapacityError, TransferFailedError as TransferError
+from splitserve.kvtransfer.client import KVSender
+from splitserve.kvtransfer.server import KVTransferServicer, start_server
 from splitserve.kvtransfer.wire import fingerprint
 
 TOKEN = "test-cluster-token"
@@ -23,6 +25,11 @@ def tiny_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_kv")
     make_tiny_model(str(path), "llama", max_position_embeddings=512)
     return str(path)
+
+
+def port(engine):
+    """The KV port of an engine driven by hand in the test (its own lock)."""
+    return EngineKVPort(engine, threading.Lock())
 
 
 def make_engine(path, **kw):
@@ -51,7 +58,7 @@ class Harness:
 
     def __init__(self, decode_engine, ttl=30.0, token=TOKEN):
         self.engine, self.lock = decode_engine, threading.Lock()
-        self.servicer = KVTransferServicer(EngineKVSink(decode_engine, self.lock), TOKEN, reservation_ttl_s=ttl)
+        self.servicer = KVTransferServicer(EngineKVPort(decode_engine, self.lock), TOKEN, reservation_ttl_s=ttl)
         self.sender = KVSender(token)
 
     async def __aenter__(self):
@@ -78,7 +85,7 @@ def test_handoff_equals_single_engine(tiny_path, params):
             held_blocks = len(p_eng.kv.block_table("r1"))
             await h.sender.reserve(h.address, "r1", first.num_prompt_tokens, fingerprint(p_eng.model_config,
                                                                                        p_eng.kv_spec))
-            ack = await h.sender.send(h.address, p_eng, threading.Lock(), "r1")
+            ack = await h.sender.send(h.address, port(p_eng), "r1")
             # the bytes moved are exactly the sequence's blocks, every layer, K and V
             assert ack.num_bytes == held_blocks * p_eng.kv_spec.bytes_per_block
             assert p_eng.release("r1") == held_blocks
@@ -115,11 +122,11 @@ def test_failures_free_the_reservation(tiny_path):
             await h.sender.reserve(h.address, "r1", 31, layout)
             assert d_eng.kv.num_free_blocks < d_eng.kv.num_blocks
             with pytest.raises(TransferError, match="DATA_LOSS.*CRC32C"):
-                await h.sender.send(h.address, p_eng, threading.Lock(), "r1", corrupt_chunk=1)
+                await h.sender.send(h.address, port(p_eng), "r1", corrupt_chunk=1)
             assert d_eng.kv.num_free_blocks == d_eng.kv.num_blocks and not d_eng.requests
             # 4. a transfer without a reservation is refused
             with pytest.raises(TransferError, match="FAILED_PRECONDITION.*no open reservation"):
-                await h.sender.send(h.address, p_eng, threading.Lock(), "r1")
+                await h.sender.send(h.address, port(p_eng), "r1")
             # 5. a full worker: RESOURCE_EXHAUSTED, so the router can try another; it fits once released
             await h.sender.reserve(h.address, "hog", 60, layout)  # 15 of 20 blocks
             with pytest.raises(NoCapacityError, match="no room for 31 tokens"):
@@ -165,9 +172,9 @@ def test_prefill_worker_retries_a_failed_transfer(tiny_path):
                                     num_kv_blocks=64), TOKEN)
     real_send, calls = worker.sender.send, []
 
-    async def flaky_send(address, engine, lock, rid, corrupt_chunk=None):
+    async def flaky_send(address, kv_port, rid, corrupt_chunk=None):
         calls.append(rid)
-        return await real_send(address, engine, lock, rid, corrupt_chunk=1 if len(calls) == 1 else None)
+        return await real_send(address, kv_port, rid, corrupt_chunk=1 if len(calls) == 1 else None)
 
     worker.sender.send = flaky_send
 
@@ -204,7 +211,7 @@ def test_int8_wire_codec_sends_fewer_bytes_and_close_values(tiny_path):
             h.sender = KVSender(TOKEN, kv_codec="int8")
             first = prefill(p_eng, "a prompt that spans a few blocks", params)
             await h.sender.reserve(h.address, "r1", first.num_prompt_tokens, layout)
-            ack = await h.sender.send(h.address, p_eng, threading.Lock(), "r1")
+            ack = await h.sender.send(h.address, port(p_eng), "r1")
             blocks = len(p_eng.kv.block_table("r1"))
             raw_bytes = blocks * p_eng.kv_spec.bytes_per_block  # fp32
             d = p_eng.kv_spec.head_dim

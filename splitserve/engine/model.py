@@ -25,7 +25,7 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, paged_attention
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import CorruptModelError
+from splitserve.errors import CorruptModelError
 from splitserve.engine.rope import RotaryEmbedding
 from splitserve.kernels import ops
 from splitserve.kernels.quant import cat_rows

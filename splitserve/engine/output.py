@@ -17,10 +17,16 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; "prefilled" / "migrated": moved on
     num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
+    num_output_tokens: int = 0  # after this delta, so new_token_ids start at index num_output_tokens - len(...)
     error: str | None = None
+    moved_to: str | None = None  # "migrated": the worker that continues the request
+
+    @property
+    def index(self) -> int:
+        """Output index of new_token_ids[0] (where the next token would be, for a delta without tokens)."""
+        return self.num_output_tokens - len(self.new_token_ids)
 
 
 @dataclass
@@ -54,6 +60,27 @@ class TextState:
         self.stop = stop
         self.emitted = 0  # characters of detok.text already handed out
         self.stopped_at: int | None = None
+
+    def state(self) -> dict:
+        """Plain data for a snapshot (the token ids travel separately)."""
+        d = self.detok
+        return {"text": d.text, "prefix_offset": d.prefix_offset, "read_offset": d.read_offset}
+
+    @classmethod
+    def restore(cls, tokenizer: TextTokenizer, stop: tuple[str, ...], token_ids: list[int], state: dict | None,
+                emitted: int) -> "TextState":
+        """The text state of a request that already produced ``token_ids``, of whose text the client
+        has ``emitted`` characters; without ``state``, the text is rebuilt by decoding the tokens again."""
+        text = cls(tokenizer, stop)
+        if state is None:
+            for t in token_ids:
+                text.detok.add(t)
+        else:
+            text.detok.ids = list(token_ids)
+            text.detok.text = state["text"]
+            text.detok.prefix_offset, text.detok.read_offset = state["prefix_offset"], state["read_offset"]
+        text.emitted = min(emitted, len(text.detok.text))
+        return text
 
     def add(self, token_id: int) -> bool:
         """Add one token; returns True if a stop string now appears."""

@@ -18,7 +18,7 @@ import math
 import torch
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import UnsupportedModelError
+from splitserve.errors import UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "factors")
 

@@ -2,9 +2,10 @@
 
 logits [S, vocab] fp32 -> one token id per row. Greedy rows take the argmax.
 Sampled rows apply temperature, then top-k, then top-p (nucleus), then draw
-with the request's own ``torch.Generator`` (seeded from ``SamplingParams.seed``
-when given), so a seeded request samples the same tokens whatever else shares
-its batch.
+with a generator keyed by the request's seed and the output index being
+sampled (``position_generator``), so a seeded request samples the same tokens
+whatever else shares its batch, and on whichever engine it continues (a
+migrated or recovered request needs no RNG state, only its output index).
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import torch
 from splitserve.engine.sampling_params import SamplingParams
 
 
-def make_generator(params: SamplingParams, fallback: torch.Generator) -> torch.Generator | None:
-    """A request's private generator (seeded), or None to use the engine's shared one."""
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of x."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_generator(params: SamplingParams, output_index: int) -> torch.Generator | None:
+    """The generator for a seeded request's draws at ``output_index`` (None: greedy, or unseeded,
+    which use the engine's shared generator)."""
     if params.greedy or params.seed is None:
         return None
-    g = torch.Generator()
-    g.manual_seed(params.seed)
-    return g
+    return torch.Generator().manual_seed(_mix64(_mix64(params.seed) ^ output_index) >> 1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError
 
 # Largest value accepted for a seed: it must fit torch.Generator.manual_seed.
 _MAX_SEED = 2**63 - 1

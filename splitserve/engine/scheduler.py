@@ -86,8 +86,11 @@ class Scheduler:
         request.status = status
 
     def detach(self, request: Request, status: RequestStatus) -> None:
-        """Take a running request out of the batch but keep its blocks (KV handed off)."""
-        self.running.remove(request)
+        """Take a request out of the queues but keep its blocks (its KV is being moved)."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
         request.status = status
 
     def add_running(self, request: Request) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError
 from splitserve.engine.request import Request
 from splitserve.engine.runner import StepSequence
-from splitserve.engine.sampler import target_probs
-from splitserve.engine.speculative import (NGramProposer, RequestSpecState, SpecConfig, SpecStats, choose_k,
-                                           verify_greedy, verify_sampled)
+from splitserve.engine.sampler import position_generator, target_probs
+from splitserve.engine.speculative import (NGramProposer, SpecConfig, SpecStats, choose_k, verify_greedy,
+                                           verify_sampled)
 
 
 class SpeculativeMixin:
@@ -27,7 +27,6 @@ class SpeculativeMixin:
                                       cfg.spec_draft_cost)
         self.proposer = self._make_proposer(loaded_path=self.model_path)
         self.spec_stats = SpecStats()
-        self._spec_states: dict[str, RequestSpecState] = {}
         if self.proposer is not None and cfg.spec_calibrate:
             self.spec_config.step_costs = self._calibrate_speculation()
 
@@ -40,12 +39,11 @@ class SpeculativeMixin:
         for req in running:
             if req.num_computed_tokens != req.num_tokens - 1 or req.hold_kv or not req.params.speculative:
                 continue  # prefilling, prefill role, or opted out
-            state = self._spec_states.setdefault(req.request_id, RequestSpecState())
-            k = choose_k(state.acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost,
+            k = choose_k(req.spec_acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost,
                          self.spec_config.step_costs)
             k = min(k, req.params.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
             if k < 1:
-                state.acceptance += 0.05 * (0.5 - state.acceptance)  # drift back so it gets probed again
+                req.spec_acceptance += 0.05 * (0.5 - req.spec_acceptance)  # drift back so it gets probed again
                 continue
             drafts, q = self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k, req.request_id,
                                               req.params)
@@ -108,7 +106,8 @@ class SpeculativeMixin:
             out = verify_greedy(logits, drafts)
         else:
             probs = target_probs(logits, [req.params] * logits.shape[0])
-            out = verify_sampled(probs, drafts, q, self._generators[req.request_id] or self.generator)
+            out = verify_sampled(probs, drafts, q, position_generator(req.params, req.num_output_tokens)
+                                 or self.generator)
         accepted = len(out) - 1
         req.num_computed_tokens += accepted  # their KV was written by this step
         self.kv.trim(req.request_id, req.num_computed_tokens + 1)  # blocks of rejected drafts only
@@ -117,11 +116,9 @@ class SpeculativeMixin:
         st = self.spec_stats
         st.steps, st.proposed, st.accepted, st.emitted = (st.steps + 1, st.proposed + len(drafts),
                                                          st.accepted + accepted, st.emitted + len(out))
-        state = self._spec_states.setdefault(req.request_id, RequestSpecState())
-        state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / len(drafts)
+        req.spec_acceptance = 0.7 * req.spec_acceptance + 0.3 * accepted / len(drafts)
         return out
 
     def _end_speculation(self, request_id: str) -> None:
-        self._spec_states.pop(request_id, None)
         if hasattr(self.proposer, "release"):
             self.proposer.release(request_id)

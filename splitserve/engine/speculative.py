@@ -91,13 +91,6 @@ class SpecConfig:
             raise ValueError(f"max_draft_tokens must be >= 1; got {self.max_draft_tokens}")
 
 
-@dataclass
-class RequestSpecState:
-    """Running acceptance of one request, for its adaptive k."""
-
-    acceptance: float = 0.6  # exponential moving average of the per-draft acceptance rate (optimistic start)
-
-
 def choose_k(acceptance: float, max_k: int, draft_cost: float, step_costs: list[float] | None = None) -> int:
     """The k that maximises expected tokens per unit of step cost.
 

@@ -20,7 +20,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from splitserve.engine.errors import CorruptModelError, InvalidRequestError, UnsupportedModelError
+from splitserve.errors import CorruptModelError, InvalidRequestError, UnsupportedModelError
 
 # Pre-tokenizer regexes of llama.cpp's BPE "pre" types (the same splits HF's tokenizer.json declare).
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"

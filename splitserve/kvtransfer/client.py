@@ -1,45 +1,64 @@
-"""The sending side of KV transfers (a prefill worker, or a decode worker migrating a request).
+"""The sending side of KV transfers: one sender for the prefill->decode handoff and decode->decode migration.
 
-    reserve(address, rid, num_tokens)  -> ReserveResponse, or NoCapacityError (pick another worker)
-    send(address, engine, rid)         -> TransferAck once the receiver has committed
-    release(address, rid)              -> give a reservation back unused
+    reserve(address, rid, num_tokens, layout)  -> ReserveResponse, or NoCapacityError (pick another worker)
+    send(address, port, rid)                   a suspended (held) request: its blocks and snapshot, then
+                                               the commit -> TransferAck (the caller releases its blocks)
+    migrate(address, port, rid, moved_to)      a running request, live (below) -> MoveResult; on success the
+                                               request is released here, on failure it goes on here
+    release(address, rid)                      give a reservation back unused (or abort what was committed)
 
-The sender frees its own blocks only after ``send`` returns (the receiver has
-committed); on any error the receiver has already dropped the reservation.
+A live migration, Llumnix-style::
+
+    stage 1     pin the blocks already full; send them while the request keeps decoding here
+    stage 2..   Grow, then the blocks filled meanwhile, while there are more than ``last_stage_blocks``
+    last stage  suspend the request (out of the batch), Grow, send the remaining blocks (the partial one
+                too) and Commit(snapshot); the receiver joins it to its batch and acks
+    then        release here: blocks freed, the request's stream ends with "migrated" (moved_to)
+
+Anything that fails before the receiver commits (refused, cut, corrupted, the
+request finished or was preempted meanwhile) leaves the request running here:
+the receiver drops its reservation, and the sender un-suspends it.
+
+Every error is a ``splitserve.errors`` type: ``NoCapacityError`` (no room
+there), ``TransferFailedError`` (with the gRPC code, or None when the request
+finished or was preempted meanwhile), or, before anything happens,
+``UnknownRequestError`` / ``RequestStateError`` (nothing to move: unknown,
+finished, or already moving).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import time
+from dataclasses import dataclass
 
 import grpc
 
-from splitserve.engine.handoff import serialize_params
+from splitserve.engine.request import RequestStatus
+from splitserve.errors import NoCapacityError, RequestStateError, TransferFailedError, UnknownRequestError
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 from splitserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from splitserve.kvtransfer.wire import (DEFAULT_MAX_CHUNK_BYTES, TOKEN_METADATA_KEY, check_codec, encode_chunk,
-                                        fingerprint, plan_chunks)
+                                        fingerprint, plan_chunks, snapshot_to_pb, ChunkPlan)
 
 
-class NoCapacityError(Exception):
-    """The receiver refused the reservation (RESOURCE_EXHAUSTED)."""
-
-
-class TransferError(Exception):
-    """A transfer failed; ``code`` is the gRPC status the receiver gave."""
-
-    def __init__(self, code, message: str):
-        super().__init__(f"{code.name if code else 'ERROR'}: {message}")
-        self.code = code
+@dataclass
+class MoveResult:
+    num_bytes: int = 0
+    num_chunks: int = 0
+    num_stages: int = 0  # live stages before the last (stop-and-copy) one
+    last_stage_blocks: int = 0  # blocks sent while the request was stopped
+    stopped_s: float = 0.0  # from suspend to the receiver's ack: how long the request did not decode
 
 
 class KVSender:
     def __init__(self, cluster_token: str, timeout_s: float = 30.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                 kv_codec: str = "raw"):
+                 kv_codec: str = "raw", last_stage_blocks: int = 2, max_stages: int = 8):
         self.kv_codec = check_codec(kv_codec)  # "raw" or "int8" (about half the bytes; see wire.py)
         self.metadata = ((TOKEN_METADATA_KEY, cluster_token),)
         self.timeout_s = timeout_s
         self.max_chunk_bytes = max_chunk_bytes
+        self.last_stage_blocks, self.max_stages = last_stage_blocks, max_stages
         self._stubs: dict[str, pb_grpc.KVTransferStub] = {}
         self._channels: list = []
         self.num_bytes_sent = 0
@@ -59,52 +78,123 @@ class KVSender:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise NoCapacityError(e.details()) from None
-            raise TransferError(e.code(), e.details()) from None
+            raise TransferFailedError(e.code().name, e.details()) from None
 
     async def release(self, address: str, request_id: str) -> bool:
-        resp = await self._stub(address).Release(pb.ReleaseRequest(request_id=request_id),
-                                                  metadata=self.metadata, timeout=self.timeout_s)
+        try:
+            resp = await self._stub(address).Release(pb.ReleaseRequest(request_id=request_id),
+                                                      metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise TransferFailedError(e.code().name, e.details()) from None
         return resp.released
 
-    async def send(self, address: str, engine, lock, request_id: str, corrupt_chunk: int | None = None):
-        """Stream a held request's KV from ``engine`` (under ``lock``) and wait for the commit.
+    async def send(self, address: str, port, request_id: str, corrupt_chunk: int | None = None) -> pb.TransferAck:
+        """A held request (suspended, e.g. prefilled): its blocks and snapshot, one stage."""
+        async def no_live_stages(last: list):
+            last.append((port.held_snapshot(request_id), port.held_table(request_id)))
+            return
+            yield
 
-        ``corrupt_chunk`` flips a byte of that chunk after its checksum is taken (fault-injection tests).
-        """
-        with lock:
-            state = engine.handoff_state(request_id)
-            layout = fingerprint(engine.model_config, engine.kv_spec)
-            num_blocks = len(engine.kv.block_table(request_id))
-        spec = engine.kv_spec
+        ack, _ = await self._transfer(address, port, request_id, no_live_stages, corrupt_chunk)
+        return ack
+
+    async def migrate(self, address: str, port, request_id: str, moved_to: str | None = None,
+                      on_stage=None, corrupt_chunk: int | None = None) -> MoveResult:
+        """Move a running request to ``address`` while it keeps decoding (module docstring).
+        ``on_stage(stage)`` is awaited after each live stage (tests use it to interleave events)."""
+        num_tokens = port.begin_live(request_id)  # UnknownRequestError / RequestStateError: nothing moves
+        result = MoveResult()
+        stopped_at = None
+        try:
+            await self.reserve(address, request_id, num_tokens, fingerprint(port.model_config, port.kv_spec))
+
+            async def live_stages(last: list):
+                nonlocal stopped_at
+                sent = 0
+                for stage in range(self.max_stages):
+                    pinned = port.pin(request_id)  # the full blocks: their KV never changes
+                    if stage and len(pinned) - sent <= self.last_stage_blocks:
+                        break  # few enough to stop the request for
+                    if len(pinned) > sent:
+                        yield pinned
+                        sent = len(pinned)
+                    result.num_stages += 1
+                    if on_stage is not None:
+                        await on_stage(stage)
+                snapshot, table = port.suspend(request_id)
+                stopped_at = time.perf_counter()
+                last.append((snapshot, table))
+
+            ack, result.last_stage_blocks = await self._transfer(address, port, request_id, live_stages,
+                                                                 corrupt_chunk)
+        except BaseException as e:
+            if stopped_at is not None:
+                port.unsuspend(request_id)  # not committed there: it goes on here
+            if isinstance(e, (UnknownRequestError, RequestStateError)):  # it finished or was preempted meanwhile
+                raise TransferFailedError(None, f"migration abandoned: {e}") from None
+            raise
+        finally:
+            port.end_live(request_id)
+        port.release(request_id, RequestStatus.FINISHED_MIGRATED, moved_to)
+        result.stopped_s = time.perf_counter() - stopped_at
+        result.num_bytes, result.num_chunks = ack.num_bytes, ack.num_chunks
+        return result
+
+    async def _transfer(self, address: str, port, request_id: str, live_stages, corrupt_chunk: int | None):
+        """One Transfer stream: header, each live stage's chunks, the last chunks, the commit.
+        ``live_stages(last)`` yields the pinned block ids of each live stage, then appends (snapshot,
+        block table) to ``last``. Returns (ack, blocks sent in the last stage)."""
+        spec = port.kv_spec
         per_block_layer = spec.bytes_per_block // spec.num_layers
-        plans = plan_chunks(spec.num_layers, num_blocks, per_block_layer, self.max_chunk_bytes)
+        failure: list[BaseException] = []
+        count = {"chunks": 0, "bytes": 0, "last_stage_blocks": 0}
+
+        def chunks(block_ids: list[int], first: int):
+            """Blocks block_ids[first:], layer by layer; chunk positions are in the request's block table."""
+            for plan in plan_chunks(spec.num_layers, len(block_ids) - first, per_block_layer, self.max_chunk_bytes):
+                at = first + plan.first_block
+                data = port.read(block_ids[at:at + plan.num_blocks], plan.layer)
+                chunk = encode_chunk(ChunkPlan(plan.layer, at, plan.num_blocks), data, self.kv_codec)
+                if corrupt_chunk == count["chunks"]:
+                    chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
+                count["chunks"] += 1
+                count["bytes"] += len(chunk.data)
+                yield pb.TransferMessage(chunk=chunk)
 
         async def messages():
-            yield pb.TransferMessage(header=pb.TransferHeader(
-                request_id=request_id, layout=layout, prompt_token_ids=state.prompt_token_ids,
-                output_token_ids=state.output_token_ids, sampling_params_json=json.dumps(serialize_params(state.params)),
-                generator_state=state.generator_state or b"", num_blocks=num_blocks, kv_codec=self.kv_codec))
-            total = 0
-            for i, plan in enumerate(plans):  # layer by layer
-                # No engine lock: a held request's blocks are out of the running batch, so the
-                # engine's step never touches them (with the lock, each chunk would wait out a step).
-                data = engine.export_kv(request_id, plan.layer)[plan.first_block:plan.first_block + plan.num_blocks]
-                chunk = encode_chunk(plan, data, self.kv_codec)
-                if corrupt_chunk == i:
-                    chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
-                total += len(chunk.data)
-                yield pb.TransferMessage(chunk=chunk)
-            yield pb.TransferMessage(commit=pb.Commit(num_chunks=len(plans), num_bytes=total))
+            try:
+                yield pb.TransferMessage(header=pb.TransferHeader(
+                    request_id=request_id, layout=fingerprint(port.model_config, spec), kv_codec=self.kv_codec))
+                sent, last = 0, []
+                async for pinned in live_stages(last):
+                    yield pb.TransferMessage(grow=pb.Grow(num_tokens=len(pinned) * spec.block_size))
+                    for msg in chunks(pinned, sent):
+                        yield msg
+                    sent = len(pinned)
+                snapshot, table = last[0]
+                needed = -(-snapshot.num_computed_tokens // spec.block_size)
+                count["last_stage_blocks"] = needed - sent
+                if sent:  # a live migration: the request grew since the reservation
+                    yield pb.TransferMessage(grow=pb.Grow(num_tokens=snapshot.num_tokens))
+                for msg in chunks(table[:needed], sent):
+                    yield msg
+                yield pb.TransferMessage(commit=pb.Commit(num_chunks=count["chunks"], num_bytes=count["bytes"],
+                                                          snapshot=snapshot_to_pb(snapshot)))
+            except Exception as e:  # end the stream without a commit: the receiver drops the reservation
+                failure.append(e)
 
         try:
             ack = await self._stub(address).Transfer(messages(), metadata=self.metadata, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise TransferError(e.code(), e.details()) from None
+            if failure:
+                raise failure[0] from None
+            raise TransferFailedError(e.code().name, e.details()) from None
         self.num_bytes_sent += ack.num_bytes
-        return ack
+        return ack, count["last_stage_blocks"]
 
     async def close(self) -> None:
         for ch in self._channels:
             await ch.close()
         self._channels.clear()
         self._stubs.clear()
+

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&splitserve/kvtransfer/kvtransfer.proto\x12\x15splitserve.kvtransfer\"\x81\x01\n\x11LayoutFingerprint\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\"r\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x38\n\x06layout\x18\x03 \x01(\x0b\x32(.splitserve.kvtransfer.LayoutFingerprint\">\n\x0fReserveResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\"\xef\x01\n\x0eTransferHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x38\n\x06layout\x18\x02 \x01(\x0b\x32(.splitserve.kvtransfer.LayoutFingerprint\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x1c\n\x14sampling_params_json\x18\x05 \x01(\t\x12\x17\n\x0fgenerator_state\x18\x06 \x01(\x0c\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\x12\x10\n\x08kv_codec\x18\x08 \x01(\t\"c\n\x0bTensorChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\"/\n\x06\x43ommit\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xb8\x01\n\x0fTransferMessage\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.splitserve.kvtransfer.TransferHeaderH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".splitserve.kvtransfer.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.splitserve.kvtransfer.CommitH\x00\x42\x06\n\x04kind\"4\n\x0bTransferAck\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x9a\x02\n\nKVTransfer\x12X\n\x07Reserve\x12%.splitserve.kvtransfer.ReserveRequest\x1a&.splitserve.kvtransfer.ReserveResponse\x12X\n\x08Transfer\x12&.splitserve.kvtransfer.TransferMessage\x1a\".splitserve.kvtransfer.TransferAck(\x01\x12X\n\x07Release\x12%.splitserve.kvtransfer.ReleaseRequest\x1a&.splitserve.kvtransfer.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&splitserve/kvtransfer/kvtransfer.proto\x12\x15splitserve.kvtransfer\"\x81\x01\n\x11LayoutFingerprint\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\"r\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x38\n\x06layout\x18\x03 \x01(\x0b\x32(.splitserve.kvtransfer.LayoutFingerprint\">\n\x0fReserveResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\"p\n\x0eTransferHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x38\n\x06layout\x18\x02 \x01(\x0b\x32(.splitserve.kvtransfer.LayoutFingerprint\x12\x10\n\x08kv_codec\x18\x03 \x01(\t\"\x1a\n\x04Grow\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\"\xdc\x01\n\x0fRequestSnapshot\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x1c\n\x14sampling_params_json\x18\x05 \x01(\t\x12\x17\n\x0ftext_state_json\x18\x06 \x01(\t\x12\x14\n\x0ctext_emitted\x18\x07 \x01(\r\x12\x17\n\x0fspec_acceptance\x18\x08 \x01(\x01\"c\n\x0bTensorChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\"i\n\x06\x43ommit\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x12\x38\n\x08snapshot\x18\x03 \x01(\x0b\x32&.splitserve.kvtransfer.RequestSnapshot\"\xe5\x01\n\x0fTransferMessage\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.splitserve.kvtransfer.TransferHeaderH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".splitserve.kvtransfer.TensorChunkH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.splitserve.kvtransfer.CommitH\x00\x12+\n\x04grow\x18\x04 \x01(\x0b\x32\x1b.splitserve.kvtransfer.GrowH\x00\x42\x06\n\x04kind\"4\n\x0bTransferAck\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x9a\x02\n\nKVTransfer\x12X\n\x07Reserve\x12%.splitserve.kvtransfer.ReserveRequest\x1a&.splitserve.kvtransfer.ReserveResponse\x12X\n\x08Transfer\x12&.splitserve.kvtransfer.TransferMessage\x1a\".splitserve.kvtransfer.TransferAck(\x01\x12X\n\x07Release\x12%.splitserve.kvtransfer.ReleaseRequest\x1a&.splitserve.kvtransfer.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVEREQUEST']._serialized_end=311
   _globals['_RESERVERESPONSE']._serialized_start=313
   _globals['_RESERVERESPONSE']._serialized_end=375
-  _globals['_TRANSFERHEADER']._serialized_start=378
-  _globals['_TRANSFERHEADER']._serialized_end=617
-  _globals['_TENSORCHUNK']._serialized_start=619
-  _globals['_TENSORCHUNK']._serialized_end=718
-  _globals['_COMMIT']._serialized_start=720
-  _globals['_COMMIT']._serialized_end=767
-  _globals['_TRANSFERMESSAGE']._serialized_start=770
-  _globals['_TRANSFERMESSAGE']._serialized_end=954
-  _globals['_TRANSFERACK']._serialized_start=956
-  _globals['_TRANSFERACK']._serialized_end=1008
-  _globals['_RELEASEREQUEST']._serialized_start=1010
-  _globals['_RELEASEREQUEST']._serialized_end=1046
-  _globals['_RELEASERESPONSE']._serialized_start=1048
-  _globals['_RELEASERESPONSE']._serialized_end=1083
-  _globals['_KVTRANSFER']._serialized_start=1086
-  _globals['_KVTRANSFER']._serialized_end=1368
+  _globals['_TRANSFERHEADER']._serialized_start=377
+  _globals['_TRANSFERHEADER']._serialized_end=489
+  _globals['_GROW']._serialized_start=491
+  _globals['_GROW']._serialized_end=517
+  _globals['_REQUESTSNAPSHOT']._serialized_start=520
+  _globals['_REQUESTSNAPSHOT']._serialized_end=740
+  _globals['_TENSORCHUNK']._serialized_start=742
+  _globals['_TENSORCHUNK']._serialized_end=841
+  _globals['_COMMIT']._serialized_start=843
+  _globals['_COMMIT']._serialized_end=948
+  _globals['_TRANSFERMESSAGE']._serialized_start=951
+  _globals['_TRANSFERMESSAGE']._serialized_end=1180
+  _globals['_TRANSFERACK']._serialized_start=1182
+  _globals['_TRANSFERACK']._serialized_end=1234
+  _globals['_RELEASEREQUEST']._serialized_start=1236
+  _globals['_RELEASEREQUEST']._serialized_end=1272
+  _globals['_RELEASERESPONSE']._serialized_start=1274
+  _globals['_RELEASERESPONSE']._serialized_end=1309
+  _globals['_KVTRANSFER']._serialized_start=1312
+  _globals['_KVTRANSFER']._serialized_end=1594
 # @@protoc_insertion_point(module_scope)

@@ -41,24 +41,40 @@ class ReserveResponse(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ...) -> None: ...
 
 class TransferHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "prompt_token_ids", "output_token_ids", "sampling_params_json", "generator_state", "num_blocks", "kv_codec")
+    __slots__ = ("request_id", "layout", "kv_codec")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
-    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
-    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_CODEC_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: LayoutFingerprint
+    kv_codec: str
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., kv_codec: _Optional[str] = ...) -> None: ...
+
+class Grow(_message.Message):
+    __slots__ = ("num_tokens",)
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    def __init__(self, num_tokens: _Optional[int] = ...) -> None: ...
+
+class RequestSnapshot(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "num_computed_tokens", "sampling_params_json", "text_state_json", "text_emitted", "spec_acceptance")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TEXT_STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    TEXT_EMITTED_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_computed_tokens: int
     sampling_params_json: str
-    generator_state: bytes
-    num_blocks: int
-    kv_codec: str
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling_params_json: _Optional[str] = ..., generator_state: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., kv_codec: _Optional[str] = ...) -> None: ...
+    text_state_json: str
+    text_emitted: int
+    spec_acceptance: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., sampling_params_json: _Optional[str] = ..., text_state_json: _Optional[str] = ..., text_emitted: _Optional[int] = ..., spec_acceptance: _Optional[float] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("layer", "first_block", "num_blocks", "data", "crc32c")
@@ -75,22 +91,26 @@ class TensorChunk(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("num_chunks", "num_bytes")
+    __slots__ = ("num_chunks", "num_bytes", "snapshot")
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     num_chunks: int
     num_bytes: int
-    def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+    snapshot: RequestSnapshot
+    def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., snapshot: _Optional[_Union[RequestSnapshot, _Mapping]] = ...) -> None: ...
 
 class TransferMessage(_message.Message):
-    __slots__ = ("header", "chunk", "commit")
+    __slots__ = ("header", "chunk", "commit", "grow")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    GROW_FIELD_NUMBER: _ClassVar[int]
     header: TransferHeader
     chunk: TensorChunk
     commit: Commit
-    def __init__(self, header: _Optional[_Union[TransferHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ...) -> None: ...
+    grow: Grow
+    def __init__(self, header: _Optional[_Union[TransferHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., grow: _Optional[_Union[Grow, _Mapping]] = ...) -> None: ...
 
 class TransferAck(_message.Message):
     __slots__ = ("num_bytes", "num_chunks")

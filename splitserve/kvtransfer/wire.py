@@ -3,6 +3,10 @@
 A transfer stream::
 
     Header | Chunk(layer 0, blocks 0..k) | Chunk(layer 0, blocks k..n) | Chunk(layer 1, ...) | ... | Commit
+    (a live migration: Header | stage 1 chunks | Grow | stage 2 chunks | ... | Grow | last chunks | Commit)
+
+The Commit carries the request's snapshot (``snapshot_to_pb``): what the
+receiver continues, with the number of tokens whose KV the chunks carried.
 
 Each chunk's payload is ``kv_cache[layer, block_table[a:b]]``
 (``[b - a, 2, block_size, Hkv, D]``, C order) with its CRC32C, in one of two
@@ -102,3 +106,23 @@ def decode_chunk(chunk: pb.TensorChunk, layout: pb.LayoutFingerprint, codec: str
     q = torch.frombuffer(payload, dtype=torch.int8, count=numel).view(-1, layout.head_dim)  # [R, D]
     scale = torch.frombuffer(payload, dtype=torch.float32, offset=numel)  # [R]
     return ops.kv_dequantize(q, scale, dtype).view(shape)
+
+
+def snapshot_to_pb(snap) -> pb.RequestSnapshot:
+    """engine.request.RequestSnapshot -> its wire message."""
+    return pb.RequestSnapshot(
+        request_id=snap.request_id, prompt_token_ids=snap.prompt_token_ids, output_token_ids=snap.output_token_ids,
+        num_computed_tokens=snap.num_computed_tokens, sampling_params_json=json.dumps(snap.params),
+        text_state_json=json.dumps(snap.text) if snap.text is not None else "", text_emitted=snap.text_emitted,
+        spec_acceptance=snap.spec_acceptance)
+
+
+def snapshot_from_pb(msg: pb.RequestSnapshot):
+    """The wire message -> a checked RequestSnapshot (ValueError / InvalidRequestError when malformed)."""
+    from splitserve.engine.request import RequestSnapshot
+    return RequestSnapshot.from_dict(dict(
+        request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
+        output_token_ids=list(msg.output_token_ids), num_computed_tokens=msg.num_computed_tokens,
+        params=json.loads(msg.sampling_params_json or "{}"),
+        text=json.loads(msg.text_state_json) if msg.text_state_json else None, text_emitted=msg.text_emitted,
+        spec_acceptance=msg.spec_acceptance))

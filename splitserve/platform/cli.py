@@ -24,7 +24,7 @@ import asyncio
 import sys
 import time
 
-from splitserve.engine.errors import SplitserveError
+from splitserve.errors import SplitserveError
 
 
 def _generate_args(sub) -> None:

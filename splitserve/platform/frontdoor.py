@@ -23,8 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from splitserve.engine.errors import InvalidRequestError
-from splitserve.engine.handoff import serialize_params
+from splitserve.errors import InvalidRequestError
+from splitserve.engine.request import serialize_params
 from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.platform import kserve, openai_api
 from splitserve.platform.kserve import pb

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 
 

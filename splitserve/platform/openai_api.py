@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from splitserve.engine.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 
 

@@ -84,7 +84,7 @@ class Pools:
             self.decode[name] = DecodeWorker.options(**self._options(name, cfg.decode)).remote(
                 engine_kwargs(cfg, cfg.decode), cfg.cluster_token, cfg.kv_host)
         addresses = ray.get([d.start.remote() for d in self.decode.values()])
-        self.decode_addresses = dict(zip(self.decode, addresses))
+        self.decode_addresses = {name: ident["address"] for name, ident in zip(self.decode, addresses)}
         ray.get([p.stats.remote() for p in self.prefill.values()])  # wait until loaded
         return self
 

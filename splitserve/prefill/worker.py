@@ -2,13 +2,18 @@
 
 A request passes through::
 
-    reserve on the chosen decode worker (RESOURCE_EXHAUSTED -> "no_capacity": the router picks another)
-      -> prefill (chunked, batched with other prompts) -> first token sampled, blocks held
-      -> KV streamed to the decode worker, layer by layer, until it commits
-       (a failed transfer is retried once with a new reservation; then the request fails with the reason)
-      -> local blocks released -> the first token goes back to the router
+    reserve on the chosen decode worker ("no_capacity": the router picks another;
+                                         "decode_failed": unreachable or refused, likewise)
+      -> prefill (chunked, batched with other prompts) -> next token sampled, request suspended (held)
+      -> KV and snapshot streamed to the decode worker until it commits
+       (a failed transfer is retried once with a new reservation; then "transfer_failed": the
+        router places the request again, with the token sampled here)
+      -> local blocks released -> the token goes back to the router
 
-If the first token already ends the request (EOS, stop string, max_tokens=1)
+A request recovering from a lost decode worker comes with a snapshot
+(``resume``): its prompt and the tokens the client already has are
+recomputed here, and the next token is sampled exactly as it would have been.
+If the sampled token already ends the request (EOS, stop string, max_tokens)
 the reservation is given back and the request completes here.
 """
 
@@ -16,14 +21,17 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import ray
 
+from splitserve.engine.request import RequestSnapshot
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
 
 class PrefillWorkerImpl:
-    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw"):
+    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw", name: str = "prefill"):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         from splitserve.kvtransfer.client import KVSender
@@ -31,30 +39,41 @@ class PrefillWorkerImpl:
 
         self.engine = LLMEngine(**engine_kwargs)
         self.aengine = AsyncEngine(self.engine)
+        self.port = self.aengine.kv_port()
         self.sender = KVSender(cluster_token, kv_codec=kv_codec)
         self.layout = fingerprint(self.engine.model_config, self.engine.kv_spec)
+        self.name = name
+        self.incarnation = uuid.uuid4().hex[:12]
         self.queued_prompt_tokens = 0
         self.num_prefills = 0
         self.num_transfer_retries = 0
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict,
-                      decode_address: str) -> dict:
-        """Returns {"status": "transferred" | "finished" | "no_capacity" | "error", ...}."""
-        from splitserve.kvtransfer.client import NoCapacityError, TransferError
+    async def start(self) -> dict:
+        """Idempotent; the worker's identity (prefill workers serve no KV address)."""
+        return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation}
 
-        n = len(prompt_token_ids)
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, decode_address: str,
+                      resume: dict | None = None) -> dict:
+        """Returns {"status": "transferred" | "finished" | "no_capacity" | "decode_failed" | "transfer_failed"
+        | "error", ...}; ``resume``: a RequestSnapshot (as a dict) to continue by recompute."""
+        snapshot = RequestSnapshot.from_dict(resume) if resume is not None else None
+        if snapshot is not None and snapshot.request_id != request_id:
+            return {"status": "error", "error": f"the snapshot is for {snapshot.request_id!r}, not {request_id!r}"}
+        n = snapshot.num_tokens if snapshot is not None else len(prompt_token_ids)
         try:
             await self.sender.reserve(decode_address, request_id, n, self.layout)
         except NoCapacityError as e:
             return {"status": "no_capacity", "error": str(e)}
-        except TransferError as e:
-            return {"status": "error", "error": f"reserve failed: {e}"}
+        except TransferFailedError as e:
+            status = "error" if e.code == "INVALID_ARGUMENT" else "decode_failed"  # can never fit / try another
+            return {"status": status, "code": e.code, "error": f"reserve failed: {e}"}
         self.queued_prompt_tokens += n
         start = time.perf_counter()
         first = None
         try:
-            async for out in self.aengine.generate(prompt_token_ids, SamplingParams(**params),
-                                                   request_id=request_id, hold_kv=True):
+            run = self.aengine.generate(snapshot=snapshot, hold_kv=True) if snapshot is not None else \
+                self.aengine.generate(prompt_token_ids, SamplingParams(**params), request_id=request_id, hold_kv=True)
+            async for out in run:
                 first = out
         finally:
             self.queued_prompt_tokens -= n
@@ -65,24 +84,22 @@ class PrefillWorkerImpl:
             return {"status": "finished", **result}
         try:
             ack = await self._send_with_retry(decode_address, request_id, n)
-        except TransferError as e:
-            return {"status": "error", "error": f"KV transfer failed: {e}", **result}
+        except (NoCapacityError, TransferFailedError) as e:
+            return {"status": "transfer_failed", "error": f"KV transfer failed: {describe(e)}", **result}
         finally:
-            with self.aengine._lock:
-                self.engine.release(request_id)
+            self.port.release(request_id)
         self.num_prefills += 1
         return {"status": "transferred", "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks, **result}
 
     async def _send_with_retry(self, address: str, request_id: str, num_tokens: int, attempts: int = 2):
         """Stream the KV; a failed transfer (the receiver dropped its reservation) is retried once
         with a fresh reservation, since the blocks are still held here."""
-        from splitserve.kvtransfer.client import TransferError
         for attempt in range(attempts):
             try:
                 if attempt:
                     await self.sender.reserve(address, request_id, num_tokens, self.layout)
-                return await self.sender.send(address, self.engine, self.aengine._lock, request_id)
-            except TransferError:
+                return await self.sender.send(address, self.port, request_id)
+            except TransferFailedError:
                 if attempt == attempts - 1:
                     raise
                 self.num_transfer_retries += 1
@@ -100,7 +117,16 @@ class PrefillWorkerImpl:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
         return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
-                "num_transfer_retries": self.num_transfer_retries, "pid": os.getpid(), **self.engine.stats()}
+                "num_transfer_retries": self.num_transfer_retries, "name": self.name, "pid": os.getpid(),
+                **self.engine.stats()}
+
+    def leaks(self) -> dict:
+        """Every per-request structure on this worker, by size: all zero when it is idle."""
+        return {**self.engine.leaks(), **self.aengine.leaks()}
+
+    async def stop(self) -> None:
+        await self.sender.close()
+        self.aengine.shutdown()
 
 
 PrefillWorker = ray.remote(PrefillWorkerImpl)

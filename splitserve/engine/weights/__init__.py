@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import ModelNotFoundError
+from splitserve.errors import ModelNotFoundError
 
 
 @dataclass

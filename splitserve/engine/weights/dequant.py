@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
-from splitserve.engine.errors import UnsupportedModelError
+from splitserve.errors import UnsupportedModelError
 
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
                    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_K)

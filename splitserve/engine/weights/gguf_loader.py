@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import CorruptModelError, UnsupportedModelError
+from splitserve.errors import CorruptModelError, UnsupportedModelError
 from splitserve.engine.weights import LoadedModel
 from splitserve.engine.weights.dequant import dequantize
 from splitserve.kernels.linear import quantize_weight

@@ -9,7 +9,7 @@ import os
 import torch
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.errors import CorruptModelError, ModelNotFoundError
+from splitserve.errors import CorruptModelError, ModelNotFoundError
 from splitserve.engine.weights import LoadedModel
 
 
