@@ -48,7 +48,7 @@ def test_colocated_baseline_through_ray(tmp_path, chunked):
     prompt = list(range(3, 60))
     expected = LLMEngine(model=str(tmp_path), dtype="float32", show_progress=False, num_kv_blocks=64).generate(
         [prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].token_ids
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         cfg = ServeConfig(model=str(tmp_path), dtype="float32", mode="colocated",
                           decode=PoolConfig(kv_cache_memory_mb=16, max_num_batched_tokens=16,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
@@ -138,8 +139,11 @@ def cmd_serve(args) -> int:
                               decode=pool(cfg.decode, args.decode_replicas, args.decode_threads))
     server = start_server(cfg, address=args.address, log=lambda m: print(m, file=sys.stderr))
     ep = server.endpoints
+    token_at = "$SPLITSERVE_CLUSTER_TOKEN" if os.environ.get("SPLITSERVE_CLUSTER_TOKEN") else _save_token(cfg)
     print(f"splitserve is serving '{ep['model']}' ({cfg.mode})\n"
           f"  KServe v2 gRPC : {ep['grpc']}\n  OpenAI HTTP    : {ep['openai']}\n"
+          f"  Admin API      : {ep['http']}/admin/workers, /admin/requests (header x-splitserve-token: "
+          f"the cluster token, in {token_at})\n"
           f"  Ray dashboard  : {ep['dashboard'] or 'not started here (joined an existing cluster)'}"
           f" (token: ~/.ray/auth_token)\nCtrl-C stops it.", flush=True)
     stop = threading.Event()
@@ -152,6 +156,16 @@ def cmd_serve(args) -> int:
     print("shutting down ...", file=sys.stderr)
     server.shutdown()
     return 0
+
+
+def _save_token(cfg) -> str:
+    """Write a generated cluster token where only this user can read it; returns the path."""
+    path = os.path.expanduser("~/.splitserve/cluster_token")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(cfg.cluster_token + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

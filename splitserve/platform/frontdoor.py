@@ -1,19 +1,32 @@
-"""The front door: one Ray Serve deployment speaking KServe v2 gRPC and OpenAI HTTP.
+"""The front door: one Ray Serve deployment speaking KServe v2 gRPC and OpenAI HTTP, plus an admin API.
 
 Path of a request here: validate (clear error naming the field) -> tokenize
-(chat template for chat) -> router (prefill pool -> KV transfer -> decode pool)
--> responses (gRPC messages or server-sent events). Cancellation (client gone)
-propagates to whichever worker holds the request through the router.
+(chat template for chat) -> router (prefill pool -> KV transfer -> decode pool,
+following the request when it migrates or its worker is lost) -> responses
+(gRPC messages or server-sent events). Cancellation (client gone) propagates to
+whichever worker holds the request through the router.
 
-Status mapping: bad input -> INVALID_ARGUMENT / HTTP 400 naming the field;
-unknown model -> NOT_FOUND / 404; no capacity within the wait limit ->
-RESOURCE_EXHAUSTED / 503.
+Errors: every failure is a ``splitserve.errors`` type, turned into a gRPC
+status / HTTP status by the one table there (bad input -> INVALID_ARGUMENT /
+400 naming the field; unknown model -> NOT_FOUND / 404; no capacity within
+the wait limit -> RESOURCE_EXHAUSTED / 503; worker lost beyond recovery ->
+UNAVAILABLE / 503). A stream that fails says so: an ``error_message`` on the
+KServe stream, an error event (``data: {"error": ...}``) over SSE; a failed
+request never ends like a normal one.
+
+Admin (HTTP, header ``x-splitserve-token: <cluster token>``)::
+
+    GET    /admin/workers                      membership and per-worker stats
+    POST   /admin/workers {"pool": "decode"}   add a worker; answers once it takes traffic
+    POST   /admin/workers/{name}/drain         migrate its requests away, take nothing new
+    DELETE /admin/workers/{name}               drain, then stop it
+    GET    /admin/requests                     requests in flight here and where they are
+    POST   /admin/requests/{id}/migrate {"target": name}   live migration of one request
 """
 
 
 import asyncio
 import json
-import os
 import time
 import uuid
 
@@ -23,26 +36,44 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from splitserve.errors import InvalidRequestError
 from splitserve.engine.request import serialize_params
 from splitserve.engine.tokenizer import load_tokenizer
+from splitserve.errors import (InvalidRequestError, RequestFailedError, SplitserveError, UnknownModelError,
+                               UnknownRequestError, describe, status_of)
 from splitserve.platform import kserve, openai_api
 from splitserve.platform.kserve import pb
 from splitserve.platform.pools import make_router
-from splitserve.platform.router import NoCapacityError
 
 app = FastAPI(title="splitserve")
 STALLED_READER_S = 10.0  # a bidi stream whose responses nobody takes for this long is abandoned
+ADMIN_TOKEN_HEADER = "x-splitserve-token"
 
 
 def _grpc_error(e: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(e, kserve.ProtocolError):
-        return e.code, str(e)
-    if isinstance(e, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e}"
-    if isinstance(e, NoCapacityError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    code, _, _ = status_of(e)
+    return grpc.StatusCode[code], describe(e)
+
+
+def _failed(out) -> Exception | None:
+    """A final output that is not a normal ending, as the error the client must see."""
+    if out.finish_reason == "error":
+        return RequestFailedError(out.error or "the request failed on the server")
+    if out.finish_reason == "abort":
+        return RequestFailedError("the request was aborted on the server (a stalled reader or a shutdown)")
+    return None
+
+
+def _error_response(e: Exception) -> JSONResponse:
+    status, body = openai_api.error_body(e)
+    return JSONResponse(body, status_code=status)
+
+
+async def _unwrapped(ref):
+    """A controller call's result, or the error the controller raised (not Ray's wrapper)."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause if isinstance(e.cause, Exception) else e from None
 
 
 # Helpers sit above the deployment: @serve.deployment serializes the class when it is defined.
@@ -53,10 +84,11 @@ def _grpc_error(e: Exception) -> tuple[grpc.StatusCode, str]:
 class FrontDoor:
     def __init__(self, handles: dict, model_name: str, model_path: str | None):
         self.router = make_router(handles)
+        self.controller = handles["controller"]
+        self.token = handles["cluster_token"]
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_path)
-        self.actors = [*handles["prefill"].values(), *handles["decode"].values(), *handles["colocated"].values()]
-        self.max_model_len = min(s["max_model_len"] for s in ray.get([a.stats.remote() for a in self.actors]))
+        self.max_model_len = min(s["max_model_len"] for s in ray.get(self.controller.stats.remote()).values())
 
     # -- shared --------------------------------------------------------------------
 
@@ -73,16 +105,18 @@ class FrontDoor:
         return ids
 
     async def _ready(self) -> bool:
-        """Both pools are up: every worker answers within 5 s."""
+        """Requests can be served: a live worker in each pool (the membership says so within 5 s)."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(a.stats.remote() for a in self.actors)), timeout=5)
-            return True
+            return await asyncio.wait_for(self.router.ready(), timeout=5)
         except (asyncio.TimeoutError, ray.exceptions.RayError):
             return False
 
     async def _run(self, rid, ids, params):
-        """One request through the router: RequestOutput deltas until the finished one."""
+        """One request through the router: RequestOutput deltas until the finished one; a request that
+        fails or is aborted raises (it never looks like a normal ending)."""
         async for out in self.router.generate(rid, ids, serialize_params(params)):
+            if out.finished and (error := _failed(out)) is not None:
+                raise error
             yield out
 
     # -- KServe v2 gRPC ------------------------------------------------------------
@@ -102,8 +136,10 @@ class FrontDoor:
 
     async def ModelMetadata(self, request, grpc_context=None):
         if request.name != self.model_name:
-            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-            grpc_context.set_details(f"unknown model '{request.name}'; this server serves '{self.model_name}'")
+            code, message = _grpc_error(UnknownModelError(f"unknown model '{request.name}'; this server serves "
+                                                          f"'{self.model_name}'"))
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
             return pb().ModelMetadataResponse()
         return kserve.model_metadata(self.model_name)
 
@@ -112,12 +148,9 @@ class FrontDoor:
             req = kserve.parse_infer_request(request, self.model_name, uuid.uuid4().hex)
             ids = self._tokens(req.prompt)
             text, reason = "", None
-            async for out in self._run(req.request_id, ids, req.params):
+            async for out in self._run(uuid.uuid4().hex, ids, req.params):
                 text += out.new_text
-                if out.finished:
-                    reason = out.finish_reason
-                    if out.error:
-                        raise kserve.ProtocolError(grpc.StatusCode.INTERNAL, out.error)
+                reason = out.finish_reason
             return kserve.infer_response(self.model_name, req.request_id,
                                          text if req.exclude_input else req.prompt + text, reason)
         except Exception as e:
@@ -137,13 +170,12 @@ class FrontDoor:
                 req = kserve.parse_infer_request(request, self.model_name, rid)
                 ids = self._tokens(req.prompt)
                 text = ""
-                async for out in self._run(req.request_id, ids, req.params):
-                    if out.error:
-                        raise kserve.ProtocolError(grpc.StatusCode.INTERNAL, out.error)
+                async for out in self._run(uuid.uuid4().hex, ids, req.params):
                     flag = out.finished if req.want_final_flag else None
                     if req.stream:  # one response per delta
                         await queue.put(pb().ModelStreamInferResponse(infer_response=kserve.infer_response(
-                            self.model_name, req.request_id, out.new_text, out.finish_reason, flag)))
+                            self.model_name, req.request_id, out.new_text, out.finish_reason, flag, out.index,
+                            len(out.new_token_ids))))
                         continue
                     text += out.new_text
                     if out.finished:  # one response with the whole text
@@ -219,17 +251,15 @@ class FrontDoor:
             try:
                 body = await request.json()
             except json.JSONDecodeError as e:
-                raise openai_api.APIError(400, f"the request body is not valid JSON: {e}")
+                raise InvalidRequestError("body", f"the request body is not valid JSON: {e}") from None
             if not isinstance(body, dict):
-                raise openai_api.APIError(400, "the request body must be a JSON object")
+                raise InvalidRequestError("body", "the request body must be a JSON object")
             openai_api.check_model(body, self.model_name)
             params = openai_api.sampling_params(body)
             ids = self._tokens(messages=openai_api.chat_messages(body)) if chat \
                 else self._tokens(prompt=openai_api.completion_prompt(body))
-        except openai_api.APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        except InvalidRequestError as e:
-            return JSONResponse(openai_api.APIError(400, str(e), e.field).body(), status_code=400)
+        except SplitserveError as e:
+            return _error_response(e)
         rid = openai_api.new_id("chatcmpl" if chat else "cmpl")
         if body.get("stream"):
             return StreamingResponse(self._sse(rid, ids, params, chat), media_type="text/event-stream")
@@ -238,12 +268,9 @@ class FrontDoor:
             async for out in self._run(rid, ids, params):
                 text += out.new_text
                 n_out = out.num_output_tokens or n_out
-                if out.finished:
-                    reason = out.finish_reason
-                    if out.error:
-                        return JSONResponse(openai_api.APIError(500, out.error, kind="server_error").body(), 500)
-        except NoCapacityError as e:
-            return JSONResponse(openai_api.APIError(503, str(e), kind="overloaded").body(), status_code=503)
+                reason = out.finish_reason
+        except Exception as e:
+            return _error_response(e)
         shape = openai_api.chat_body if chat else openai_api.completion_body
         return shape(rid, self.model_name, text, openai_api.openai_finish_reason(reason), len(ids), n_out)
 
@@ -256,7 +283,68 @@ class FrontDoor:
                     else openai_api.completion_chunk(rid, self.model_name, out.new_text, reason)
                 first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
-        except NoCapacityError as e:
-            yield f"data: {json.dumps(openai_api.APIError(503, str(e), kind='overloaded').body())}\n\n"
+        except Exception as e:  # an error event: the OpenAI client raises it, never a normal "stop"
+            yield f"data: {json.dumps(openai_api.error_body(e)[1])}\n\n"
         yield "data: [DONE]\n\n"
+
+    # -- admin -----------------------------------------------------------------------------------
+
+    def _admin(self, request: Request) -> None:
+        if request.headers.get(ADMIN_TOKEN_HEADER) != self.token:
+            raise PermissionError(f"admin calls need the cluster token in the {ADMIN_TOKEN_HEADER!r} header")
+
+    async def _admin_call(self, request: Request, call):
+        try:
+            self._admin(request)
+            return JSONResponse(await call())
+        except PermissionError as e:
+            return JSONResponse({"error": {"message": str(e), "type": "authentication_error"}}, status_code=401)
+        except KeyError as e:  # controller: no such worker
+            e = e if isinstance(e, SplitserveError) else UnknownRequestError(str(e.args[0]) if e.args else str(e))
+            return _error_response(e)
+        except ValueError as e:  # controller: not allowed (the last worker of a pool, wrong pool)
+            return _error_response(e if isinstance(e, SplitserveError) else InvalidRequestError("worker", str(e)))
+        except Exception as e:
+            return _error_response(e)
+
+    @app.get("/admin/workers")
+    async def admin_workers(self, request: Request):
+        async def call():
+            view = await self.controller.view.remote()
+            stats = await self.controller.stats.remote()
+            return {"version": view.version, "workers": [{**m.as_dict(), "stats": stats.get(m.name)}
+                                                          for m in view.members]}
+        return await self._admin_call(request, call)
+
+    @app.post("/admin/workers")
+    async def admin_add_worker(self, request: Request):
+        async def call():
+            body = await request.json()
+            pool = body.get("pool") if isinstance(body, dict) else None
+            return {"added": await _unwrapped(self.controller.add_worker.remote(pool))}
+        return await self._admin_call(request, call)
+
+    @app.post("/admin/workers/{name}/drain")
+    async def admin_drain(self, name: str, request: Request):
+        return await self._admin_call(request, lambda: _unwrapped(self.controller.drain.remote(name)))
+
+    @app.delete("/admin/workers/{name}")
+    async def admin_remove(self, name: str, request: Request):
+        return await self._admin_call(request, lambda: _unwrapped(self.controller.remove_worker.remote(name)))
+
+    @app.get("/admin/requests")
+    async def admin_requests(self, request: Request):
+        async def call():
+            return {"requests": self.router.requests()}
+        return await self._admin_call(request, call)
+
+    @app.post("/admin/requests/{request_id}/migrate")
+    async def admin_migrate(self, request_id: str, request: Request):
+        async def call():
+            body = await request.json()
+            target = body.get("target") if isinstance(body, dict) else None
+            if not isinstance(target, str):
+                raise InvalidRequestError("target", 'give the target decode worker: {"target": "<name>"}')
+            return await self.router.migrate(request_id, target)
+        return await self._admin_call(request, call)
 

@@ -7,11 +7,15 @@ Conventions of Triton's vLLM backend, which LLM clients of this protocol expect:
              sampling_parameters (BYTES JSON, opt.)   {"max_tokens", "temperature", "top_p", ...}
              exclude_input_in_output (BOOL, opt.)     non-streaming: leave the prompt out of text_output
     outputs: text_output (BYTES), finish_reason (BYTES), in raw_output_contents
+    streamed deltas carry the parameters output_index / num_output_tokens (int64): the output
+    index of the delta's first token and how many it holds (no gap, no repeat, even when the
+    request moved between workers)
     request parameter triton_enable_empty_final_response -> the last streamed response carries
     the parameter triton_final_response = true
 
 A BYTES tensor element on the wire: 4-byte little-endian length, then the bytes.
-Errors raise :class:`ProtocolError` with the gRPC status to answer with.
+Bad input raises ``InvalidRequestError`` naming the input, an unknown model
+``UnknownModelError`` (``splitserve.errors`` maps them to gRPC statuses).
 
 Our generated messages (``grpc_service_pb2``, package ``inference``) are imported
 lazily through :func:`pb`: tritonclient registers the same protobuf names in
@@ -25,9 +29,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-import grpc
-
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError, UnknownModelError
 from splitserve.engine.sampling_params import SamplingParams
 
 
@@ -37,12 +39,6 @@ def pb():
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative")
 KNOWN_INPUTS = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output")
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -55,8 +51,8 @@ class ParsedRequest:
     want_final_flag: bool
 
 
-def _invalid(message: str) -> ProtocolError:
-    return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str, field: str = "inputs") -> InvalidRequestError:
+    return InvalidRequestError(field, message)
 
 
 def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
@@ -109,8 +105,7 @@ def _single(req, index, tensor, datatype: str):
 
 def parse_infer_request(req, model_name: str, default_id: str) -> ParsedRequest:
     if req.model_name != model_name:
-        raise ProtocolError(grpc.StatusCode.NOT_FOUND,
-                            f"unknown model '{req.model_name}'; this server serves '{model_name}'")
+        raise UnknownModelError(f"unknown model '{req.model_name}'; this server serves '{model_name}'")
     found = {}
     for i, t in enumerate(req.inputs):
         if t.name not in KNOWN_INPUTS:
@@ -141,15 +136,16 @@ def parse_infer_request(req, model_name: str, default_id: str) -> ParsedRequest:
     try:
         params = SamplingParams(**{"temperature": 0.0, **sp})
     except InvalidRequestError as e:
-        raise _invalid(f"sampling_parameters.{e.field}: {e}") from None
+        raise _invalid(str(e), f"sampling_parameters.{e.field}") from None
     want_final = req.parameters["triton_enable_empty_final_response"].bool_param \
         if "triton_enable_empty_final_response" in req.parameters else False
     return ParsedRequest(req.id or default_id, prompt, params, stream, exclude, want_final)
 
 
 def infer_response(model_name: str, request_id: str, text: str, finish_reason: str | None,
-                   final: bool | None = None):
-    """One response: text_output and finish_reason as BYTES in raw_output_contents."""
+                   final: bool | None = None, output_index: int | None = None, num_tokens: int | None = None):
+    """One response: text_output and finish_reason as BYTES in raw_output_contents. A streamed delta
+    also carries the parameters output_index (of its first token) and num_output_tokens (its tokens)."""
     resp = pb().ModelInferResponse(model_name=model_name, model_version="1", id=request_id)
     for name in ("text_output", "finish_reason"):
         resp.outputs.add(name=name, datatype="BYTES", shape=[1])
@@ -157,6 +153,9 @@ def infer_response(model_name: str, request_id: str, text: str, finish_reason: s
     resp.raw_output_contents.append(encode_bytes_tensor([(finish_reason or "").encode()]))
     if final is not None:
         resp.parameters["triton_final_response"].bool_param = final
+    if output_index is not None:
+        resp.parameters["output_index"].int64_param = output_index
+        resp.parameters["num_output_tokens"].int64_param = num_tokens
     return resp
 
 

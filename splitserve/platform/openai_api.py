@@ -5,42 +5,37 @@ from __future__ import annotations
 import time
 import uuid
 
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError, SplitserveError, UnknownModelError, describe, status_of
 from splitserve.engine.sampling_params import SamplingParams
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.kind = status, param, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error body) for any exception, through the one status table."""
+    _, status, kind = status_of(exc)
+    return status, {"error": {"message": str(exc) if isinstance(exc, SplitserveError) else describe(exc),
+                              "type": kind, "param": getattr(exc, "field", None), "code": None}}
 
 
 def sampling_params(body: dict) -> SamplingParams:
     if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", "n")
+        raise InvalidRequestError("n", "only n=1 is supported")
     stop = body.get("stop") or ()
-    try:
-        return SamplingParams(
-            max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 16,
-            temperature=body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
-            top_p=body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0,
-            top_k=body.get("top_k", 0) or 0,
-            seed=body.get("seed"),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            ignore_eos=bool(body.get("ignore_eos", False)),  # extension, as vLLM's server has it
-            speculative=body.get("speculative", True),  # extension: false opts out of speculative decoding
-        )
-    except InvalidRequestError as e:
-        raise APIError(400, str(e), e.field) from None
+    return SamplingParams(
+        max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 16,
+        temperature=body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
+        top_p=body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0,
+        top_k=body.get("top_k", 0) or 0,
+        seed=body.get("seed"),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        ignore_eos=bool(body.get("ignore_eos", False)),  # extension, as vLLM's server has it
+        speculative=body.get("speculative", True),  # extension: false opts out of speculative decoding
+    )
 
 
 def check_model(body: dict, model_name: str) -> None:
     if body.get("model") not in (model_name, None, ""):
-        raise APIError(404, f"the model '{body.get('model')}' does not exist; this server serves '{model_name}'",
-                       "model", "not_found_error")
+        raise UnknownModelError(f"the model '{body.get('model')}' does not exist; this server serves "
+                                f"'{model_name}'")
 
 
 def completion_prompt(body: dict) -> str:
@@ -48,21 +43,21 @@ def completion_prompt(body: dict) -> str:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string (one prompt per request)", "prompt")
+        raise InvalidRequestError("prompt", "prompt must be a string (one prompt per request)")
     return prompt
 
 
 def chat_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list of {role, content}", "messages")
+        raise InvalidRequestError("messages", "messages must be a non-empty list of {role, content}")
     out = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must have a string role and text content", "messages")
+            raise InvalidRequestError("messages", f"messages[{i}] must have a string role and text content")
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -96,4 +91,5 @@ def chat_chunk(rid, model, text, finish_reason, first: bool) -> dict:
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
-    return {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}.get(reason, reason)
+    """Only normal endings reach here: a failed or aborted request is an error (``error_body``)."""
+    return {"stop": "stop", "length": "length"}.get(reason, reason)

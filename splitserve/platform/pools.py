@@ -1,35 +1,46 @@
-"""Pool management: start, name, place and stop the worker actors.
+"""Pools of worker actors: how one is placed and started, and the driver's handle on all of them.
 
-Disaggregated: ``replicas`` prefill actors and ``replicas`` decode actors,
-named ``{prefix}-prefill-{i}`` / ``{prefix}-decode-{i}``. Each reserves
-``threads`` CPUs (and its torch uses that many threads) plus the pool's extra
-Ray ``resources``, so a cluster can put prefill on GPU nodes and decode on CPU
-nodes by giving each pool a resource only those nodes offer. Colocated: the
-same number of single-engine actors (the baseline).
+``spawn(cfg, pool, name)`` starts one worker actor: ``threads`` Ray CPUs (and
+torch threads) plus the pool's extra Ray ``resources``, so a cluster can put
+prefill on GPU nodes and decode on CPU nodes by giving each pool a resource
+only those nodes offer. Ray restarts a crashed worker (``max_restarts``); the
+controller re-registers it, or replaces one that is gone for good.
+
+:class:`Pools` is what the process that started the server holds: it starts
+the controller actor (``controller.py``), which owns the workers and their
+membership, and forwards to it (add, drain, remove, stats, leak checks).
+Colocated mode runs single-engine actors (the baseline) under the same
+controller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 import ray
 
 from splitserve.decode.worker import STREAM_BACKPRESSURE, reap_stalled_forever
-
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.platform.config import ServeConfig, engine_kwargs
+
+MAX_RESTARTS = 3  # Ray restarts a crashed worker this often; after that the controller replaces it
 
 
 class ColocatedWorkerImpl:
     """Prefill and decode in one engine (with or without chunked prefill)."""
 
-    def __init__(self, kwargs: dict):
+    def __init__(self, kwargs: dict, name: str = "colocated"):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         self.engine = LLMEngine(**kwargs)
         self.aengine = AsyncEngine(self.engine)
+        self.name, self.incarnation = name, uuid.uuid4().hex[:12]
         self._stall_reaper = None
+
+    async def start(self) -> dict:
+        return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation}
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):
@@ -44,75 +55,89 @@ class ColocatedWorkerImpl:
     def stats(self) -> dict:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
-        return {**self.engine.stats(), "pid": os.getpid()}
+        return {**self.engine.stats(), "name": self.name, "pid": os.getpid()}
+
+    def leaks(self) -> dict:
+        return {**self.engine.leaks(), **self.aengine.leaks()}
+
+    def stop(self) -> None:
+        self.aengine.shutdown()
 
 
 ColocatedWorker = ray.remote(ColocatedWorkerImpl)
 
 
+def spawn(cfg: ServeConfig, pool: str, name: str):
+    """Start one worker actor of ``pool`` (it loads its model in the background; ``start()`` waits)."""
+    from splitserve.decode.worker import DecodeWorker
+    from splitserve.prefill.worker import PrefillWorker
+
+    pc = cfg.decode if pool in ("decode", "colocated") else cfg.prefill
+    options = {"name": name, "num_cpus": pc.threads, "resources": dict(pc.resources), "max_concurrency": 1000,
+               "max_restarts": MAX_RESTARTS}
+    if pool == "prefill":
+        return PrefillWorker.options(**options).remote(engine_kwargs(cfg, pc, decodes=False), cfg.cluster_token,
+                                                       cfg.kv_wire_codec, name)
+    if pool == "decode":
+        return DecodeWorker.options(**options).remote(engine_kwargs(cfg, pc), cfg.cluster_token, cfg.kv_host, name,
+                                                      cfg.kv_wire_codec)
+    return ColocatedWorker.options(**options).remote(engine_kwargs(cfg, pc), name)
+
+
 class Pools:
+    """The driver's side: starts the controller and the configured workers; forwards to the controller."""
+
     def __init__(self, cfg: ServeConfig, prefix: str = "splitserve"):
         self.cfg, self.prefix = cfg, prefix
-        self.prefill: dict = {}
-        self.decode: dict = {}
-        self.colocated: dict = {}
-        self.decode_addresses: dict[str, str] = {}
-
-    def _options(self, name: str, pool) -> dict:
-        return {"name": name, "num_cpus": pool.threads, "resources": dict(pool.resources),
-                "max_concurrency": 1000}
+        self.controller = None
 
     def start(self) -> "Pools":
-        from splitserve.decode.worker import DecodeWorker
-        from splitserve.prefill.worker import PrefillWorker
-
-        cfg = self.cfg
-        if cfg.mode == "colocated":
-            pool = cfg.decode
-            for i in range(pool.replicas):
-                name = f"{self.prefix}-colocated-{i}"
-                self.colocated[name] = ColocatedWorker.options(**self._options(name, pool)).remote(
-                    engine_kwargs(cfg, pool))
-            ray.get([w.stats.remote() for w in self.colocated.values()])  # wait until loaded
-            return self
-        for i in range(cfg.prefill.replicas):
-            name = f"{self.prefix}-prefill-{i}"
-            self.prefill[name] = PrefillWorker.options(**self._options(name, cfg.prefill)).remote(
-                engine_kwargs(cfg, cfg.prefill, decodes=False), cfg.cluster_token, cfg.kv_wire_codec)
-        for i in range(cfg.decode.replicas):
-            name = f"{self.prefix}-decode-{i}"
-            self.decode[name] = DecodeWorker.options(**self._options(name, cfg.decode)).remote(
-                engine_kwargs(cfg, cfg.decode), cfg.cluster_token, cfg.kv_host)
-        addresses = ray.get([d.start.remote() for d in self.decode.values()])
-        self.decode_addresses = {name: ident["address"] for name, ident in zip(self.decode, addresses)}
-        ray.get([p.stats.remote() for p in self.prefill.values()])  # wait until loaded
+        from splitserve.platform.controller import Controller
+        self.controller = Controller.options(name=f"{self.prefix}-controller", num_cpus=0,
+                                             max_concurrency=1000).remote(self.cfg, self.prefix)
+        ray.get(self.controller.start.remote())  # every worker loaded and registered
         return self
 
     def handles(self) -> dict:
-        """What the front door needs to build its router (actor handles travel with it)."""
-        return {"mode": self.cfg.mode, "prefill": self.prefill, "decode": self.decode,
-                "decode_addresses": self.decode_addresses, "colocated": self.colocated,
-                "block_size": self.cfg.block_size, "max_wait_s": self.cfg.max_queue_wait_s,
-                "max_inflight": self.cfg.max_queued_requests}
+        """What the front door needs to build its router (the controller handle travels with it)."""
+        return {"mode": self.cfg.mode, "controller": self.controller, "block_size": self.cfg.block_size,
+                "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
+                "cluster_token": self.cfg.cluster_token}
+
+    def view(self):
+        return ray.get(self.controller.view.remote())
 
     def all_stats(self) -> dict:
-        actors = {**self.prefill, **self.decode, **self.colocated}
-        return dict(zip(actors, ray.get([a.stats.remote() for a in actors.values()])))
+        return ray.get(self.controller.stats.remote())
+
+    def leaks(self) -> dict:
+        """Every worker's per-request structures by size (all zero when idle)."""
+        return ray.get(self.controller.leaks.remote())
+
+    def add_worker(self, pool: str) -> str:
+        return ray.get(self.controller.add_worker.remote(pool))
+
+    def drain(self, name: str) -> dict:
+        return ray.get(self.controller.drain.remote(name))
+
+    def remove_worker(self, name: str) -> dict:
+        return ray.get(self.controller.remove_worker.remote(name))
 
     def shutdown(self) -> None:
-        for d in self.decode.values():
-            try:
-                ray.get(d.stop.remote(), timeout=10)
-            except Exception:
-                pass
-        for a in [*self.prefill.values(), *self.decode.values(), *self.colocated.values()]:
-            ray.kill(a)
-        self.prefill.clear(), self.decode.clear(), self.colocated.clear()
+        if self.controller is None:
+            return
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(self.controller)
+        self.controller = None
 
 
 def make_router(h: dict):
+    from splitserve.platform.cluster import RayCluster
     from splitserve.platform.router import ColocatedRouter, Router
+    cluster = RayCluster(h["controller"])
     if h["mode"] == "colocated":
-        return ColocatedRouter(h["colocated"], h["max_inflight"])
-    return Router(h["prefill"], h["decode"], h["decode_addresses"], h["block_size"], h["max_wait_s"],
-                  h["max_inflight"])
+        return ColocatedRouter(cluster, h["max_inflight"])
+    return Router(cluster, h["block_size"], h["max_wait_s"], h["max_inflight"])

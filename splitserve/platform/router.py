@@ -1,31 +1,47 @@
-"""The router: picks a prefill and a decode worker per request and drives it through them.
+"""The router: picks a prefill and a decode worker per request, drives it through them, and follows it.
 
 Policy (pure, no Ray): ``pick_prefill`` takes the prefill worker with the
 fewest queued prompt tokens; ``pick_decode`` the decode worker with the most
-free KV blocks among those that can hold the prompt (ties: the smaller
-running batch), skipping workers that just refused.
+free KV blocks among those that can hold the request (ties: the smaller
+running batch), skipping workers that just refused. Only live members of the
+membership (``cluster.view()``, read on every pick) are candidates.
 
-Path of one request through :meth:`Router.generate`::
+Path of one request through :meth:`Router.generate` (a :class:`Track` holds
+where it is and what the client already has)::
 
-    pick P, D -> P.prefill(reserve on D, prefill, stream KV to D)
-        "no_capacity" -> try another D; none left -> wait (bounded) and retry, then RESOURCE_EXHAUSTED
-        "finished"    -> the first token ended it: one final output
-        "transferred" -> first token out at once (TTFT), then D.stream(...) until finished
-    client gone at any point -> abort on whichever worker holds the request
+    place   pick P, D -> P.prefill(wid, ..., D's KV address, resume snapshot or None)
+              "no_capacity" / "decode_failed" -> another D (an unreachable D is reported lost)
+              P lost                        -> reported, another P
+              "transfer_failed"             -> its token goes out; placed again from a snapshot
+              "finished"                    -> that token ended the request
+              "transferred"                 -> the token goes out at once (TTFT), then follow
+    follow  D.stream(wid) ... "migrated" (moved_to B) -> B.stream(wid) ... until finished
+              D lost mid-stream -> reported; placed again from a snapshot of what the client has
+              (prompt + tokens sent + text sent, no KV): a prefill worker recomputes it and samples
+              the next token exactly as D would have; the client sees a pause, then the same tokens
+    no room within max_wait_s -> NoCapacityError; workers lost too often -> WorkerLostError
+    client gone at any point  -> abort on whichever worker holds the request
+
+Every placement gets a fresh work id (``wid``: request id @ attempt), so a
+late message about an abandoned attempt can never touch the new one. Each
+delta is checked to start at the output index where the last one ended, so a
+request that moved or recovered reaches the client as one gapless stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from splitserve.engine.output import RequestOutput
+from splitserve.engine.request import RequestSnapshot
+from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestFailedError, RequestStateError,
+                               UnknownRequestError, WorkerLostError)
+from splitserve.platform.membership import WorkerState
 
-
-class NoCapacityError(Exception):
-    """No worker could take the request within the wait limit (RESOURCE_EXHAUSTED / HTTP 503)."""
+UNREACHABLE = (None, "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")  # KV-plane codes of a dead peer
 
 
 @dataclass(frozen=True)
@@ -51,107 +67,245 @@ def pick_decode(loads: list[DecodeLoad], num_tokens: int, exclude: set[str] = fr
     return max(fits, key=lambda w: (w.free_blocks, -w.running, w.name)).name if fits else None
 
 
-class Router:
-    """Shell over the policy: holds Ray actor handles, keeps load estimates, drives requests."""
+@dataclass
+class Track:
+    """One request as the router follows it: where it is, and what its client already has."""
 
-    def __init__(self, prefill: dict, decode: dict, decode_addresses: dict[str, str], block_size: int,
-                 max_wait_s: float = 30.0, max_inflight: int = 256):
-        self.prefill, self.decode, self.addresses = prefill, decode, decode_addresses
-        self.block_size = block_size
-        self.max_wait_s = max_wait_s
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict
+    token_ids: list[int] = field(default_factory=list)  # output tokens the client has
+    num_chars: int = 0  # characters of output text the client has
+    attempt: int = 0
+    wid: str = ""  # the work id of the current placement
+    decode: object = None  # the Member holding it while it decodes
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.token_ids)
+
+    def next_placement(self) -> dict | None:
+        """A new work id; the snapshot to continue from (None: nothing was sent yet, start afresh)."""
+        self.attempt += 1
+        self.wid = f"{self.request_id}@{self.attempt}"
+        if not self.token_ids:
+            return None
+        return RequestSnapshot(self.wid, self.prompt_token_ids, list(self.token_ids), 0, self.params, None,
+                               self.num_chars).to_dict()
+
+    def accept(self, out: RequestOutput, final: bool | None = None) -> RequestOutput:
+        """Record a delta going to the client; it must start exactly where the last one ended."""
+        if out.index != len(self.token_ids):
+            raise RequestFailedError(f"output stream out of order: a delta at index {out.index}, "
+                                     f"the client has {len(self.token_ids)} tokens")
+        self.token_ids.extend(out.new_token_ids)
+        self.num_chars += len(out.new_text)
+        if final is False:  # the first token of a request that goes on elsewhere
+            out = replace(out, finished=False, finish_reason=None)
+        return replace(out, request_id=self.request_id)
+
+
+class Router:
+    """Shell over the policy: reads membership and load, drives requests, follows them as they move."""
+
+    def __init__(self, cluster, block_size: int, max_wait_s: float = 30.0, max_inflight: int = 256,
+                 max_recoveries: int = 3):
+        self.cluster, self.block_size = cluster, block_size
+        self.max_wait_s, self.max_recoveries = max_wait_s, max_recoveries
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
-        self._prefill_tokens = {n: 0 for n in prefill}  # prompt tokens this router has in flight per P
-        self._decode_free = {n: 1 << 30 for n in decode}
-        self._decode_running = {n: 0 for n in decode}
+        self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
+        self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
+        self.num_recoveries = 0
         self.last_transfer: dict = {}
 
-    async def refresh(self) -> None:
-        stats = await asyncio.gather(*(h.stats.remote() for h in self.decode.values()), return_exceptions=True)
-        for name, s in zip(self.decode, stats):
-            if isinstance(s, dict):
-                self._decode_free[name], self._decode_running[name] = s["num_free_kv_blocks"], s["num_running"]
+    # -- reads ------------------------------------------------------------------------
 
-    def _decode_loads(self) -> list[DecodeLoad]:
-        return [DecodeLoad(n, self._decode_free[n], self._decode_running[n], self.block_size) for n in self.decode]
+    async def ready(self) -> bool:
+        view = await self.cluster.view()
+        return bool(view.live("prefill")) and bool(view.live("decode"))
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[RequestOutput]:
+    def requests(self) -> dict:
+        return {rid: {"worker": t.decode.name if t.decode is not None else None, "work_id": t.wid,
+                      "output_tokens": len(t.token_ids)} for rid, t in self.tracks.items()}
+
+    async def _decode_loads(self, members) -> list[DecodeLoad]:
+        stats = await asyncio.gather(*(m.handle.stats() for m in members), return_exceptions=True)
+        loads = []
+        for m, s in zip(members, stats):
+            if isinstance(s, WorkerLostError):
+                await self.cluster.report_lost(m)
+            elif isinstance(s, dict):
+                loads.append(DecodeLoad(m.name, s["num_free_kv_blocks"], s["num_running"], self.block_size))
+        return loads
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict
+                       ) -> AsyncIterator[RequestOutput]:
         async with self._inflight:
-            async for out in self._generate(request_id, prompt_token_ids, params):
-                yield out
+            track = Track(request_id, list(prompt_token_ids), params)
+            self.tracks[request_id] = track
+            finished = False
+            try:
+                async for out in self._run(track):
+                    finished = out.finished
+                    yield out
+            finally:
+                self.tracks.pop(request_id, None)
+                if not finished and track.decode is not None:
+                    track.decode.handle.abort(track.wid)
 
-    async def _generate(self, request_id, prompt_token_ids, params):
-        n = len(prompt_token_ids)
+    async def _run(self, track: Track):
+        recoveries = 0
+        while True:
+            result, d = await self._place(track)
+            first = result["first"]
+            if result["status"] == "finished":  # the first token ended it
+                yield track.accept(first)
+                return
+            if result["status"] == "transfer_failed":  # the token goes out; placed again from a snapshot
+                yield track.accept(first, final=False)
+                continue
+            track.decode = d  # before the token goes out: a client leaving now aborts it there
+            yield track.accept(first, final=False)
+            self.last_transfer = {"prefill_pid": result["pid"], "kv_bytes": result["kv_bytes"], "decode": d.name}
+            try:
+                async for out in self._follow(track):
+                    yield out
+                return
+            except WorkerLostError:
+                await self.cluster.report_lost(track.decode)
+                track.decode = None
+                recoveries += 1
+                self.num_recoveries += 1
+                if recoveries > self.max_recoveries:
+                    raise
+
+    async def _follow(self, track: Track):
+        """The decode worker's stream, and after a migration the new worker's, until finished."""
+        while True:
+            d = track.decode
+            async for out in d.handle.stream(track.wid):
+                if out.finish_reason == "migrated":
+                    track.decode = await self._member(out.moved_to)
+                    break
+                yield track.accept(out)
+                if out.finished:
+                    return
+            else:
+                raise WorkerLostError(d.name, "its stream ended before the request finished")
+
+    async def _member(self, name: str):
+        view = await self.cluster.view()
+        m = view.get(name)
+        if m is None:
+            raise WorkerLostError(name, "the request moved to a worker this router does not know")
+        return m
+
+    async def _place(self, track: Track):
+        """Prefill the request (again, from a snapshot, after a loss) and hand it to a decode worker.
+        Returns (prefill result, decode member)."""
         deadline = time.monotonic() + self.max_wait_s
         refused: set[str] = set()
-        await self.refresh()
         while True:
-            d = pick_decode(self._decode_loads(), n, refused)
-            if d is None:
+            view = await self.cluster.view()
+            prefills, decodes = view.live("prefill"), view.live("decode")
+            loads = await self._decode_loads(decodes)
+            d_name = pick_decode(loads, track.num_tokens, refused)
+            p_name = pick_prefill([PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0)) for m in prefills])
+            if d_name is None or p_name is None:
                 if time.monotonic() > deadline:
-                    raise NoCapacityError(f"no decode worker had room for {n} prompt tokens within "
-                                          f"{self.max_wait_s:.0f}s")
+                    raise NoCapacityError(self._why_not(view, track.num_tokens, d_name is None))
                 await asyncio.sleep(0.05)
                 refused.clear()
-                await self.refresh()
                 continue
-            p = pick_prefill([PrefillLoad(k, v) for k, v in self._prefill_tokens.items()])
-            self._prefill_tokens[p] += n
-            ref = self.prefill[p].prefill.remote(request_id, prompt_token_ids, params, self.addresses[d])
+            d, p = view.get(d_name), view.get(p_name)
+            resume = track.next_placement()
+            n = track.num_tokens
+            self._prefill_tokens[p.name] = self._prefill_tokens.get(p.name, 0) + n
             try:
-                result = await ref
+                result = await p.handle.prefill(track.wid, track.prompt_token_ids, track.params, d.kv_address, resume)
+            except WorkerLostError:
+                await self.cluster.report_lost(p)
+                continue
             except asyncio.CancelledError:  # client gone during prefill or transfer: stop it on both sides
-                self.prefill[p].abort.remote(request_id)
-                self.decode[d].abort.remote(request_id)
+                p.handle.abort(track.wid)
+                d.handle.abort(track.wid)
                 raise
             finally:
-                self._prefill_tokens[p] -= n
-            if result["status"] == "no_capacity":
-                refused.add(d)
-                self._decode_free[d] = 0
-                continue
-            break
-        if result["status"] == "error":
-            yield RequestOutput(request_id, [], "", True, "error", n, 0, result["error"])
-            return
-        first: RequestOutput = result["first"]
-        if result["status"] == "finished":
-            yield first
-            return
-        self.last_transfer = {"prefill_pid": result["pid"], "kv_bytes": result["kv_bytes"], "decode": d}
-        yield replace(first, finished=False, finish_reason=None)
-        finished = False
-        try:
-            async for ref in self.decode[d].stream.remote(request_id):  # streaming, backpressured
-                out = await ref
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.decode[d].abort.remote(request_id)
+                self._prefill_tokens[p.name] -= n
+            status = result["status"]
+            if status in ("transferred", "finished", "transfer_failed"):
+                if status == "transfer_failed":
+                    refused.add(d.name)
+                return result, d
+            if status == "error":
+                raise RequestFailedError(result["error"])
+            refused.add(d.name)  # no_capacity, decode_failed: another decode worker
+            if status == "decode_failed" and result.get("code") in UNREACHABLE:
+                await self.cluster.report_lost(d)
+
+    def _why_not(self, view, num_tokens: int, no_decode: bool) -> str:
+        pool = "decode" if no_decode else "prefill"
+        if not view.live(pool):
+            return f"no {pool} worker is up (waited {self.max_wait_s:.0f}s for one to come back)"
+        return f"no decode worker had room for {num_tokens} tokens within {self.max_wait_s:.0f}s"
+
+    # -- moving requests -------------------------------------------------------------------
+
+    async def migrate(self, request_id: str, target: str) -> dict:
+        """Move a decoding request to another decode worker, live; its stream follows it."""
+        track = self.tracks.get(request_id)
+        if track is None:
+            raise UnknownRequestError(f"no request {request_id!r} is running on this router (unknown or finished)")
+        if track.decode is None:
+            raise RequestStateError(f"request {request_id!r} is not decoding yet (it is being prefilled or "
+                                    f"placed); only a decoding request can migrate")
+        view = await self.cluster.view()
+        m = view.get(target)
+        if m is None or m.pool != "decode":
+            names = [w.name for w in view.pool("decode")]
+            raise InvalidRequestError("target", f"no decode worker named {target!r}; decode workers: {names}")
+        if m.state is not WorkerState.UP:
+            raise RequestStateError(f"{target} is {m.state.value}; only a live decode worker can take a request")
+        source = track.decode
+        if source.name == target:
+            raise RequestStateError(f"request {request_id!r} is already on {target}")
+        result = await source.handle.migrate(track.wid, m.name, m.kv_address)
+        return {"request_id": request_id, "source": source.name, **result}
 
 
 class ColocatedRouter:
     """The baseline: one engine does prefill and decode; requests go to the least-loaded worker."""
 
-    def __init__(self, workers: dict, max_inflight: int = 256):
-        self.workers = workers
-        self._load = {n: 0 for n in workers}
+    def __init__(self, cluster, max_inflight: int = 256):
+        self.cluster = cluster
+        self._load: dict[str, int] = {}
         self._inflight = asyncio.Semaphore(max_inflight)
+        self.tracks: dict = {}
 
-    async def refresh(self) -> None:
-        return None
+    async def ready(self) -> bool:
+        return bool((await self.cluster.view()).live("colocated"))
+
+    def requests(self) -> dict:
+        return {}
+
+    async def migrate(self, request_id: str, target: str) -> dict:
+        raise RequestStateError("colocated mode has no decode pool to migrate between")
 
     async def generate(self, request_id, prompt_token_ids, params):
         async with self._inflight:
-            w = min(self._load, key=lambda k: (self._load[k], k))
-            self._load[w] += 1
+            workers = (await self.cluster.view()).live("colocated")
+            if not workers:
+                raise NoCapacityError("no worker is up")
+            w = min(workers, key=lambda m: (self._load.get(m.name, 0), m.name))
+            self._load[w.name] = self._load.get(w.name, 0) + 1
             finished = False
             try:
-                async for ref in self.workers[w].generate.remote(request_id, prompt_token_ids, params):
-                    out = await ref
+                async for out in w.handle.generate(request_id, prompt_token_ids, params):
                     finished = out.finished
                     yield out
             finally:
-                self._load[w] -= 1
+                self._load[w.name] -= 1
                 if not finished:
-                    self.workers[w].abort.remote(request_id)
+                    w.handle.abort(request_id)

@@ -1,6 +1,6 @@
 """Starting and stopping a whole splitserve server: Ray, the pools, Ray Serve and the front door.
 
-    server = start_server(cfg)      # ray.init (local, or cfg address) -> pools -> serve.start -> serve.run
+    server = start_server(cfg)      # ray.init (local, or cfg address) -> controller + pools -> serve.start -> serve.run
     server.endpoints                # {"http": "http://127.0.0.1:8000", "grpc": "127.0.0.1:9000"}
     server.shutdown()               # front door, pools, Serve, and the Ray it started
 """
@@ -48,7 +48,8 @@ def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | N
                  log=print) -> RunningServer:
     started_ray, dashboard = False, None
     if not ray.is_initialized():
-        ctx = ray.init(address=address, num_cpus=num_cpus if address is None else None,
+        # an explicit "local": a bare ray.init() would join any cluster `ray start` left on the machine
+        ctx = ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                        include_dashboard=True if address is None else None, log_to_driver=False)
         dashboard = f"http://{ctx.dashboard_url}" if getattr(ctx, "dashboard_url", None) else None
         started_ray = True

@@ -1,0 +1,109 @@
+"""The router's view of the cluster, over Ray: membership from the controller, workers as clients.
+
+The router (``router.py``) is written against two small interfaces, so that
+its logic runs the same against fakes in unit tests:
+
+    cluster.view() -> MembershipView      members whose ``handle`` is a client (below); fresh on every call
+                                          (one cheap version check with the controller)
+    cluster.report_lost(member)           the router saw this worker fail: not picked again until the
+                                          controller says it is back (a new generation, or it answered)
+
+    prefill client: prefill(wid, prompt, params, decode_address, resume) -> dict, abort(wid)
+    decode client:  stream(wid) -> async iterator of RequestOutput, stats(), migrate(wid, name, address), abort(wid)
+
+Every Ray failure of a worker (its process died, it is restarting) surfaces as
+``WorkerLostError``; an error the worker raised on purpose surfaces as itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import ray
+
+from splitserve.errors import WorkerLostError
+from splitserve.platform.membership import MembershipView
+
+STATS_TIMEOUT_S = 2.0
+
+
+def _unwrap(name: str, e: BaseException) -> BaseException:
+    if isinstance(e, ray.exceptions.RayTaskError):  # raised by the worker's code: the original error
+        cause = e.cause
+        return cause if isinstance(cause, Exception) else e
+    if isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
+        return WorkerLostError(name, str(e).splitlines()[0][:200])
+    return e
+
+
+class RayWorker:
+    """A worker actor seen through the router's client interface."""
+
+    def __init__(self, name: str, handle):
+        self.name, self.handle = name, handle
+
+    async def _call(self, method: str, *args, timeout: float | None = None):
+        try:
+            ref = getattr(self.handle, method).remote(*args)
+            return await (asyncio.wait_for(ref, timeout) if timeout else ref)
+        except asyncio.TimeoutError:
+            raise WorkerLostError(self.name, f"{method} did not answer within {timeout}s") from None
+        except Exception as e:
+            raise _unwrap(self.name, e) from None
+
+    async def prefill(self, wid, prompt_token_ids, params, decode_address, resume=None) -> dict:
+        return await self._call("prefill", wid, prompt_token_ids, params, decode_address, resume)
+
+    async def stats(self) -> dict:
+        return await self._call("stats", timeout=STATS_TIMEOUT_S)
+
+    async def migrate(self, wid: str, target_name: str, target_address: str) -> dict:
+        return await self._call("migrate", wid, target_name, target_address)
+
+    def abort(self, wid: str) -> None:
+        try:
+            self.handle.abort.remote(wid)  # fire and forget: a dead worker holds nothing
+        except Exception:
+            pass
+
+    async def stream(self, wid: str):
+        try:
+            async for ref in self.handle.stream.remote(wid):  # streaming, backpressured
+                yield await ref
+        except Exception as e:
+            raise _unwrap(self.name, e) from None
+
+    async def generate(self, wid: str, prompt_token_ids, params):  # colocated workers
+        try:
+            async for ref in self.handle.generate.remote(wid, prompt_token_ids, params):
+                yield await ref
+        except Exception as e:
+            raise _unwrap(self.name, e) from None
+
+
+class RayCluster:
+    def __init__(self, controller):
+        self.controller = controller
+        self._view = MembershipView(-1)
+        self._lost: dict[str, tuple[int, float]] = {}  # name -> (generation, membership version saying so)
+
+    async def view(self) -> MembershipView:
+        new = await self.controller.view.remote(self._view.version)
+        if new is not None:
+            self._view = MembershipView(new.version, tuple(replace(m, handle=RayWorker(m.name, m.handle))
+                                                           for m in new.members))
+        # a worker reported lost stays out until the controller's view accounts for the report
+        self._lost = {n: (g, v) for n, (g, v) in self._lost.items() if self._view.version < v}
+        if not self._lost:
+            return self._view
+        return MembershipView(self._view.version, tuple(
+            m for m in self._view.members if not (m.name in self._lost and self._lost[m.name][0] == m.generation)))
+
+    async def report_lost(self, member) -> None:
+        self._lost[member.name] = (member.generation, float("inf"))
+        try:
+            version = await self.controller.report_lost.remote(member.name, member.generation)
+            self._lost[member.name] = (member.generation, version)
+        except ray.exceptions.RayError:
+            pass

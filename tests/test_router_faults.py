@@ -1,0 +1,259 @@
+"""The router and membership with fake workers that die, refuse and move requests (no Ray, no model).
+
+The fake "model" makes output token i of a request a fixed function of its prompt and i, so a
+request that moved or was recomputed elsewhere must produce exactly the uninterrupted sequence."""
+
+import asyncio
+
+import pytest
+
+from splitserve.engine.output import RequestOutput
+from splitserve.engine.request import RequestSnapshot
+from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestStateError, UnknownRequestError,
+                               WorkerLostError)
+from splitserve.platform.membership import Membership, MembershipView, WorkerState
+from splitserve.platform.router import Router
+
+MAX_TOKENS = 12
+
+
+def token(prompt, i):
+    return (sum(prompt) * 31 + i * 7) % 101
+
+
+def expected(prompt):
+    return [token(prompt, i) for i in range(MAX_TOKENS)]
+
+
+class FakeDecode:
+    def __init__(self, name, free_blocks=100):
+        self.name, self.address, self.free_blocks = name, f"kv://{name}", free_blocks
+        self.requests = {}  # wid -> [prompt, num tokens produced]
+        self.die_after = None  # tokens this worker streams before it "dies"
+        self.dead = False
+        self.aborted = []
+
+    async def stats(self):
+        if self.dead:
+            raise WorkerLostError(self.name, "actor died")
+        return {"num_free_kv_blocks": self.free_blocks, "num_running": len(self.requests)}
+
+    async def stream(self, wid):
+        if self.dead:
+            raise WorkerLostError(self.name, "actor died")
+        prompt, produced = self.requests[wid]
+        while True:
+            await asyncio.sleep(0)
+            if self.dead:
+                raise WorkerLostError(self.name, "actor died")
+            if self.requests.get(wid) is None:  # migrated away
+                return
+            if isinstance(self.requests[wid], tuple):  # ("moved", target)
+                del self.requests[wid]
+                yield RequestOutput(wid, [], "", True, "migrated", len(prompt), produced, moved_to=self._moved[wid])
+                return
+            i = produced
+            produced += 1
+            self.requests[wid] = [prompt, produced]
+            done = produced == MAX_TOKENS
+            if done:
+                del self.requests[wid]
+            yield RequestOutput(wid, [token(prompt, i)], f"<{token(prompt, i)}>", done, "length" if done else None,
+                                len(prompt), produced)
+            if self.die_after is not None and produced >= self.die_after:
+                self.dead = True
+
+    async def migrate(self, wid, target_name, target_address):
+        target = CLUSTER.workers[target_name]
+        prompt, produced = self.requests[wid]
+        target.requests[wid] = [prompt, produced]
+        self._moved = getattr(self, "_moved", {})
+        self._moved[wid] = target_name
+        self.requests[wid] = ("moved", target_name)
+        return {"status": "migrated", "target": target_name}
+
+    def abort(self, wid):
+        self.aborted.append(wid)
+        self.requests.pop(wid, None)
+
+
+class FakePrefill:
+    def __init__(self, name):
+        self.name, self.dead, self.calls = name, False, []
+
+    async def prefill(self, wid, prompt, params, decode_address, resume=None):
+        self.calls.append((wid, resume))
+        if self.dead:
+            raise WorkerLostError(self.name, "actor died")
+        d = next(w for w in CLUSTER.workers.values() if getattr(w, "address", None) == decode_address)
+        if d.dead:
+            return {"status": "decode_failed", "code": "UNAVAILABLE", "error": "reserve failed"}
+        if d.free_blocks == 0:
+            return {"status": "no_capacity", "error": "no room"}
+        done = RequestSnapshot.from_dict(resume).output_token_ids if resume else []
+        assert done == expected(prompt)[:len(done)]  # the snapshot holds exactly what the client has
+        i = len(done)
+        d.requests[wid] = [prompt, i + 1]
+        first = RequestOutput(wid, [token(prompt, i)], f"<{token(prompt, i)}>", True, "prefilled", len(prompt), i + 1)
+        return {"status": "transferred", "first": first, "pid": 0, "kv_bytes": 0}
+
+    def abort(self, wid):
+        pass
+
+
+class FakeCluster:
+    def __init__(self, prefills, decodes):
+        self.membership = Membership()
+        self.workers = {}
+        for w in prefills + decodes:
+            self.workers[w.name] = w
+            pool = "prefill" if isinstance(w, FakePrefill) else "decode"
+            self.membership.add(w.name, pool, w)
+            self.membership.came_up(w.name, "inc-0", getattr(w, "address", None))
+        self.reported = []
+
+    async def view(self) -> MembershipView:
+        return self.membership.view()
+
+    async def report_lost(self, member):
+        self.reported.append(member.name)
+        self.membership.lost(member.name, member.generation)
+
+
+CLUSTER: FakeCluster = None
+
+
+def make(prefills=1, decodes=2):
+    global CLUSTER
+    CLUSTER = FakeCluster([FakePrefill(f"p{i}") for i in range(prefills)],
+                          [FakeDecode(f"d{i}") for i in range(decodes)])
+    return CLUSTER, Router(CLUSTER, block_size=16, max_wait_s=0.5)
+
+
+async def collect(router, rid, prompt):
+    return [o async for o in router.generate(rid, prompt, {"max_tokens": MAX_TOKENS})]
+
+
+def check_stream(outs, prompt):
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == expected(prompt)
+    assert [o.index for o in outs] == list(range(MAX_TOKENS))  # each index once, in order
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert not any(o.finished for o in outs[:-1])
+
+
+def test_a_decode_worker_dying_mid_stream_costs_a_pause_not_the_request():
+    cluster, router = make(decodes=2)
+    cluster.workers["d1"].free_blocks = 50  # d0 is picked first (more free blocks)
+    cluster.workers["d0"].die_after = 5
+    prompt = [1, 2, 3]
+    outs = asyncio.run(collect(router, "r", prompt))
+    check_stream(outs, prompt)
+    assert cluster.reported == ["d0"] and router.num_recoveries == 1
+    # the recovery went through the prefill worker with a snapshot of the 5 tokens the client had
+    wid, resume = cluster.workers["p0"].calls[-1]
+    assert wid == "r@2" and len(resume["output_token_ids"]) == 5 and resume["num_computed_tokens"] == 0
+    # the dead worker is never picked again, although its last stats said it was the emptiest
+    outs = asyncio.run(collect(router, "r2", [4, 5]))
+    check_stream(outs, [4, 5])
+    assert cluster.workers["d1"].requests == {} and router.tracks == {}
+
+
+def test_a_dead_worker_that_was_idle_is_skipped_and_the_reserve_retried_elsewhere():
+    """The reported bug: a killed decode worker kept its last stats (idle, all blocks free) and every
+    new request failed on it."""
+    cluster, router = make(decodes=2)
+    cluster.workers["d1"].free_blocks = 50  # d0 would look best
+    cluster.workers["d0"].dead = True  # its stats call fails: reported, skipped
+    check_stream(asyncio.run(collect(router, "a", [7])), [7])
+    assert cluster.reported == ["d0"]
+    # a worker that answers stats but whose KV plane is unreachable: the reserve fails, another is used
+    cluster, router = make(decodes=2)
+    cluster.workers["d1"].free_blocks = 50  # d0 looks best
+    d0 = cluster.workers["d0"]
+    real_stats = d0.stats
+
+    async def stats():
+        d0.dead = False
+        s = await real_stats()
+        d0.dead = True
+        return s
+    d0.stats = stats
+    d0.dead = True
+    check_stream(asyncio.run(collect(router, "b", [8])), [8])
+    assert cluster.reported == ["d0"]
+
+
+def test_a_prefill_worker_lost_is_retried_on_another():
+    cluster, router = make(prefills=2)
+    cluster.workers["p0"].dead = True
+    check_stream(asyncio.run(collect(router, "r", [3])), [3])
+    assert cluster.reported == ["p0"] and cluster.workers["p1"].calls
+
+
+def test_no_worker_left_fails_with_the_reason():
+    cluster, router = make(decodes=1)
+    cluster.workers["d0"].dead = True
+    with pytest.raises(NoCapacityError, match="no decode worker is up"):
+        asyncio.run(collect(router, "r", [1]))
+    cluster, router = make(decodes=1)
+    cluster.workers["d0"].free_blocks = 0
+    with pytest.raises(NoCapacityError, match="no decode worker had room"):
+        asyncio.run(collect(router, "r", [1]))
+    cluster, router = make(decodes=1)
+    cluster.workers["d0"].die_after = 1  # dies, and nothing is left to recover on
+    with pytest.raises(NoCapacityError, match="no decode worker is up"):
+        asyncio.run(collect(router, "r", [1]))
+
+
+def test_the_stream_follows_a_migration_and_bad_migrations_are_refused():
+    cluster, router = make(decodes=2)
+
+    async def run():
+        outs = []
+        errors = {}
+        async for out in router.generate("r", [5, 5], {"max_tokens": MAX_TOKENS}):
+            outs.append(out)
+            if len(outs) == 4:
+                src = router.requests()["r"]["worker"]
+                dst = "d1" if src == "d0" else "d0"
+                with pytest.raises(UnknownRequestError):
+                    await router.migrate("nope", dst)
+                with pytest.raises(InvalidRequestError, match="no decode worker named 'p0'"):
+                    await router.migrate("r", "p0")
+                with pytest.raises(RequestStateError, match="already on"):
+                    await router.migrate("r", src)
+                cluster.membership.drain(dst)
+                with pytest.raises(RequestStateError, match="draining"):
+                    await router.migrate("r", dst)
+                cluster.membership.undrain(dst)
+                errors["result"] = await router.migrate("r", dst)
+                errors["moved"] = (src, dst)
+        return outs, errors
+
+    outs, info = asyncio.run(run())
+    check_stream(outs, [5, 5])
+    assert info["result"]["status"] == "migrated" and info["result"]["source"] == info["moved"][0]
+    assert cluster.workers[info["moved"][1]].requests == {}
+
+
+def test_membership_generations_ignore_stale_reports_and_draining_takes_nothing():
+    m = Membership()
+    m.add("d0", "decode")
+    assert m.view().live("decode") == []  # starting: not yet
+    m.came_up("d0", "inc-a", "127.0.0.1:1")
+    gen = m.get("d0").generation
+    assert [w.name for w in m.view().live("decode")] == ["d0"]
+    assert m.lost("d0", gen) and m.get("d0").state is WorkerState.DEAD
+    m.came_up("d0", "inc-b", "127.0.0.1:2")  # Ray restarted it: a new process
+    assert m.get("d0").generation == gen + 1 and m.get("d0").kv_address == "127.0.0.1:2"
+    assert not m.lost("d0", gen)  # a late report about the old process does not kill the new one
+    v = m.version
+    m.drain("d0")
+    assert m.view().live("decode") == [] and m.version > v
+    m.came_up("d0", "inc-b", "127.0.0.1:2")  # a probe of a draining worker leaves it draining
+    assert m.get("d0").state is WorkerState.DRAINING
+    with pytest.raises(ValueError, match="already exists"):
+        m.add("d0", "decode")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        m.add("x", "gpu")
