@@ -39,7 +39,8 @@ def kv_transfer(prompt_tokens: int, repeats: int) -> dict:
     from splitserve.engine.engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.kvtransfer.client import KVSender
-    from splitserve.kvtransfer.server import EngineKVSink, KVTransferServicer, start_server
+    from splitserve.engine.kv_port import EngineKVPort
+    from splitserve.kvtransfer.server import KVTransferServicer, start_server
     from splitserve.kvtransfer.wire import fingerprint
 
     p_eng = LLMEngine(num_threads=2, show_progress=False, kv_cache_memory=256 << 20)
@@ -55,14 +56,14 @@ def kv_transfer(prompt_tokens: int, repeats: int) -> dict:
 
     async def run() -> list[float]:
         lock = threading.Lock()
-        servicer = KVTransferServicer(EngineKVSink(d_eng, lock), "bench")
+        servicer = KVTransferServicer(EngineKVPort(d_eng, lock), "bench")
         server, port = await start_server(servicer)
         sender, times = KVSender("bench"), []
         try:
             for i in range(repeats + 1):
                 t = time.perf_counter()
                 await sender.reserve(f"127.0.0.1:{port}", "held", len(ids), layout)
-                await sender.send(f"127.0.0.1:{port}", p_eng, threading.Lock(), "held")
+                await sender.send(f"127.0.0.1:{port}", EngineKVPort(p_eng, threading.Lock()), "held")
                 times.append(time.perf_counter() - t)
                 with lock:
                     d_eng.abort("held")  # free the receiver's copy for the next round

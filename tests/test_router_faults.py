@@ -32,15 +32,23 @@ class FakeDecode:
         self.die_after = None  # tokens this worker streams before it "dies"
         self.dead = False
         self.aborted = []
+        self.opened = []  # streams opened
+        self.fail_migrations = False
+        self.wait_cancelled = []
 
     async def stats(self):
         if self.dead:
             raise WorkerLostError(self.name, "actor died")
         return {"num_free_kv_blocks": self.free_blocks, "num_running": len(self.requests)}
 
-    async def stream(self, wid):
+    async def stream(self, wid, wait_s=0.0):
         if self.dead:
             raise WorkerLostError(self.name, "actor died")
+        for _ in range(int(wait_s * 1000)):  # a stream opened early waits for the request to arrive
+            if wid in self.requests:
+                break
+            await asyncio.sleep(0.001)
+        self.opened.append(wid)
         prompt, produced = self.requests[wid]
         while True:
             await asyncio.sleep(0)
@@ -48,9 +56,18 @@ class FakeDecode:
                 raise WorkerLostError(self.name, "actor died")
             if self.requests.get(wid) is None:  # migrated away
                 return
-            if isinstance(self.requests[wid], tuple):  # ("moved", target)
+            if isinstance(self.requests[wid], tuple) and self.requests[wid][0] == "failing":  # notice, then on
+                target = self.requests[wid][1]
+                self.requests[wid] = [prompt, produced]
+                yield RequestOutput(wid, [], "", False, None, len(prompt), produced, moved_to=target)
+                continue
+            if isinstance(self.requests[wid], tuple):  # ("moved", target): notice, then the final marker
                 del self.requests[wid]
-                yield RequestOutput(wid, [], "", True, "migrated", len(prompt), produced, moved_to=self._moved[wid])
+                target = self._moved[wid]
+                yield RequestOutput(wid, [], "", False, None, len(prompt), produced, moved_to=target)
+                await asyncio.sleep(0.01)
+                CLUSTER.workers[target].requests[wid] = [prompt, produced]  # committed there
+                yield RequestOutput(wid, [], "", True, "migrated", len(prompt), produced, moved_to=target)
                 return
             i = produced
             produced += 1
@@ -64,9 +81,9 @@ class FakeDecode:
                 self.dead = True
 
     async def migrate(self, wid, target_name, target_address):
-        target = CLUSTER.workers[target_name]
-        prompt, produced = self.requests[wid]
-        target.requests[wid] = [prompt, produced]
+        if self.fail_migrations:  # stops for the last stage, then the transfer fails: it goes on here
+            self.requests[wid] = ("failing", target_name)
+            return {"status": "failed", "error": "DATA_LOSS"}
         self._moved = getattr(self, "_moved", {})
         self._moved[wid] = target_name
         self.requests[wid] = ("moved", target_name)
@@ -75,6 +92,9 @@ class FakeDecode:
     def abort(self, wid):
         self.aborted.append(wid)
         self.requests.pop(wid, None)
+
+    def cancel_wait(self, wid):
+        self.wait_cancelled.append(wid)
 
 
 class FakePrefill:
@@ -114,6 +134,9 @@ class FakeCluster:
 
     async def view(self) -> MembershipView:
         return self.membership.view()
+
+    def cached(self, name):
+        return self.membership.get(name)
 
     async def report_lost(self, member):
         self.reported.append(member.name)
@@ -234,7 +257,29 @@ def test_the_stream_follows_a_migration_and_bad_migrations_are_refused():
     outs, info = asyncio.run(run())
     check_stream(outs, [5, 5])
     assert info["result"]["status"] == "migrated" and info["result"]["source"] == info["moved"][0]
-    assert cluster.workers[info["moved"][1]].requests == {}
+    target = cluster.workers[info["moved"][1]]
+    assert target.requests == {} and target.opened == ["r@1"]  # opened once, early, on the notice
+    assert target.wait_cancelled == []
+
+
+def test_a_failed_migration_closes_the_early_stream_and_the_request_goes_on():
+    cluster, router = make(decodes=2)
+    cluster.workers["d1"].free_blocks = 50
+    cluster.workers["d0"].fail_migrations = True
+
+    async def run():
+        outs = []
+        async for out in router.generate("r", [9], {"max_tokens": MAX_TOKENS}):
+            outs.append(out)
+            if len(outs) == 3:
+                result = await router.migrate("r", "d1")
+        return outs, result
+
+    outs, result = asyncio.run(run())
+    check_stream(outs, [9])
+    assert result["status"] == "failed"
+    d1 = cluster.workers["d1"]
+    assert d1.wait_cancelled == ["r@1"] and d1.requests == {}  # the early stream on d1 was given up
 
 
 def test_membership_generations_ignore_stale_reports_and_draining_takes_nothing():

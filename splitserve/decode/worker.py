@@ -7,7 +7,9 @@ A request passes through (on this worker)::
       -> committed: joins the running batch (continuous batching with everything else)
       -> its outputs wait in a queue until the router calls ``stream`` -> finished: blocks freed
          or MIGRATING (``migrate``: its KV goes to another decode worker while it keeps decoding;
-         then its stream ends with a "migrated" output naming the new worker; on failure it goes on here)
+         when it stops for the last stage, its stream says where it is going, so the reader can open
+         that worker's stream at once (``stream(wait_s=...)`` waits for the commit); then its stream
+         ends with a "migrated" output naming the new worker; on failure it goes on here)
 
 A router that stops reading (client cancel) aborts the request. An abort can
 race the commit (the client left while its KV was in flight), so aborted ids
@@ -33,6 +35,7 @@ import uuid
 
 import ray
 
+from splitserve.engine.output import RequestOutput
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
 STREAM_BACKPRESSURE = 16  # outputs Ray buffers for a stream's reader before the generator waits
@@ -60,6 +63,7 @@ class DecodeWorkerImpl:
         self.incarnation = uuid.uuid4().hex[:12]  # a new one each time the process (re)starts
         self.sender = KVSender(cluster_token, kv_codec=kv_codec)
         self.queues: dict = {}  # committed request id -> its output queue, until the router claims it
+        self.waiters: dict[str, asyncio.Future] = {}  # request id -> a reader already waiting for its commit
         self.address = None
         self.draining = False
         self.unclaimed_ttl_s, self.tombstone_ttl_s = unclaimed_ttl_s, tombstone_ttl_s
@@ -91,16 +95,34 @@ class DecodeWorkerImpl:
             self.num_dropped_after_abort += 1
             return
         self.queues[rid] = self.aengine.adopt(snapshot, loop)
+        waiter = self.waiters.pop(rid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         loop.call_later(self.unclaimed_ttl_s, self._abort_if_unclaimed, rid)
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
-    async def stream(self, request_id: str):
-        """Yield the request's outputs (RequestOutput deltas) until it finishes or moves."""
+    async def stream(self, request_id: str, wait_s: float = 0.0):
+        """Yield the request's outputs (RequestOutput deltas) until it finishes or moves. ``wait_s``: a
+        request on its way here (a migration in its last stage) may commit within this time."""
+        if request_id not in self.queues and wait_s > 0 and request_id not in self.waiters:
+            self.waiters[request_id] = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.waiters[request_id]), wait_s)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self.waiters.pop(request_id, None)
         queue = self.queues.pop(request_id, None)
         if queue is None:
             raise KeyError(f"request {request_id!r} was not committed to this decode worker")
         async for out in self.aengine.stream(request_id, queue):
             yield out
+
+    def cancel_wait(self, request_id: str) -> None:
+        """A reader waiting for a commit that will not come (the migration failed) gives up."""
+        waiter = self.waiters.pop(request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
 
     async def migrate(self, request_id: str, target_name: str, target_address: str) -> dict:
         """Move a running request to another decode worker, live. {"status": "migrated", ...} or
@@ -109,8 +131,14 @@ class DecodeWorkerImpl:
         if target_address == self.address:
             from splitserve.errors import RequestStateError
             raise RequestStateError(f"request {request_id!r} is already on {target_name}")
+        def announce(snapshot):  # the reader may open the target's stream while the last stage runs
+            self.aengine.notify(request_id, RequestOutput(
+                request_id, [], "", False, None, len(snapshot.prompt_token_ids), len(snapshot.output_token_ids),
+                moved_to=target_name))
+
         try:
-            result = await self.sender.migrate(target_address, self.port, request_id, moved_to=target_name)
+            result = await self.sender.migrate(target_address, self.port, request_id, moved_to=target_name,
+                                               on_suspend=announce)
         except (NoCapacityError, TransferFailedError) as e:
             self.num_migrations_failed += 1
             if request_id in self.abort_after_move:  # the client left meanwhile: the request is back here
@@ -167,6 +195,7 @@ class DecodeWorkerImpl:
         """Every per-request structure on this worker, by size: all zero when it is idle."""
         servicer = getattr(self, "servicer", None)
         return {**self.engine.leaks(), **self.aengine.leaks(), "queues": len(self.queues),
+                "stream_waiters": len(self.waiters),
                 "moving": len(self.port.moving()) if self.address else 0,
                 "abort_after_move": len(self.abort_after_move),
                 "kv_reservations": len(servicer._reservations) if servicer else 0,

@@ -74,6 +74,13 @@ class AsyncEngine:
         from splitserve.engine.kv_port import EngineKVPort
         return EngineKVPort(self.engine, self.lock, self.wake, commit)
 
+    def notify(self, request_id: str, out: RequestOutput) -> None:
+        """Put an output on a request's stream from outside the loop (e.g. a migration's notice)."""
+        with self.lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            target[0].call_soon_threadsafe(target[1].put_nowait, out)
+
     def wake(self) -> None:
         """Outputs were queued outside a step (a move finished): let the loop deliver them."""
         self._wake.set()

@@ -21,7 +21,9 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # after this delta, so new_token_ids start at index num_output_tokens - len(...)
     error: str | None = None
-    moved_to: str | None = None  # "migrated": the worker that continues the request
+    # where the request goes: on the final "migrated" output, the worker that continues it; on an output
+    # without tokens that is not final, where it is about to go (a reader may open that stream early)
+    moved_to: str | None = None
 
     @property
     def index(self) -> int:

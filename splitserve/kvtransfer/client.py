@@ -49,6 +49,7 @@ class MoveResult:
     num_stages: int = 0  # live stages before the last (stop-and-copy) one
     last_stage_blocks: int = 0  # blocks sent while the request was stopped
     stopped_s: float = 0.0  # from suspend to the receiver's ack: how long the request did not decode
+    resume_index: int = 0  # output index of the first token the receiver produces
 
 
 class KVSender:
@@ -99,9 +100,10 @@ class KVSender:
         return ack
 
     async def migrate(self, address: str, port, request_id: str, moved_to: str | None = None,
-                      on_stage=None, corrupt_chunk: int | None = None) -> MoveResult:
+                      on_stage=None, on_suspend=None, corrupt_chunk: int | None = None) -> MoveResult:
         """Move a running request to ``address`` while it keeps decoding (module docstring).
-        ``on_stage(stage)`` is awaited after each live stage (tests use it to interleave events)."""
+        ``on_stage(stage)`` is awaited after each live stage (tests use it to interleave events);
+        ``on_suspend(snapshot)`` is called when the request stops here for the last stage."""
         num_tokens = port.begin_live(request_id)  # UnknownRequestError / RequestStateError: nothing moves
         result = MoveResult()
         stopped_at = None
@@ -122,7 +124,9 @@ class KVSender:
                     if on_stage is not None:
                         await on_stage(stage)
                 snapshot, table = port.suspend(request_id)
-                stopped_at = time.perf_counter()
+                stopped_at, result.resume_index = time.perf_counter(), len(snapshot.output_token_ids)
+                if on_suspend is not None:
+                    on_suspend(snapshot)
                 last.append((snapshot, table))
 
             ack, result.last_stage_blocks = await self._transfer(address, port, request_id, live_stages,
@@ -149,12 +153,17 @@ class KVSender:
         failure: list[BaseException] = []
         count = {"chunks": 0, "bytes": 0, "last_stage_blocks": 0}
 
-        def chunks(block_ids: list[int], first: int):
-            """Blocks block_ids[first:], layer by layer; chunk positions are in the request's block table."""
+        def encode(block_ids: list[int], at: int, plan) -> pb.TensorChunk:
+            data = port.read(block_ids[at:at + plan.num_blocks], plan.layer)  # [n, 2, bs, Hkv, D]
+            return encode_chunk(ChunkPlan(plan.layer, at, plan.num_blocks), data, self.kv_codec)
+
+        async def chunks(block_ids: list[int], first: int, live: bool):
+            """Blocks block_ids[first:], layer by layer; chunk positions are in the request's block table.
+            ``live``: the request is still decoding here, so chunks are encoded off this event loop
+            (which also carries the request's outputs) and the loop gets a turn between them."""
             for plan in plan_chunks(spec.num_layers, len(block_ids) - first, per_block_layer, self.max_chunk_bytes):
                 at = first + plan.first_block
-                data = port.read(block_ids[at:at + plan.num_blocks], plan.layer)
-                chunk = encode_chunk(ChunkPlan(plan.layer, at, plan.num_blocks), data, self.kv_codec)
+                chunk = await asyncio.to_thread(encode, block_ids, at, plan) if live else encode(block_ids, at, plan)
                 if corrupt_chunk == count["chunks"]:
                     chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
                 count["chunks"] += 1
@@ -168,7 +177,7 @@ class KVSender:
                 sent, last = 0, []
                 async for pinned in live_stages(last):
                     yield pb.TransferMessage(grow=pb.Grow(num_tokens=len(pinned) * spec.block_size))
-                    for msg in chunks(pinned, sent):
+                    async for msg in chunks(pinned, sent, live=True):
                         yield msg
                     sent = len(pinned)
                 snapshot, table = last[0]
@@ -176,7 +185,7 @@ class KVSender:
                 count["last_stage_blocks"] = needed - sent
                 if sent:  # a live migration: the request grew since the reservation
                     yield pb.TransferMessage(grow=pb.Grow(num_tokens=snapshot.num_tokens))
-                for msg in chunks(table[:needed], sent):
+                async for msg in chunks(table[:needed], sent, live=False):
                     yield msg
                 yield pb.TransferMessage(commit=pb.Commit(num_chunks=count["chunks"], num_bytes=count["bytes"],
                                                           snapshot=snapshot_to_pb(snapshot)))

@@ -5,11 +5,13 @@ its logic runs the same against fakes in unit tests:
 
     cluster.view() -> MembershipView      members whose ``handle`` is a client (below); fresh on every call
                                           (one cheap version check with the controller)
+    cluster.cached(name) -> Member | None the member as of the last view, without a call
     cluster.report_lost(member)           the router saw this worker fail: not picked again until the
                                           controller says it is back (a new generation, or it answered)
 
     prefill client: prefill(wid, prompt, params, decode_address, resume) -> dict, abort(wid)
-    decode client:  stream(wid) -> async iterator of RequestOutput, stats(), migrate(wid, name, address), abort(wid)
+    decode client:  stream(wid, wait_s) -> async iterator of RequestOutput, stats(), migrate(wid, name, address),
+                    abort(wid), cancel_wait(wid)
 
 Every Ray failure of a worker (its process died, it is restarting) surfaces as
 ``WorkerLostError``; an error the worker raised on purpose surfaces as itself.
@@ -67,9 +69,15 @@ class RayWorker:
         except Exception:
             pass
 
-    async def stream(self, wid: str):
+    def cancel_wait(self, wid: str) -> None:
         try:
-            async for ref in self.handle.stream.remote(wid):  # streaming, backpressured
+            self.handle.cancel_wait.remote(wid)
+        except Exception:
+            pass
+
+    async def stream(self, wid: str, wait_s: float = 0.0):
+        try:
+            async for ref in self.handle.stream.remote(wid, wait_s):  # streaming, backpressured
                 yield await ref
         except Exception as e:
             raise _unwrap(self.name, e) from None
@@ -99,6 +107,10 @@ class RayCluster:
             return self._view
         return MembershipView(self._view.version, tuple(
             m for m in self._view.members if not (m.name in self._lost and self._lost[m.name][0] == m.generation)))
+
+    def cached(self, name: str):
+        """A member as of the last view, without asking the controller (None: unknown)."""
+        return self._view.get(name)
 
     async def report_lost(self, member) -> None:
         self._lost[member.name] = (member.generation, float("inf"))

@@ -12,7 +12,8 @@ saw fail (``report_lost``). Its loops and operations:
                             dead for good    -> replaced by a new worker of the same pool
     add_worker(pool)      spawn one more, return its name once it takes traffic
     drain(name)           stop routing to it, refuse reservations, migrate its running requests to the
-                          other decode workers (live, ``DecodeWorker.migrate``) until it holds none
+                          other decode workers (live, ``DecodeWorker.migrate``) until it holds none;
+                          ``undrain(name)`` takes it back
     remove_worker(name)   drain, then stop and forget it
     report_lost(name, generation) -> version
                           a router saw it fail: DEAD at once; returns the membership version that says so
@@ -117,6 +118,14 @@ class ControllerImpl:
             return {"worker": name, "migrated": moved, "failed_attempts": failed, "remaining": remaining}
         finally:
             self._busy.discard(name)
+
+    async def undrain(self, name: str) -> dict:
+        """Take traffic again (a drain that is no longer wanted)."""
+        m = self._member(name)
+        if m.pool == "decode":
+            await m.handle.set_draining.remote(False)
+        self.membership.undrain(name)
+        return {"worker": name, "state": self.membership.get(name).state.value}
 
     async def _wait_empty(self, m, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s

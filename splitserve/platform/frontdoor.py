@@ -19,6 +19,7 @@ Admin (HTTP, header ``x-splitserve-token: <cluster token>``)::
     GET    /admin/workers                      membership and per-worker stats
     POST   /admin/workers {"pool": "decode"}   add a worker; answers once it takes traffic
     POST   /admin/workers/{name}/drain         migrate its requests away, take nothing new
+    POST   /admin/workers/{name}/undrain       take traffic again
     DELETE /admin/workers/{name}               drain, then stop it
     GET    /admin/requests                     requests in flight here and where they are
     POST   /admin/requests/{id}/migrate {"target": name}   live migration of one request
@@ -327,6 +328,10 @@ class FrontDoor:
     @app.post("/admin/workers/{name}/drain")
     async def admin_drain(self, name: str, request: Request):
         return await self._admin_call(request, lambda: _unwrapped(self.controller.drain.remote(name)))
+
+    @app.post("/admin/workers/{name}/undrain")
+    async def admin_undrain(self, name: str, request: Request):
+        return await self._admin_call(request, lambda: _unwrapped(self.controller.undrain.remote(name)))
 
     @app.delete("/admin/workers/{name}")
     async def admin_remove(self, name: str, request: Request):

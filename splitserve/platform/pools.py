@@ -120,6 +120,9 @@ class Pools:
     def drain(self, name: str) -> dict:
         return ray.get(self.controller.drain.remote(name))
 
+    def undrain(self, name: str) -> dict:
+        return ray.get(self.controller.undrain.remote(name))
+
     def remove_worker(self, name: str) -> dict:
         return ray.get(self.controller.remove_worker.remote(name))
 

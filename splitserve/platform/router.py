@@ -182,20 +182,43 @@ class Router:
                     raise
 
     async def _follow(self, track: Track):
-        """The decode worker's stream, and after a migration the new worker's, until finished."""
-        while True:
-            d = track.decode
-            async for out in d.handle.stream(track.wid):
-                if out.finish_reason == "migrated":
-                    track.decode = await self._member(out.moved_to)
-                    break
-                yield track.accept(out)
-                if out.finished:
-                    return
-            else:
-                raise WorkerLostError(d.name, "its stream ended before the request finished")
+        """The decode worker's stream, and after a migration the new worker's, until finished. A notice
+        that the request is about to move opens the target's stream at once, so the switch does not
+        wait for a new call to start."""
+        early = None  # _EarlyStream: the target's stream, opened on a migration notice
+        try:
+            while True:
+                d = track.decode
+                if early is not None and early.member.name == d.name:
+                    source, early = early, None
+                else:
+                    source = d.handle.stream(track.wid)
+                async for out in source:
+                    if out.moved_to is not None and not out.finished:  # about to move: open the target
+                        if early is None or early.member.name != out.moved_to:
+                            if early is not None:
+                                early.close(track.wid)
+                            early = _EarlyStream(await self._member(out.moved_to), track.wid)
+                        continue
+                    if out.finish_reason == "migrated":
+                        track.decode = await self._member(out.moved_to)
+                        break
+                    if early is not None:  # tokens after a notice: that migration failed, it stays here
+                        early.close(track.wid)
+                        early = None
+                    yield track.accept(out)
+                    if out.finished:
+                        return
+                else:
+                    raise WorkerLostError(d.name, "its stream ended before the request finished")
+        finally:
+            if early is not None:
+                early.close(track.wid)
 
     async def _member(self, name: str):
+        m = self.cluster.cached(name)
+        if m is not None:
+            return m
         view = await self.cluster.view()
         m = view.get(name)
         if m is None:
@@ -273,6 +296,41 @@ class Router:
             raise RequestStateError(f"request {request_id!r} is already on {target}")
         result = await source.handle.migrate(track.wid, m.name, m.kv_address)
         return {"request_id": request_id, "source": source.name, **result}
+
+
+class _EarlyStream:
+    """A decode worker's stream opened before the request arrives there (it waits for the commit);
+    read ahead into a bounded queue, so the first output is at hand when the switch comes."""
+
+    WAIT_S = 30.0  # as long as a migration may take
+
+    def __init__(self, member, wid: str):
+        self.member = member
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=16)
+        self._task = asyncio.create_task(self._pull(member.handle.stream(wid, wait_s=self.WAIT_S)))
+
+    async def _pull(self, stream) -> None:
+        try:
+            async for out in stream:
+                await self._queue.put(out)
+            await self._queue.put(None)
+        except Exception as e:  # handed to the reader
+            await self._queue.put(e)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self, wid: str) -> None:
+        self._task.cancel()
+        self.member.handle.cancel_wait(wid)
 
 
 class ColocatedRouter:
