@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -15,6 +16,28 @@ SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 TINY_VOCAB = 256 + len(SPECIALS)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (never assume 8000 / 9000)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin(server, method: str, path: str, body=None) -> tuple[int, dict]:
+    """Call a running server's admin API (with its cluster token); (HTTP status, JSON body)."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(server.endpoints["http"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"x-splitserve-token": server.cfg.cluster_token,
+                                          "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def byte_level_tokenizer() -> Tokenizer:

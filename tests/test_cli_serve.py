@@ -4,19 +4,12 @@ both protocols, and stops cleanly on Ctrl-C, leaving no Ray process behind."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from helpers import make_tiny_model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, make_tiny_model
 
 
 def _ray_processes() -> int:
@@ -28,12 +21,13 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
     import tritonclient.grpc as tg
 
     make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
-    http, grpc_port = _free_port(), _free_port()
+    http, grpc_port = free_port(), free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "splitserve")
     before = _ray_processes()
     proc = subprocess.Popen([exe, "serve", "--model", str(tmp_path), "--model-name", "tiny", "--dtype", "float32",
                              "--http-port", str(http), "--grpc-port", str(grpc_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "SPLITSERVE_CLUSTER_TOKEN": "cli-test-token"})
     try:
         lines, deadline = [], time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -44,6 +38,7 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
                 break
         banner = "".join(lines)
         assert f"127.0.0.1:{grpc_port}" in banner and f"http://127.0.0.1:{http}/v1" in banner
+        assert f"http://127.0.0.1:{http}/admin/workers" in banner and "$SPLITSERVE_CLUSTER_TOKEN" in banner
         client = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         assert client.is_server_live() and client.is_server_ready()
         client.close()

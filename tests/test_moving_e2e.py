@@ -7,15 +7,15 @@ structure on every worker (and the router) is empty afterwards."""
 
 import json
 import os
-import queue
 import signal
-import socket
 import threading
 import time
 import urllib.request
 
 import numpy as np
 import pytest
+
+from helpers import admin, free_port
 
 pytestmark = pytest.mark.real_model
 
@@ -24,11 +24,6 @@ PROMPTS = ["The three primary colors are", "Once upon a time, a small robot", "d
            "The capital of France is", "Water boils at", "A haiku about the sea:"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(real_model_path):
@@ -36,8 +31,8 @@ def server(real_model_path):
     from splitserve.platform.config import PoolConfig, ServeConfig
     from splitserve.platform.server import start_server
 
-    cfg = ServeConfig(model=real_model_path, model_name=MODEL, dtype="float32", http_port=_free_port(),
-                      grpc_port=_free_port(), max_queue_wait_s=60.0,
+    cfg = ServeConfig(model=real_model_path, model_name=MODEL, dtype="float32", http_port=free_port(),
+                      grpc_port=free_port(), max_queue_wait_s=60.0,
                       prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
                       decode=PoolConfig(replicas=2, threads=1, kv_cache_memory_mb=96))
     srv = start_server(cfg, num_cpus=8, log=lambda m: None)
@@ -52,18 +47,6 @@ def triton(server):
     client = tg.InferenceServerClient(server.endpoints["grpc"])
     yield client
     client.close()
-
-
-def admin(server, method, path, body=None):
-    req = urllib.request.Request(server.endpoints["http"] + path, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"x-splitserve-token": server.cfg.cluster_token,
-                                          "content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def expected(real_engine, prompt, max_tokens):
@@ -169,6 +152,7 @@ def test_live_migration_mid_stream_through_the_admin_api(server, triton, real_en
     wait_until(lambda: streams.tokens("m") >= 6, what="a few tokens")
     requests = admin(server, "GET", "/admin/requests")[1]["requests"]
     (rid, info), = requests.items()
+    assert info["client_id"] == "m"  # listed under the id the KServe client gave
     target = next(n for n in decode_workers(server) if n != info["worker"])
     before = server.pools.all_stats()
     status, result = admin(server, "POST", f"/admin/requests/{rid}/migrate", {"target": target})
@@ -201,6 +185,7 @@ def test_killed_decode_worker_costs_a_pause_not_a_stream(server, triton, real_en
     admin(server, "POST", f"/admin/workers/{survivor}/undrain")
     old = server.pools.view().get(victim)
     os.kill(server.pools.all_stats()[victim]["pid"], signal.SIGKILL)  # a crash, not a clean stop
+    assert triton.is_server_ready()  # the survivor serves: the server stays ready
     streams.wait()
     for i, p in enumerate(PROMPTS):
         assert streams.got[f"k{i}"]["text"] == expected(real_engine, p, 32), i
@@ -252,4 +237,24 @@ def test_decode_workers_added_and_removed_under_load(server, triton, real_engine
         assert streams.got[rid]["text"] == expected(real_engine, p, 40), rid
     assert busiest not in {m.name for m in server.pools.view().members}
     assert admin(server, "DELETE", "/admin/workers/no-such-worker")[0] == 404
+    assert_no_leaks(server)
+
+
+def test_a_worker_gone_for_good_is_replaced(server, triton, real_engine):
+    """Killed with no restart left (not a crash Ray restarts): the controller starts a new worker."""
+    import ray
+    before = set(decode_workers(server))
+    victim = sorted(before)[0]
+    ray.kill(server.pools.view().get(victim).handle, no_restart=True)
+    wait_until(lambda: victim not in {m.name for m in server.pools.view().members}, what="the dead one dropped")
+    new = wait_until(lambda: set(decode_workers(server)) - before, what="a replacement")
+    assert len(decode_workers(server)) == len(before)
+    (name,) = new
+    admin(server, "POST", f"/admin/workers/{next(iter(before - {victim}))}/drain")  # so the new one serves
+    streams = Streams(server)
+    streams.send("n", PROMPTS[4], 8)
+    streams.wait()
+    admin(server, "POST", f"/admin/workers/{next(iter(before - {victim}))}/undrain")
+    assert streams.got["n"]["text"] == expected(real_engine, PROMPTS[4], 8)
+    assert server.pools.all_stats()[name]["transfers_committed"] == 1
     assert_no_leaks(server)

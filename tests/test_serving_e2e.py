@@ -5,22 +5,18 @@ The server runs in fp32 so that its greedy text can be compared exactly with
 the single-process engine (``real_engine``)."""
 
 import queue
-import socket
 import time
 
 import numpy as np
 import pytest
+
+from helpers import admin, free_port
 
 pytestmark = pytest.mark.real_model
 
 MODEL = "smollm2"
 PROMPTS = ["The three primary colors are", "Once upon a time, a small robot", "def add(a, b):"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +25,8 @@ def server(real_model_path):
     from splitserve.platform.config import PoolConfig, ServeConfig
     from splitserve.platform.server import start_server
 
-    cfg = ServeConfig(model=real_model_path, model_name=MODEL, dtype="float32", http_port=_free_port(),
-                      grpc_port=_free_port(), max_queue_wait_s=3.0,
+    cfg = ServeConfig(model=real_model_path, model_name=MODEL, dtype="float32", http_port=free_port(),
+                      grpc_port=free_port(), max_queue_wait_s=3.0,
                       prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
                       decode=PoolConfig(threads=1, kv_cache_memory_mb=96))
     srv = start_server(cfg, num_cpus=4, log=lambda m: None)
@@ -252,8 +248,8 @@ def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, server):
     triton.start_stream(callback=lambda result, error: results.put((result, error)))
     long_prompt = "The history of science " * 225  # ~900 tokens: two fill most of the ~2,180-token decode pool
     try:
-        for i in range(2):
-            triton.async_stream_infer(MODEL, _inputs(long_prompt, {"max_tokens": 300, "ignore_eos": True},
+        for i in range(2):  # long enough to outlast the wait, short enough to fit without preemption
+            triton.async_stream_infer(MODEL, _inputs(long_prompt, {"max_tokens": 150, "ignore_eos": True},
                                                      stream=True), request_id=f"hog{i}")
         for _ in range(2):
             results.get(timeout=120)  # both are decoding
@@ -264,6 +260,34 @@ def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, server):
         assert 2.5 < time.monotonic() - start < 30
     finally:
         triton.stop_stream(cancel_requests=True)
+    _wait_idle(server, timeout=60)  # cancelled, or finished (see the KServe stream note in the cancel test)
+
+
+def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
+    """With the only decode worker draining, nothing can take a request: after the bounded wait each
+    protocol reports the failure with its reason (an SSE error event, a gRPC status, an HTTP 503),
+    never a normal "stop"."""
+    import openai
+    from tritonclient.utils import InferenceServerException
+    (decode,) = [m.name for m in server.pools.view().members if m.pool == "decode"]
+    assert admin(server, "POST", f"/admin/workers/{decode}/drain")[0] == 200
+    try:
+        assert not triton.is_server_ready()  # no decode worker takes traffic
+        with pytest.raises(openai.APIError, match="no decode worker is up"):
+            for _ in oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, stream=True):
+                pass
+        with pytest.raises(openai.InternalServerError) as info:  # 503
+            oai.with_options(max_retries=0).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4)
+        assert info.value.status_code == 503 and "no decode worker is up" in str(info.value)
+        results: queue.Queue = queue.Queue()
+        triton.start_stream(callback=lambda result, error: results.put((result, error)))
+        triton.async_stream_infer(MODEL, _inputs(PROMPTS[0], {"max_tokens": 4}, stream=True), request_id="f")
+        _, error = results.get(timeout=60)
+        triton.stop_stream()
+        assert error is not None and "no decode worker is up" in str(error)
+    finally:
+        assert admin(server, "POST", f"/admin/workers/{decode}/undrain")[0] == 200
+    assert triton.is_server_ready()
     _wait_idle(server)
 
 

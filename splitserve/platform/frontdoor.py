@@ -112,10 +112,10 @@ class FrontDoor:
         except (asyncio.TimeoutError, ray.exceptions.RayError):
             return False
 
-    async def _run(self, rid, ids, params):
+    async def _run(self, rid, ids, params, label=None):
         """One request through the router: RequestOutput deltas until the finished one; a request that
         fails or is aborted raises (it never looks like a normal ending)."""
-        async for out in self.router.generate(rid, ids, serialize_params(params)):
+        async for out in self.router.generate(rid, ids, serialize_params(params), label):
             if out.finished and (error := _failed(out)) is not None:
                 raise error
             yield out
@@ -149,7 +149,7 @@ class FrontDoor:
             req = kserve.parse_infer_request(request, self.model_name, uuid.uuid4().hex)
             ids = self._tokens(req.prompt)
             text, reason = "", None
-            async for out in self._run(uuid.uuid4().hex, ids, req.params):
+            async for out in self._run(uuid.uuid4().hex, ids, req.params, req.request_id):
                 text += out.new_text
                 reason = out.finish_reason
             return kserve.infer_response(self.model_name, req.request_id,
@@ -171,7 +171,7 @@ class FrontDoor:
                 req = kserve.parse_infer_request(request, self.model_name, rid)
                 ids = self._tokens(req.prompt)
                 text = ""
-                async for out in self._run(uuid.uuid4().hex, ids, req.params):
+                async for out in self._run(uuid.uuid4().hex, ids, req.params, req.request_id):
                     flag = out.finished if req.want_final_flag else None
                     if req.stream:  # one response per delta
                         await queue.put(pb().ModelStreamInferResponse(infer_response=kserve.infer_response(

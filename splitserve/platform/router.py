@@ -74,6 +74,7 @@ class Track:
     request_id: str
     prompt_token_ids: list[int]
     params: dict
+    label: str | None = None  # the id the client knows it by (KServe request id), when it differs
     token_ids: list[int] = field(default_factory=list)  # output tokens the client has
     num_chars: int = 0  # characters of output text the client has
     attempt: int = 0
@@ -126,7 +127,7 @@ class Router:
 
     def requests(self) -> dict:
         return {rid: {"worker": t.decode.name if t.decode is not None else None, "work_id": t.wid,
-                      "output_tokens": len(t.token_ids)} for rid, t in self.tracks.items()}
+                      "client_id": t.label, "output_tokens": len(t.token_ids)} for rid, t in self.tracks.items()}
 
     async def _decode_loads(self, members) -> list[DecodeLoad]:
         stats = await asyncio.gather(*(m.handle.stats() for m in members), return_exceptions=True)
@@ -140,10 +141,10 @@ class Router:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict,
+                       label: str | None = None) -> AsyncIterator[RequestOutput]:
         async with self._inflight:
-            track = Track(request_id, list(prompt_token_ids), params)
+            track = Track(request_id, list(prompt_token_ids), params, label)
             self.tracks[request_id] = track
             finished = False
             try:
@@ -351,7 +352,7 @@ class ColocatedRouter:
     async def migrate(self, request_id: str, target: str) -> dict:
         raise RequestStateError("colocated mode has no decode pool to migrate between")
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, label=None):
         async with self._inflight:
             workers = (await self.cluster.view()).live("colocated")
             if not workers:
