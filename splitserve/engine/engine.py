@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.block_pool import KVCacheManager
-from splitserve.engine.moves import MovesMixin
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from splitserve.engine.model import LlamaForCausalLM
+from splitserve.engine.moves import MovesMixin
 from splitserve.engine.output import CompletionResult, RequestOutput, TextState
 from splitserve.engine.progress import progress
 from splitserve.engine.request import Request, RequestStatus

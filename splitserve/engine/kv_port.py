@@ -105,8 +105,8 @@ class EngineKVPort:
     def suspend(self, rid: str) -> tuple[RequestSnapshot, list[int]]:
         with self.lock:
             self._check_live(rid)
-            snapshot = self.engine.suspend(rid)
-            return snapshot, list(self.engine.held_block_table(rid))
+            self.engine.suspend(rid)
+            return self.engine.held_snapshot(rid), list(self.engine.held_block_table(rid))
 
     def read(self, block_ids: list[int], layer: int) -> torch.Tensor:
         return self.engine.read_kv(block_ids, layer)  # pinned or held blocks: no step writes them

@@ -7,9 +7,9 @@ touch only blocks that no step reads or writes (pinned, held or reserved).
 
 Sending side::
 
-    suspend(rid) -> RequestSnapshot      RUNNING/WAITING -> HELD: out of the batch, blocks kept
+    suspend(rid)                         RUNNING/WAITING -> HELD: out of the batch, blocks kept
                                          (prefill role: the engine suspends by itself after the first
-                                         token, ``hold_kv``)
+                                         token, ``hold_kv``); ``held_snapshot(rid)`` is its snapshot
     pin_full_blocks(rid) -> block ids    live migration: blocks whose KV is final, pinned (ref + 1) so a
                                          preemption cannot hand them to someone else while they are read
     read_kv(block_ids, layer)            [n, 2, bs, Hkv, D]: the wire payload
@@ -48,7 +48,7 @@ class MovesMixin:
 
     # -- sending side ---------------------------------------------------------------
 
-    def suspend(self, request_id: str) -> RequestSnapshot:
+    def suspend(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is None:
             if request_id in self.held:
@@ -59,7 +59,6 @@ class MovesMixin:
         self._end_speculation(request_id)  # the draft model's KV is recomputed wherever it continues
         self.requests.pop(request_id)
         self.held[request_id] = req
-        return req.snapshot()
 
     def held_snapshot(self, request_id: str) -> RequestSnapshot:
         return self._held(request_id).snapshot()

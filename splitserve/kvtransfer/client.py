@@ -134,6 +134,12 @@ class KVSender:
         except BaseException as e:
             if stopped_at is not None:
                 port.unsuspend(request_id)  # not committed there: it goes on here
+                # the receiver may have committed before the ack was lost: take it back there (best effort;
+                # otherwise its unclaimed copy is aborted after a while)
+                try:
+                    await asyncio.wait_for(self.release(address, request_id), 2.0)
+                except Exception:
+                    pass
             if isinstance(e, (UnknownRequestError, RequestStateError)):  # it finished or was preempted meanwhile
                 raise TransferFailedError(None, f"migration abandoned: {e}") from None
             raise

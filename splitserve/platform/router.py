@@ -116,8 +116,7 @@ class Router:
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
         self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
-        self.num_recoveries = 0
-        self.last_transfer: dict = {}
+        self.num_recoveries = 0  # requests resumed after their decode worker was lost
 
     # -- reads ------------------------------------------------------------------------
 
@@ -169,7 +168,6 @@ class Router:
                 continue
             track.decode = d  # before the token goes out: a client leaving now aborts it there
             yield track.accept(first, final=False)
-            self.last_transfer = {"prefill_pid": result["pid"], "kv_bytes": result["kv_bytes"], "decode": d.name}
             try:
                 async for out in self._follow(track):
                     yield out
