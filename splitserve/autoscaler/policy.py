@@ -1,0 +1,305 @@
+"""The autoscaling policy: ``decide(snapshot, catalog, objectives, state) -> Decision``.
+
+Pure Python, no Ray, no torch; deterministic for its inputs. One call per
+tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
+
+    1. demand from the snapshot     prefill: arrivals/s and the prompt lengths;
+                                    decode: output tokens/s (measured, or arrivals x mean output)
+                                    and the mean context of a running request
+    2. correction                   measured service time / the catalog's prediction
+                                    (prefill_s for prefill, tpot_s at each worker's batch for
+                                    decode), clamped; applied to the catalog's models
+    3. target                       the cheapest mix of instance types whose capacity at
+                                    objective x headroom carries the demand (``capacity.py``),
+                                    within min/max; an objective missed on the server, or decode
+                                    KV use above ``kv_high``, asks for one more than now;
+                                    zero traffic asks for the minimum
+    4. act                          up: add the missing instances, unless some of this pool are
+                                    still starting or it scaled within ``up_cooldown_s``, within
+                                    the budget; down: drain one instance (the type over target,
+                                    priciest first; the worker with least work), only after the
+                                    target stayed below for ``down_stable_s``, not within
+                                    ``down_cooldown_s`` of the last change, never while an
+                                    objective is missed or KV is high, one drain at a time
+    5. rebalance (decode)           a hot worker (KV use >= ``rebalance_gap`` above the coldest)
+                                    gives the coldest some running requests by live migration
+
+No data (no snapshot, a stale one, a pool with no workers answering) means
+no action, never a guess. ``state`` (:class:`PolicyState`) carries the
+cooldowns, the hysteresis clock and the decision counter between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from splitserve.autoscaler.capacity import cheapest_mix, decode_capacity, prefill_capacity
+from splitserve.autoscaler.catalog import Catalog
+from splitserve.autoscaler.signals import PoolSignals, Snapshot
+
+POOLS = ("prefill", "decode")
+CORRECTION_RANGE = (0.5, 4.0)
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    min: int = 1
+    max: int = 4
+
+    def __post_init__(self):
+        if not (isinstance(self.min, int) and isinstance(self.max, int) and 1 <= self.min <= self.max):
+            raise ValueError(f"pool limits need integers 1 <= min <= max, got min={self.min!r} max={self.max!r}")
+
+
+@dataclass(frozen=True)
+class Objectives:
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+    percentile: int = 90  # the objectives hold at this percentile: 50, 90 or 99
+    headroom: float = 0.8  # plan for this fraction of each objective
+    prefill: PoolLimits = field(default_factory=PoolLimits)
+    decode: PoolLimits = field(default_factory=PoolLimits)
+    budget_per_hour: float | None = None  # cost of all instances together; None: no budget
+    kv_high: float = 0.85  # decode KV use above this asks for one more decode instance
+    up_cooldown_s: float = 20.0
+    down_cooldown_s: float = 60.0
+    down_stable_s: float = 60.0  # the target must stay below the current count this long
+    min_samples: int = 20  # fewer measurements than this: the model alone decides
+    stale_s: float = 30.0  # an older snapshot is no data
+    rebalance_gap: float = 0.3
+    max_migrations: int = 4  # per rebalancing proposal
+    default_prompt_tokens: int = 256  # the demand's shape before anything was measured
+    default_output_tokens: int = 128
+
+    def __post_init__(self):
+        for name in ("prefill", "decode"):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, PoolLimits(**getattr(self, name)))
+        if self.percentile not in (50, 90, 99):
+            raise ValueError(f"percentile must be 50, 90 or 99, got {self.percentile!r}")
+        for name in ("ttft_s", "tpot_s"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ValueError(f"objective {name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+        if not 0 < self.headroom <= 1:
+            raise ValueError(f"headroom must be in (0, 1], got {self.headroom!r}")
+        if self.budget_per_hour is not None and self.budget_per_hour < 0:
+            raise ValueError(f"budget_per_hour must be >= 0 or null, got {self.budget_per_hour!r}")
+
+    def limits(self, pool: str) -> PoolLimits:
+        return getattr(self, pool)
+
+
+@dataclass
+class PolicyState:
+    seq: int = 0
+    last_change: dict = field(default_factory=dict)  # pool -> when it last scaled
+    below_since: dict = field(default_factory=dict)  # pool -> since when the target is below the count
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "add" | "drain" | "migrate"
+    pool: str
+    instance_type: str | None = None
+    count: int = 1
+    worker: str | None = None  # drain: which; migrate: from
+    target: str | None = None  # migrate: to
+
+
+@dataclass(frozen=True)
+class Decision:
+    id: str
+    time: float
+    actions: tuple[Action, ...] = ()
+    targets: dict = field(default_factory=dict)  # pool -> {instance type: count}
+    reasons: tuple[str, ...] = ()
+    model: dict = field(default_factory=dict)  # pool -> demand, capacities, corrections (what it reasoned from)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return max(lo, min(hi, x))
+
+
+def _prefill_model(ps: PoolSignals, catalog: Catalog, obj: Objectives) -> dict:
+    types = catalog.for_pool("prefill")
+    prompt = ps.prompt_tokens
+    mean = prompt.mean if prompt.n else obj.default_prompt_tokens
+    high = prompt.at(obj.percentile) if prompt.n else mean
+    corr = 1.0
+    if ps.prefill_s.n >= obj.min_samples and prompt.n:
+        predicted = [catalog.get(k).prefill.seconds(prompt.p50) for k in ps.instances if k in catalog.types]
+        if predicted and sum(predicted) > 0:
+            corr = _clamp(ps.prefill_s.p50 / (sum(predicted) / len(predicted)), *CORRECTION_RANGE)
+    cap = {t.name: prefill_capacity(t, mean, high, obj.ttft_s * obj.headroom, obj.percentile / 100, corr)
+           for t in types}
+    return {"demand": ps.arrival_rate, "unit": "requests/s", "correction": corr, "capacity": cap,
+            "prompt_mean": mean}
+
+
+def _decode_model(ps: PoolSignals, pre: PoolSignals, snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict:
+    types = catalog.for_pool("decode")
+    out_mean = ps.output_tokens.mean if ps.output_tokens.n else obj.default_output_tokens
+    prompt_mean = pre.prompt_tokens.mean if pre.prompt_tokens.n else obj.default_prompt_tokens
+    demand = max(ps.token_rate, pre.arrival_rate * out_mean)
+    context = ps.kv_tokens_used / ps.running if ps.running else prompt_mean + out_mean / 2
+    weighted, weight = 0.0, 0
+    for w in snapshot.workers:
+        if w.pool == "decode" and w.state == "up" and w.tpot_s.n and w.running and w.instance_type in catalog.types:
+            predicted = catalog.get(w.instance_type).decode(w.running, w.kv_tokens_used)
+            if predicted > 0:
+                weighted += w.tpot_s.n * w.tpot_s.p50 / predicted
+                weight += w.tpot_s.n
+    corr = _clamp(weighted / weight, *CORRECTION_RANGE) if weight >= obj.min_samples else 1.0
+    cap = {t.name: decode_capacity(t, context, obj.tpot_s * obj.headroom, corr)[1] for t in types}
+    return {"demand": demand, "unit": "tokens/s", "correction": corr, "capacity": cap, "context": context}
+
+
+def _observed_miss(pool: str, ps: PoolSignals, obj: Objectives) -> str | None:
+    dist, limit = (ps.ttft_s, obj.ttft_s) if pool == "prefill" else (ps.tpot_s, obj.tpot_s)
+    if dist.n >= obj.min_samples and dist.at(obj.percentile) > limit:
+        name = "TTFT" if pool == "prefill" else "TPOT"
+        return f"{pool}: measured P{obj.percentile} {name} {dist.at(obj.percentile):.3f}s > objective {limit}s"
+    return None
+
+
+def _idle(snapshot: Snapshot) -> bool:
+    pre, dec = snapshot.pool("prefill"), snapshot.pool("decode")
+    return (pre.arrival_rate == 0 and dec.token_rate == 0 and pre.waiting == 0 and dec.running == 0
+            and dec.waiting == 0 and pre.queued_prompt_tokens == 0)
+
+
+def _one_more(model: dict, current: dict, catalog: Catalog) -> dict:
+    """The current mix plus one instance of the type with the most capacity per unit of cost."""
+    name = max(model["capacity"], key=lambda k: (model["capacity"][k] / max(catalog.get(k).cost_per_hour, 1e-9), k))
+    return {**current, name: current.get(name, 0) + 1}
+
+
+def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: Objectives,
+            reasons: list) -> dict:
+    ps, limits = snapshot.pool(pool), obj.limits(pool)
+    current = dict(ps.instances)
+    cost = {k: catalog.get(k).cost_per_hour for k in model["capacity"]}
+    if _idle(snapshot):
+        keep = sorted(current, key=lambda k: (cost.get(k, float("inf")), k))
+        target, left = {}, limits.min
+        for k in keep:  # the cheapest instances already there stay
+            take = min(current[k], left)
+            if take and k in cost:
+                target[k], left = take, left - take
+        if left:
+            cheapest = min(cost, key=lambda k: (cost[k], k))
+            target[cheapest] = target.get(cheapest, 0) + left
+        reasons.append(f"{pool}: no traffic: the minimum ({limits.min})")
+        return target
+    target = cheapest_mix(model["capacity"], cost, model["demand"], limits.min, limits.max, current)
+    if target is None:
+        best = max(model["capacity"], key=lambda k: (model["capacity"][k], -cost[k]))
+        target = {best: limits.max}
+        reasons.append(f"{pool}: demand {model['demand']:.2f} {model['unit']} is beyond {limits.max} instances: "
+                       f"the maximum")
+    pressure = _observed_miss(pool, ps, obj)
+    if pool == "decode" and ps.kv_blocks_total and ps.kv_used_fraction > obj.kv_high:
+        pressure = f"decode: KV use {ps.kv_used_fraction:.0%} > {obj.kv_high:.0%}"
+    if pressure:
+        reasons.append(pressure)
+        if sum(target.values()) <= sum(current.values()) < limits.max:
+            target = _one_more(model, current, catalog)
+    return target
+
+
+def _pick_drain(pool: str, instance_type: str, snapshot: Snapshot) -> str | None:
+    candidates = [w for w in snapshot.workers if w.pool == pool and w.state == "up" and w.instance_type == instance_type]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda w: (w.running + w.waiting, w.queued_prompt_tokens, w.kv_blocks_used, w.name)).name
+
+
+def _rebalance(snapshot: Snapshot, obj: Objectives) -> Action | None:
+    ws = [w for w in snapshot.workers if w.pool == "decode" and w.state == "up" and w.kv_blocks_total]
+    if len(ws) < 2:
+        return None
+    hot = max(ws, key=lambda w: (w.kv_used_fraction, w.name))
+    cold = min(ws, key=lambda w: (w.kv_used_fraction, w.name))
+    count = min(obj.max_migrations, (hot.running - cold.running) // 2)
+    if hot.kv_used_fraction - cold.kv_used_fraction >= obj.rebalance_gap and hot.kv_used_fraction >= 0.5 and count >= 1:
+        return Action("migrate", "decode", count=count, worker=hot.name, target=cold.name)
+    return None
+
+
+def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, state: PolicyState,
+           now: float | None = None) -> Decision:
+    """One tick: see the module docstring. ``now`` defaults to the snapshot's time."""
+    state.seq += 1
+    did = f"decision-{state.seq}"
+    if snapshot is None:
+        return Decision(did, now or 0.0, reasons=("no snapshot: no action",))
+    now = snapshot.time if now is None else now
+    if now - snapshot.time > objectives.stale_s:
+        return Decision(did, now, reasons=(f"snapshot is {now - snapshot.time:.0f}s old: no action",))
+    missing = [p for p in POOLS if snapshot.pool(p).num_up == 0]
+    if missing:
+        return Decision(did, now, reasons=(f"no worker up in {', '.join(missing)}: no action",))
+
+    reasons: list[str] = []
+    models = {"prefill": _prefill_model(snapshot.pool("prefill"), catalog, objectives)}
+    models["decode"] = _decode_model(snapshot.pool("decode"), snapshot.pool("prefill"), snapshot, catalog, objectives)
+    targets = {p: _target(p, snapshot, models[p], catalog, objectives, reasons) for p in POOLS}
+
+    actions: list[Action] = []
+    spend = sum(catalog.get(w.instance_type).cost_per_hour for w in snapshot.workers
+                if w.state in ("up", "starting", "draining") and w.instance_type in catalog.types)
+    for pool in POOLS:
+        ps, target = snapshot.pool(pool), targets[pool]
+        current = ps.instances
+        adds = {k: n - current.get(k, 0) for k, n in target.items() if n > current.get(k, 0)}
+        over = {k: n - target.get(k, 0) for k, n in current.items() if n > target.get(k, 0)}
+        if adds:
+            state.below_since.pop(pool, None)
+            if ps.num_starting:
+                reasons.append(f"{pool}: {ps.num_starting} still starting: no more now")
+                continue
+            if now - state.last_change.get(pool, -1e18) < objectives.up_cooldown_s:
+                reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
+                continue
+            room = objectives.limits(pool).max - sum(current.values())
+            for k in sorted(adds, key=lambda k: catalog.get(k).cost_per_hour):
+                price = catalog.get(k).cost_per_hour
+                n = min(adds[k], room)
+                if objectives.budget_per_hour is not None:
+                    n = min(n, int((objectives.budget_per_hour - spend + 1e-9) // price) if price else n)
+                if n < adds[k]:
+                    reasons.append(f"{pool}: budget {objectives.budget_per_hour}/h allows {max(n, 0)} of "
+                                   f"{adds[k]} more {k}")
+                if n > 0:
+                    actions.append(Action("add", pool, k, n))
+                    spend, room = spend + n * price, room - n
+                    state.last_change[pool] = now
+            continue
+        if not over:
+            state.below_since.pop(pool, None)
+            continue
+        if ps.num_draining:
+            reasons.append(f"{pool}: a drain is under way: one at a time")
+            continue
+        since = state.below_since.setdefault(pool, now)
+        if now - since < objectives.down_stable_s:
+            reasons.append(f"{pool}: below target for {now - since:.0f}s of {objectives.down_stable_s:.0f}s")
+            continue
+        if now - state.last_change.get(pool, -1e18) < objectives.down_cooldown_s:
+            reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
+            continue
+        kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
+        worker = _pick_drain(pool, kind, snapshot)
+        if worker is not None:
+            actions.append(Action("drain", pool, kind, 1, worker=worker))
+            state.last_change[pool] = now
+            state.below_since.pop(pool, None)
+    if not any(a.pool == "decode" for a in actions):
+        move = _rebalance(snapshot, objectives)
+        if move is not None:
+            actions.append(move)
+            reasons.append(f"decode: {move.worker} is hot: {move.count} requests to {move.target}")
+    return Decision(did, now, tuple(actions), targets, tuple(reasons), models)

@@ -1,0 +1,209 @@
+"""Load and latency signals, measured where requests are served, and the one typed snapshot of them.
+
+Pure Python. Each worker keeps a :class:`Recorder` (a sliding window of timed
+samples) and records as it serves::
+
+    prefill worker   arrival (prompt tokens) when a prompt comes in; queue_s (in to first scheduled);
+                     prefill_s (scheduled to first token); transfer_s (KV handoff); ttft_s (in to
+                     handed off: the first token is on its way to the client)
+    decode worker    tokens (output tokens, per output); tpot_s (a request's mean time per output
+                     token here, when it finishes or moves); output_tokens (when it finishes)
+
+``worker.signals()`` returns ``{"gauges": {...}, "series": recorder.export()}``:
+the gauges are instant values (waiting, running, KV blocks used/total,
+queued prompt tokens). The autoscaler collects every worker's export and
+:func:`aggregate` turns them, with the membership rows, into a
+:class:`Snapshot`: per worker and per pool percentiles over the window,
+arrival and token rates, prompt/output length distributions, queue depth,
+running batch and KV use. The router, the metrics and the autoscaler read
+the same snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+WINDOW_S = 60.0
+MAX_SAMPLES = 4096  # per series per worker: a bound on memory and on what one export carries
+
+
+class Recorder:
+    """Timed samples of named series over a sliding window (oldest dropped first)."""
+
+    def __init__(self, window_s: float = WINDOW_S, max_samples: int = MAX_SAMPLES, clock=time.monotonic):
+        self.window_s, self.max_samples, self.clock = window_s, max_samples, clock
+        self.started = clock()
+        self.series: dict[str, deque] = {}
+
+    def record(self, name: str, value: float) -> None:
+        q = self.series.get(name)
+        if q is None:
+            q = self.series[name] = deque(maxlen=self.max_samples)
+        q.append((self.clock(), float(value)))
+
+    def export(self) -> dict:
+        """{"span_s": how much of the window this recorder has seen, "series": {name: [(age_s, value)]}}"""
+        now = self.clock()
+        out = {}
+        for name, q in self.series.items():
+            while q and now - q[0][0] > self.window_s:
+                q.popleft()
+            out[name] = [(now - t, v) for t, v in q]
+        return {"span_s": min(self.window_s, now - self.started), "series": out}
+
+
+@dataclass(frozen=True)
+class Dist:
+    """A distribution over the window: count, mean and percentiles (0 when there are no samples)."""
+    n: int = 0
+    mean: float = 0.0
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Dist":
+        if not values:
+            return cls()
+        v = sorted(values)
+        return cls(len(v), sum(v) / len(v), percentile(v, 50), percentile(v, 90), percentile(v, 99))
+
+    def at(self, p: int) -> float:
+        return {50: self.p50, 90: self.p90, 99: self.p99}[p]
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return 0.0
+    k = (len(sorted_values) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+@dataclass(frozen=True)
+class WorkerSignals:
+    name: str
+    pool: str
+    instance_type: str
+    state: str  # membership state: starting / up / draining / dead
+    span_s: float = 0.0
+    waiting: int = 0
+    running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_tokens_used: int = 0
+    queued_prompt_tokens: int = 0
+    arrival_rate: float = 0.0  # prompts/s (prefill)
+    token_rate: float = 0.0  # output tokens/s (decode)
+    ttft_s: Dist = field(default_factory=Dist)
+    tpot_s: Dist = field(default_factory=Dist)
+    queue_s: Dist = field(default_factory=Dist)
+    prefill_s: Dist = field(default_factory=Dist)
+    transfer_s: Dist = field(default_factory=Dist)
+    prompt_tokens: Dist = field(default_factory=Dist)
+    output_tokens: Dist = field(default_factory=Dist)
+
+    @property
+    def kv_used_fraction(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class PoolSignals:
+    pool: str
+    num_up: int = 0
+    num_starting: int = 0
+    num_draining: int = 0
+    num_dead: int = 0
+    instances: dict = field(default_factory=dict)  # instance type -> workers up or starting
+    starting: dict = field(default_factory=dict)  # instance type -> workers starting
+    arrival_rate: float = 0.0
+    token_rate: float = 0.0
+    waiting: int = 0
+    running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_tokens_used: int = 0
+    queued_prompt_tokens: int = 0
+    ttft_s: Dist = field(default_factory=Dist)
+    tpot_s: Dist = field(default_factory=Dist)
+    queue_s: Dist = field(default_factory=Dist)
+    prefill_s: Dist = field(default_factory=Dist)
+    transfer_s: Dist = field(default_factory=Dist)
+    prompt_tokens: Dist = field(default_factory=Dist)
+    output_tokens: Dist = field(default_factory=Dist)
+
+    @property
+    def kv_used_fraction(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    time: float  # wall clock when collected
+    window_s: float
+    workers: tuple[WorkerSignals, ...]
+    pools: dict  # pool name -> PoolSignals
+
+    def pool(self, name: str) -> PoolSignals:
+        return self.pools.get(name) or PoolSignals(name)
+
+    def to_dict(self) -> dict:
+        return {"time": self.time, "window_s": self.window_s, "workers": [asdict(w) for w in self.workers],
+                "pools": {k: asdict(v) for k, v in self.pools.items()}}
+
+
+_DISTS = ("ttft_s", "tpot_s", "queue_s", "prefill_s", "transfer_s")
+_GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "kv_tokens_used", "queued_prompt_tokens")
+
+
+def _values(series: dict, name: str) -> list[float]:
+    return [v for _, v in series.get(name, ())]
+
+
+def worker_signals(member: dict, export: dict | None) -> WorkerSignals:
+    """One worker's signals from its membership row ({name, pool, state, node_type}) and its export
+    (None: it did not answer, so only the row is known)."""
+    base = dict(name=member["name"], pool=member["pool"], instance_type=member.get("node_type", "default"),
+                state=member["state"])
+    if not export:
+        return WorkerSignals(**base)
+    series, span = export.get("series", {}), max(float(export.get("span_s", 0.0)), 1e-9)
+    gauges = {k: int(export.get("gauges", {}).get(k, 0) or 0) for k in _GAUGES}
+    arrivals = _values(series, "arrival")
+    return WorkerSignals(**base, span_s=span, **gauges,
+                         arrival_rate=len(arrivals) / span, token_rate=sum(_values(series, "tokens")) / span,
+                         prompt_tokens=Dist.of(arrivals), output_tokens=Dist.of(_values(series, "output_tokens")),
+                         **{d: Dist.of(_values(series, d)) for d in _DISTS})
+
+
+def aggregate(members: list[dict], exports: dict, window_s: float = WINDOW_S, now: float | None = None) -> Snapshot:
+    """The snapshot of a cluster: ``members`` are membership rows, ``exports`` worker name -> export
+    (missing or None for a worker that did not answer). Pool percentiles are over the union of the
+    pool's samples, not an average of per-worker percentiles."""
+    workers = tuple(worker_signals(m, exports.get(m["name"])) for m in members)
+    pools = {}
+    for pool in sorted({w.pool for w in workers}):
+        ws = [w for w in workers if w.pool == pool]
+        counted = [w for w in ws if w.state in ("up", "draining")]
+        instances, starting = {}, {}
+        for w in ws:
+            if w.state in ("up", "starting"):
+                instances[w.instance_type] = instances.get(w.instance_type, 0) + 1
+            if w.state == "starting":
+                starting[w.instance_type] = starting.get(w.instance_type, 0) + 1
+        union = {name: [v for w in counted for _, v in (exports.get(w.name) or {}).get("series", {}).get(name, ())]
+                 for name in (*_DISTS, "arrival", "output_tokens")}
+        pools[pool] = PoolSignals(
+            pool, num_up=sum(w.state == "up" for w in ws), num_starting=sum(w.state == "starting" for w in ws),
+            num_draining=sum(w.state == "draining" for w in ws), num_dead=sum(w.state == "dead" for w in ws),
+            instances=instances, starting=starting,
+            arrival_rate=sum(w.arrival_rate for w in counted), token_rate=sum(w.token_rate for w in counted),
+            **{g: sum(getattr(w, g) for w in counted) for g in _GAUGES},
+            prompt_tokens=Dist.of(union["arrival"]), output_tokens=Dist.of(union["output_tokens"]),
+            **{d: Dist.of(union[d]) for d in _DISTS})
+    return Snapshot(time.time() if now is None else now, window_s, workers, pools)

@@ -1,0 +1,311 @@
+"""The autoscaler's pure parts: signals, catalog, capacity models and the policy, over synthetic snapshots."""
+
+import itertools
+import math
+import random
+
+import pytest
+
+from splitserve.autoscaler.capacity import cheapest_mix, decode_capacity, prefill_capacity
+from splitserve.autoscaler.catalog import Catalog, InstanceType, PrefillModel, StepModel, fit_linear
+from splitserve.autoscaler.policy import Objectives, PolicyState, decide
+from splitserve.autoscaler.signals import Dist, Recorder, aggregate
+
+SMALL = InstanceType("small", 0.10, PrefillModel(0.01, 0.001, 0.0), StepModel(0.02, 0.001, 1e-6),
+                     kv_tokens=32768, max_batch=32)
+BIG = InstanceType("big", 0.25, PrefillModel(0.005, 0.0004, 0.0), StepModel(0.01, 0.0005, 5e-7),
+                   kv_tokens=65536, max_batch=64)
+CATALOG = Catalog([SMALL, BIG])
+OBJ = Objectives(ttft_s=2.0, tpot_s=0.1, prefill={"min": 1, "max": 6}, decode={"min": 1, "max": 6},
+                 up_cooldown_s=10, down_cooldown_s=30, down_stable_s=30)
+SPAN = 60.0
+
+
+def export(arrivals=0.0, prompt=256, tokens=0.0, output=128, running=0, kv_used=0, waiting=0,
+           kv_total=2048, ttft=None, tpot=None, prefill_s=None, n=40):
+    """A worker's export with ``arrivals``/s of ``prompt`` tokens, ``tokens``/s of output, and the given
+    latencies (n samples each)."""
+    series = {"arrival": [(i * SPAN / max(1, round(arrivals * SPAN)), prompt) for i in range(round(arrivals * SPAN))],
+              "tokens": [(i * 0.1, tokens * 0.1) for i in range(int(SPAN * 10))] if tokens else [],
+              "output_tokens": [(1.0, output)] * (n if tokens else 0)}
+    for name, v in (("ttft_s", ttft), ("tpot_s", tpot), ("prefill_s", prefill_s)):
+        if v is not None:
+            series[name] = [(1.0, v)] * n
+    return {"span_s": SPAN, "series": series,
+            "gauges": {"running": running, "waiting": waiting, "kv_blocks_used": kv_used,
+                       "kv_blocks_total": kv_total, "kv_tokens_used": kv_used * 16}}
+
+
+def snapshot(prefill, decode, now=1000.0):
+    """prefill/decode: lists of (instance type, state, export or None)."""
+    members, exports = [], {}
+    for pool, workers in (("prefill", prefill), ("decode", decode)):
+        for i, (kind, state, ex) in enumerate(workers):
+            name = f"{pool}-{i}"
+            members.append({"name": name, "pool": pool, "state": state, "node_type": kind})
+            exports[name] = ex
+    return aggregate(members, exports, now=now)
+
+
+def steady(n_pre=1, n_dec=1, kind="small", rate=0.5, prompt=256, output=128, **dec):
+    """A cluster serving ``rate`` req/s split evenly over its workers."""
+    tokens = rate * output
+    pre = [(kind, "up", export(arrivals=rate / n_pre, prompt=prompt)) for _ in range(n_pre)]
+    dec_ = [(kind, "up", export(tokens=tokens / n_dec, output=output, **dec)) for _ in range(n_dec)]
+    return pre, dec_
+
+
+def adds(decision, pool):
+    return sum(a.count for a in decision.actions if a.kind == "add" and a.pool == pool)
+
+
+def drains(decision, pool):
+    return [a for a in decision.actions if a.kind == "drain" and a.pool == pool]
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+def test_recorder_window_and_percentiles():
+    t = [0.0]
+    r = Recorder(window_s=10, clock=lambda: t[0])
+    for i in range(20):
+        t[0] = float(i)
+        r.record("x", i)
+    ex = r.export()
+    assert ex["span_s"] == 10
+    assert [v for _, v in ex["series"]["x"]] == [float(i) for i in range(9, 20)]  # older than 10 s dropped
+    d = Dist.of([float(i) for i in range(1, 101)])
+    assert (d.n, d.mean, d.p50) == (100, 50.5, 50.5) and d.p90 == pytest.approx(90.1) and d.p99 == pytest.approx(99.01)
+    assert Dist.of([]) == Dist()
+
+
+def test_pool_percentiles_are_over_the_union_of_samples():
+    fast = export(tpot=0.01, tokens=10, n=90)
+    slow = export(tpot=0.5, tokens=10, n=10)
+    snap = snapshot([("small", "up", export(arrivals=1))], [("small", "up", fast), ("small", "up", slow)])
+    tp = snap.pool("decode").tpot_s
+    assert tp.n == 100 and tp.p50 == 0.01 and tp.p99 == 0.5  # an average of per-worker P50s would be 0.255
+    assert snap.pool("decode").token_rate == pytest.approx(20)
+    assert snap.pool("prefill").arrival_rate == pytest.approx(1.0)
+    # a worker that did not answer is counted by state, with no samples
+    snap = snapshot([("small", "up", None), ("small", "starting", None)], [("big", "up", fast)])
+    pre = snap.pool("prefill")
+    assert (pre.num_up, pre.num_starting, pre.instances, pre.starting) == (1, 1, {"small": 2}, {"small": 1})
+
+
+# -- catalog ---------------------------------------------------------------------------------------
+
+def test_fit_recovers_a_step_model_and_keeps_coefficients_non_negative():
+    rows = [(b, b * c) for b in (1, 2, 4, 8, 16, 32) for c in (128, 512, 2048)]
+    secs = [0.015 + 0.0004 * b + 2e-6 * kv for b, kv in rows]
+    a, b, c = fit_linear(rows, secs)
+    assert (a, b, c) == pytest.approx((0.015, 0.0004, 2e-6), rel=1e-6)
+    # noise that pulls c below zero: held at 0, the rest refit
+    a, b, c = fit_linear([(1, 0), (2, 5), (4, 1), (8, 9)], [0.02, 0.03, 0.05, 0.09])
+    assert min(a, b, c) >= 0
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_linear([(1, 1)], [0.1])
+
+
+def test_catalog_yaml_round_trip_and_bad_entries(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    CATALOG.to_yaml(str(path))
+    again = Catalog.from_yaml(str(path))
+    assert again.get("big") == BIG and [t.name for t in again.for_pool("decode")] == ["small", "big"]
+    good = SMALL.to_dict()
+    with pytest.raises(ValueError, match="unknown keys.*'speed'"):
+        InstanceType.from_dict({**good, "speed": 3})
+    with pytest.raises(ValueError, match="coefficient b must be a number >= 0"):
+        InstanceType.from_dict({**good, "decode": {"a": 0.01, "b": -1}})
+    with pytest.raises(ValueError, match="pools must be a non-empty subset"):
+        InstanceType.from_dict({**good, "pools": ["gpu"]})
+    with pytest.raises(ValueError, match="declared twice"):
+        Catalog([SMALL, SMALL])
+    with pytest.raises(KeyError, match="known: \\['big', 'small'\\]"):
+        CATALOG.get("huge")
+
+
+# -- capacity --------------------------------------------------------------------------------------
+
+def test_prefill_capacity_follows_the_queueing_model():
+    # service 0.01 + 0.256 = 0.266 s: mu = 3.76/s. A generous objective admits nearly mu, a tight one less,
+    # one below the service time nothing.
+    loose = prefill_capacity(SMALL, 256, 256, 30.0, 0.9)
+    tight = prefill_capacity(SMALL, 256, 256, 0.6, 0.9)
+    assert 3.6 < loose < 3.77 and 0 < tight < loose
+    assert prefill_capacity(SMALL, 256, 256, 0.2, 0.9) == 0.0
+    # at the capacity found, the M/M/1 waiting quantile plus the service is the objective
+    mu, lam = 1 / 0.266, tight
+    assert 0.266 + math.log((lam / mu) / 0.1) / (mu - lam) == pytest.approx(0.6, rel=1e-6)
+    assert prefill_capacity(SMALL, 256, 256, 0.6, 0.9, correction=2.0) < tight
+
+
+def test_decode_capacity_is_the_largest_batch_within_the_objective():
+    b, rate = decode_capacity(SMALL, 384, 0.05)
+    step = SMALL.decode(b, b * 384)
+    assert 1 < b < SMALL.max_batch and step <= 0.05 < SMALL.decode(b + 1, (b + 1) * 384)
+    assert rate == pytest.approx(b / step)
+    assert decode_capacity(SMALL, 384, 0.01) == (0, 0.0)
+    assert decode_capacity(SMALL, 30000, 10.0)[0] == 0  # not one request fits 90% of its KV
+    assert decode_capacity(SMALL, 384, 10.0)[0] == SMALL.max_batch
+
+
+def test_cheapest_mix_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        names = ["a", "b", "c"][: rng.randint(1, 3)]
+        cap = {n: rng.choice([0.0, rng.uniform(0.5, 5)]) for n in names}
+        cost = {n: rng.uniform(0.1, 1) for n in names}
+        demand, lo, hi = rng.uniform(0, 15), rng.randint(1, 2), rng.randint(2, 6)
+        got = cheapest_mix(cap, cost, demand, lo, hi)
+        feasible = [dict(zip(names, c)) for c in itertools.product(range(hi + 1), repeat=len(names))
+                    if lo <= sum(c) <= hi and sum(cap[n] * k for n, k in zip(names, c)) >= demand
+                    and all(cap[n] > 0 for n, k in zip(names, c) if k)]  # a type that can't meet it: never used
+        if not feasible:
+            assert got is None
+            continue
+        best = min(sum(cost[n] * k for n, k in f.items()) for f in feasible)
+        assert got is not None and lo <= sum(got.values()) <= hi
+        assert sum(cap[n] * k for n, k in got.items()) >= demand - 1e-9
+        assert sum(cost[n] * k for n, k in got.items()) == pytest.approx(best)
+
+
+# -- policy ----------------------------------------------------------------------------------------
+
+def test_steady_load_holds_still():
+    state = PolicyState()
+    pre, dec = steady(rate=0.5)
+    for t in range(0, 600, 10):
+        d = decide(snapshot(pre, dec, now=1000.0 + t), CATALOG, OBJ, state)
+        assert d.actions == (), d.reasons
+        assert d.targets == {"prefill": {"small": 1}, "decode": {"small": 1}}
+
+
+def test_a_long_prompt_burst_scales_prefill_and_a_long_output_burst_scales_decode():
+    pre, dec = steady(rate=2.0, prompt=1500, output=16)  # 2 req/s x 1.5 s of prefill: needs 4+ prefill
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "prefill") >= 3 and adds(d, "decode") == 0, d
+    pre, dec = steady(rate=1.0, prompt=64, output=1000)  # 1000 tokens/s of decode
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "decode") >= 1 and adds(d, "prefill") == 0, d
+
+
+def test_zero_traffic_drains_to_the_minimum_one_at_a_time():
+    idle = [("small", "up", export()) for _ in range(3)]
+    busy = export(running=1, kv_used=10)
+    state, now = PolicyState(), 1000.0
+    d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now), CATALOG, OBJ, state)
+    assert d.actions == () and d.targets["prefill"] == {"small": 1}  # not yet: the target must stay below
+    d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now + 31), CATALOG, OBJ, state)
+    assert len(drains(d, "prefill")) == 1 and len(drains(d, "decode")) == 1
+    # the next drain waits for the cooldown; a pool with a request running is not idle
+    d = decide(snapshot(idle[:2] + [("small", "draining", export())], [("small", "up", busy)], now + 40),
+               CATALOG, OBJ, state)
+    assert d.actions == () and any("drain is under way" in r for r in d.reasons)
+    # the decode worker with least work is drained
+    d = decide(snapshot(idle[:1], [("small", "up", busy), ("small", "up", export())], now + 200), CATALOG, OBJ,
+               PolicyState(below_since={"decode": 0.0}))
+    assert [a.worker for a in drains(d, "decode")] == ["decode-1"]
+
+
+def test_pending_instances_block_scale_up_of_that_pool_only():
+    pre, dec = steady(rate=2.0, prompt=1500, output=400)
+    d = decide(snapshot(pre + [("small", "starting", None)], dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "prefill") == 0 and adds(d, "decode") >= 1
+    assert any("prefill: 1 still starting" in r for r in d.reasons)
+
+
+def test_budget_is_respected():
+    pre, dec = steady(rate=3.0, prompt=1500, output=400)
+    free = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    wanted = sum(CATALOG.get(a.instance_type).cost_per_hour * a.count for a in free.actions if a.kind == "add")
+    budget = 0.2 + wanted / 2  # 2 small run (0.2/h): half of what it would add
+    d = decide(snapshot(pre, dec), CATALOG, Objectives(**{**OBJ.__dict__, "budget_per_hour": budget}), PolicyState())
+    spend = 0.2 + sum(CATALOG.get(a.instance_type).cost_per_hour * a.count for a in d.actions if a.kind == "add")
+    assert adds(d, "prefill") + adds(d, "decode") >= 1 and spend <= budget + 1e-9
+    assert any("budget" in r for r in d.reasons)
+
+
+def test_cheapest_type_that_meets_the_objective_is_chosen():
+    # TPOT 0.03: a small step is 0.02 + 0.001 b + ... -> few requests per small; a big one carries ~25
+    obj = Objectives(**{**OBJ.__dict__, "tpot_s": 0.03})
+    pre, dec = steady(rate=1.0, prompt=64, output=300)
+    d = decide(snapshot(pre, dec), CATALOG, obj, PolicyState())
+    assert {a.instance_type for a in d.actions if a.pool == "decode"} == {"big"}, d
+    cheap = Catalog([SMALL, InstanceType.from_dict({**BIG.to_dict(), "cost_per_hour": 0.05})])
+    d = decide(snapshot(pre, dec), cheap, OBJ, PolicyState())  # big is now cheaper and faster: it wins
+    assert d.targets["decode"] == {"big": 1} and d.targets["prefill"] == {"big": 1}
+
+
+def test_no_data_means_no_action():
+    state = PolicyState()
+    assert decide(None, CATALOG, OBJ, state).actions == ()
+    pre, dec = steady(rate=3.0, prompt=1500)
+    d = decide(snapshot(pre, dec, now=1000.0), CATALOG, OBJ, state, now=1100.0)
+    assert d.actions == () and "old" in d.reasons[0]
+    d = decide(snapshot([("small", "dead", None)], dec), CATALOG, OBJ, state)
+    assert d.actions == () and "no worker up in prefill" in d.reasons[0]
+    assert [decide(None, CATALOG, OBJ, state).id for _ in range(2)] == ["decision-4", "decision-5"]
+
+
+def test_a_measured_miss_or_kv_pressure_adds_one_and_blocks_scale_down():
+    # the model thinks one small decode is plenty, but the server measures P90 TPOT 0.3 s
+    pre, dec = steady(rate=0.2, output=64, tpot=0.3, running=2, kv_used=40)
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "decode") == 1 and any("measured P90 TPOT" in r for r in d.reasons)
+    # KV nearly full: one more too, whatever the model says
+    pre, dec = steady(rate=0.2, output=64, running=4, kv_used=1900)
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "decode") == 1 and any("KV use 93%" in r for r in d.reasons)
+    # two decode workers, low demand, but a measured miss: no drain however long it lasts
+    pre, dec = steady(n_dec=2, rate=0.2, output=64, tpot=0.3, running=2, kv_used=40)
+    state = PolicyState(below_since={"decode": 0.0})
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, state)
+    assert not drains(d, "decode")
+
+
+def test_correction_from_measured_service_times():
+    pre = [("small", "up", export(arrivals=1.0, prompt=256, prefill_s=0.266 * 3))]  # 3x slower than the catalog
+    d = decide(snapshot(pre, steady()[1]), CATALOG, OBJ, PolicyState())
+    assert d.model["prefill"]["correction"] == pytest.approx(3.0)
+    assert adds(d, "prefill") >= 1  # 1 req/s of 0.8 s prompts does not fit one instance
+
+
+def test_rebalance_proposes_moving_requests_from_a_hot_to_a_cold_decode_worker():
+    pre = steady(rate=0.2)[0]
+    dec = [("small", "up", export(tokens=10, running=9, kv_used=1800)),
+           ("small", "up", export(tokens=1, running=1, kv_used=200))]
+    d = decide(snapshot(pre, dec), CATALOG, Objectives(**{**OBJ.__dict__, "kv_high": 0.95}), PolicyState())
+    move = [a for a in d.actions if a.kind == "migrate"]
+    assert len(move) == 1 and (move[0].worker, move[0].target, move[0].count) == ("decode-0", "decode-1", 4)
+
+
+def test_many_random_snapshots_give_sane_decisions():
+    rng = random.Random(1)
+    obj = Objectives(**{**OBJ.__dict__, "budget_per_hour": 1.2})
+    for _ in range(400):
+        def workers():
+            return [(rng.choice(["small", "big"]), rng.choice(["up", "up", "starting", "draining", "dead"]),
+                     rng.choice([None, export(arrivals=rng.uniform(0, 4), prompt=rng.randint(1, 3000),
+                                              tokens=rng.uniform(0, 800), output=rng.randint(1, 1000),
+                                              running=rng.randint(0, 40), kv_used=rng.randint(0, 2048),
+                                              tpot=rng.choice([None, rng.uniform(0.01, 1)]),
+                                              ttft=rng.choice([None, rng.uniform(0.1, 9)]),
+                                              prefill_s=rng.choice([None, rng.uniform(0.01, 3)]))]))
+                    for _ in range(rng.randint(1, 6))]
+        snap = snapshot(workers(), workers())
+        d = decide(snap, CATALOG, obj, PolicyState(below_since={"prefill": 0.0, "decode": 0.0}))
+        for pool, model in d.model.items():
+            assert all(math.isfinite(v) for v in (model["demand"], model["correction"], *model["capacity"].values()))
+        for pool in ("prefill", "decode"):
+            ps = snap.pool(pool)
+            if ps.num_up == 0:
+                assert d.actions == ()
+            if ps.num_starting:
+                assert adds(d, pool) == 0
+            assert sum(ps.instances.values()) + adds(d, pool) <= max(obj.limits(pool).max, sum(ps.instances.values()))
+            assert len(drains(d, pool)) <= 1 and (not drains(d, pool) or ps.num_draining == 0)
+        spend = sum(CATALOG.get(w.instance_type).cost_per_hour for w in snap.workers
+                    if w.state in ("up", "starting", "draining"))
+        added = sum(CATALOG.get(a.instance_type).cost_per_hour * a.count for a in d.actions if a.kind == "add")
+        assert added == 0 or spend + added <= obj.budget_per_hour + 1e-9
