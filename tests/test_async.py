@@ -80,6 +80,33 @@ def test_consumer_that_stops_early_frees_its_blocks(aengine):
     assert_no_leaks(aengine.engine)
 
 
+def test_a_prefill_reader_gone_before_the_handoff_frees_the_held_blocks(aengine):
+    """The engine suspends a hold_kv request after its first token; if the reader is cancelled before
+    it takes that "prefilled" output, nobody will hand the KV off: the held blocks must be freed."""
+    params = SamplingParams(max_tokens=5, temperature=0)
+
+    async def main():
+        async def reader():
+            async for _ in aengine.generate("hand me off", params, hold_kv=True):
+                pass
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0)  # the request is in, its reader waits on the queue
+        deadline = time.monotonic() + 10
+        while True:  # the event loop is blocked: the output can't be delivered before the cancel
+            with aengine.lock:
+                if aengine.engine.held:
+                    break
+            assert time.monotonic() < deadline, "the request was never suspended"
+            time.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    _wait_idle(aengine)
+    assert_no_leaks(aengine.engine)
+
+
 def test_bad_input_raises_before_streaming(aengine):
     async def main():
         async for _ in aengine.generate("", SamplingParams()):

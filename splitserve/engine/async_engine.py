@@ -117,6 +117,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if request_id in self.engine.requests:
                 self.engine.abort(request_id)
+            elif request_id in self.engine.held and self.engine.held[request_id].hold_kv:
+                # prefill role: it suspended itself for the handoff, but its reader left before taking
+                # the "prefilled" output, so nobody will send its KV (a move's suspension is not this)
+                self.engine.release(request_id)
         self._wake.set()
 
     def abort_request(self, request_id: str) -> bool:
