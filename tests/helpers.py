@@ -100,3 +100,55 @@ def our_logits_chunked(model, token_ids: list[int], chunks: list[int], block_siz
         start += n
     assert start == len(token_ids)
     return torch.cat(outs)
+
+
+class FakeMultinodeCluster:
+    """Ray's own autoscaler with its ``fake_multinode`` provider, on this machine: ``ray start --head``
+    with an autoscaling config whose node types start real raylets (typed by their resources) when
+    work asks for them, and stop them when idle. The Ray 2.60 wheel lacks the provider's example
+    YAML, so the whole config is written here. Everything listens on loopback, on a free port."""
+
+    def __init__(self, head_resources: dict, node_types: dict, idle_timeout_minutes: float = 0.05):
+        self.port = free_port()
+        self.head_resources, self.node_types, self.idle = dict(head_resources), node_types, idle_timeout_minutes
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _env(self) -> dict:
+        import sys
+        bindir = os.path.dirname(sys.executable)
+        return {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "RAY_AUTH_MODE": "disabled", "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+
+    def start(self, config_dir: str) -> "FakeMultinodeCluster":
+        import subprocess
+        config = {
+            "cluster_name": "splitserve-test", "max_workers": sum(t.get("max_workers", 1) for t in self.node_types.values()),
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": self.address},
+            "available_node_types": {"ray.head.default": {"resources": self.head_resources, "node_config": {},
+                                                          "max_workers": 0},
+                                     **{name: {"node_config": {}, "min_workers": 0, **t}
+                                        for name, t in self.node_types.items()}},
+            "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": self.idle, "docker": {}, "initialization_commands": [], "setup_commands": [],
+            "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
+        path = os.path.join(config_dir, "fake_multinode.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        head = dict(self.head_resources)
+        cmd = ["ray", "start", "--head", f"--port={self.port}", f"--autoscaling-config={path}",
+               "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+               f"--num-cpus={head.pop('CPU', 1)}"]
+        if head:
+            cmd.append(f"--resources={json.dumps(head)}")
+        subprocess.run(["ray", "stop", "--force"], env=self._env(), capture_output=True)
+        subprocess.run(cmd, env=self._env(), check=True, capture_output=True)
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins it as a driver
+        return self
+
+    def shutdown(self) -> None:
+        import subprocess
+        subprocess.run(["ray", "stop", "--force"], env=self._env(), capture_output=True)
+        os.environ.pop("RAY_AUTH_MODE", None)

@@ -156,15 +156,21 @@ class Catalog:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
-def fit_linear(rows: list[tuple[float, float]], seconds: list[float]) -> tuple[float, float, float]:
-    """Least-squares a, b, c >= 0 for seconds = a + b*x + c*y over ``rows`` of (x, y).
+def fit_linear(rows: list[tuple[float, float]], seconds: list[float],
+               relative: bool = False) -> tuple[float, float, float]:
+    """Least-squares a, b, c >= 0 for seconds = a + b*x + c*y over ``rows`` of (x, y); ``relative``:
+    minimise relative errors (a 30 ms point counts as much as a 3 s one).
 
     A coefficient the unconstrained fit makes negative is dropped (held at 0) and the rest refit:
     an active set over three unknowns."""
     if len(rows) != len(seconds) or len(rows) < 2:
         raise ValueError(f"need at least 2 measurements with one time each, got {len(rows)} rows, "
                          f"{len(seconds)} times")
-    columns = [[1.0] * len(rows), [float(r[0]) for r in rows], [float(r[1]) for r in rows]]
+    if relative and min(seconds) <= 0:
+        raise ValueError("a relative fit needs times > 0")
+    w = [1.0 / s for s in seconds] if relative else [1.0] * len(rows)
+    seconds = [s * wi for s, wi in zip(seconds, w)]
+    columns = [list(w), [float(r[0]) * wi for r, wi in zip(rows, w)], [float(r[1]) * wi for r, wi in zip(rows, w)]]
     scale = [max(abs(v) for v in col) or 1.0 for col in columns]  # columns of ~1: a well-conditioned system
     columns = [[v / s for v in col] for col, s in zip(columns, scale)]
     active = [i for i in range(3) if any(columns[i])]

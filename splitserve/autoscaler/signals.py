@@ -43,6 +43,15 @@ class Recorder:
             q = self.series[name] = deque(maxlen=self.max_samples)
         q.append((self.clock(), float(value)))
 
+    def count(self, name: str, n: float) -> None:
+        """Add ``n`` to this second's bucket (for rates: one sample per second, not per event)."""
+        q = self.series.get(name)
+        now = self.clock()
+        if q and int(q[-1][0]) == int(now):
+            q[-1] = (q[-1][0], q[-1][1] + n)
+        else:
+            self.record(name, n)
+
     def export(self) -> dict:
         """{"span_s": how much of the window this recorder has seen, "series": {name: [(age_s, value)]}}"""
         now = self.clock()
@@ -52,6 +61,14 @@ class Recorder:
                 q.popleft()
             out[name] = [(now - t, v) for t, v in q]
         return {"span_s": min(self.window_s, now - self.started), "series": out}
+
+
+def engine_gauges(engine) -> dict:
+    """The instant gauges of an engine (lock-free reads of counters: good enough between steps)."""
+    used = engine.kv.num_blocks - engine.kv.num_free_blocks
+    return {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
+            "kv_blocks_used": used, "kv_blocks_total": engine.kv.num_blocks,
+            "kv_tokens_used": used * engine.kv.block_size}
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,14 @@ def _values(series: dict, name: str) -> list[float]:
     return [v for _, v in series.get(name, ())]
 
 
+def _within(export: dict | None, window_s: float) -> dict | None:
+    """An export cut to the last ``window_s`` (the autoscaler may look at less than workers keep)."""
+    if not export:
+        return export
+    series = {k: [(age, v) for age, v in samples if age <= window_s] for k, samples in export.get("series", {}).items()}
+    return {**export, "span_s": min(float(export.get("span_s", 0.0)), window_s), "series": series}
+
+
 def worker_signals(member: dict, export: dict | None) -> WorkerSignals:
     """One worker's signals from its membership row ({name, pool, state, node_type}) and its export
     (None: it did not answer, so only the row is known)."""
@@ -183,8 +208,9 @@ def worker_signals(member: dict, export: dict | None) -> WorkerSignals:
 
 def aggregate(members: list[dict], exports: dict, window_s: float = WINDOW_S, now: float | None = None) -> Snapshot:
     """The snapshot of a cluster: ``members`` are membership rows, ``exports`` worker name -> export
-    (missing or None for a worker that did not answer). Pool percentiles are over the union of the
-    pool's samples, not an average of per-worker percentiles."""
+    (missing or None for a worker that did not answer), looked at over the last ``window_s``. Pool
+    percentiles are over the union of the pool's samples, not an average of per-worker percentiles."""
+    exports = {name: _within(e, window_s) for name, e in exports.items()}
     workers = tuple(worker_signals(m, exports.get(m["name"])) for m in members)
     pools = {}
     for pool in sorted({w.pool for w in workers}):

@@ -35,6 +35,7 @@ import uuid
 
 import ray
 
+from splitserve.autoscaler.signals import Recorder, engine_gauges
 from splitserve.engine.output import RequestOutput
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
@@ -72,6 +73,7 @@ class DecodeWorkerImpl:
         self.num_dropped_after_abort = 0
         self.num_unclaimed_aborted = 0
         self.num_migrated_out = self.num_migrations_failed = 0
+        self.recorder = Recorder()
 
     async def start(self) -> dict:
         """Start the KV server on a free port in this actor's event loop (once); returns the identity."""
@@ -86,7 +88,8 @@ class DecodeWorkerImpl:
             self._reapers = [asyncio.create_task(self.servicer.reap_forever()),
                              asyncio.create_task(reap_stalled_forever(self))]
             self.address = f"{self.kv_host}:{port}"
-        return {"name": self.name, "address": self.address, "pid": os.getpid(), "incarnation": self.incarnation}
+        return {"name": self.name, "address": self.address, "pid": os.getpid(), "incarnation": self.incarnation,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def _adopt(self, snapshot, loop) -> None:
         rid = snapshot.request_id
@@ -115,7 +118,17 @@ class DecodeWorkerImpl:
         queue = self.queues.pop(request_id, None)
         if queue is None:
             raise KeyError(f"request {request_id!r} was not committed to this decode worker")
+        first_at, tokens = None, 0
         async for out in self.aengine.stream(request_id, queue):
+            if out.new_token_ids:
+                self.recorder.count("tokens", len(out.new_token_ids))
+                first_at = first_at or time.monotonic()
+                tokens += len(out.new_token_ids)
+            if out.finished:
+                if tokens > 1:  # this request's mean time per output token here
+                    self.recorder.record("tpot_s", (time.monotonic() - first_at) / (tokens - 1))
+                if out.finish_reason != "migrated":
+                    self.recorder.record("output_tokens", out.num_output_tokens)
             yield out
 
     def cancel_wait(self, request_id: str) -> None:
@@ -190,6 +203,10 @@ class DecodeWorkerImpl:
                 "kv_bytes_sent": self.sender.num_bytes_sent, "migrated_out": self.num_migrated_out,
                 "migrations_failed": self.num_migrations_failed,
                 "dropped_after_abort": self.num_dropped_after_abort, "unclaimed_aborted": self.num_unclaimed_aborted}
+
+    def signals(self) -> dict:
+        """What the autoscaler reads (``autoscaler/signals.py``): gauges now, timed samples over the window."""
+        return {"gauges": engine_gauges(self.engine), **self.recorder.export()}
 
     def leaks(self) -> dict:
         """Every per-request structure on this worker, by size: all zero when it is idle."""

@@ -70,6 +70,7 @@ class Request:
     draft_probs: object = None  # their proposal distributions [k, V], or None (point masses)
     text: object = None  # output.TextState: detokenizer, stop strings, held-back text
     spec_acceptance: float = 0.6  # moving average of accepted drafts (adaptive k; optimistic start)
+    scheduled_at: float | None = None  # time.monotonic() when it first got a step (queueing time ends)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,6 +21,8 @@ Requests leave through :meth:`Scheduler.finish`, which frees their blocks.
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -141,6 +143,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.scheduled_at is None:
+                req.scheduled_at = time.monotonic()
             self.running.append(req)
             chunks.append(self._chunk(req, n))
             budget -= n

@@ -7,7 +7,11 @@
 
     splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
                      [--quantization none|int8|int4] [--kv-wire-codec raw|int8] [--speculative off|ngram|draft]
-                     [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS] ...
+                     [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS]
+                     [--autoscale --catalog FILE [--ttft-objective S] [--tpot-objective S]
+                      [--budget-per-hour X] [--max-prefill N] [--max-decode N]] ...
+
+    splitserve profile --cost-per-hour X --out catalog.yaml [--name NAME] [--threads N] [--max-seconds S]
 
 ``generate`` loads the model (progress on stderr), streams the completion to
 stdout as it is produced, and reports the finish reason on stderr. ``serve``
@@ -113,6 +117,15 @@ def _serve_args(sub) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--autoscale", action="store_true",
+                   help="size the pools to latency objectives (needs --catalog or autoscale.catalog in --config)")
+    p.add_argument("--catalog", default=None, help="autoscaler instance catalog YAML (splitserve profile writes one)")
+    p.add_argument("--ttft-objective", type=float, default=None, help="seconds, at P90 (autoscale)")
+    p.add_argument("--tpot-objective", type=float, default=None, help="seconds per output token, at P90 (autoscale)")
+    p.add_argument("--budget-per-hour", type=float, default=None, help="cost cap of all instances (autoscale)")
+    p.add_argument("--max-prefill", type=int, default=None, help="autoscale: most prefill instances")
+    p.add_argument("--max-decode", type=int, default=None, help="autoscale: most decode instances")
+    p.add_argument("--autoscale-period", type=float, default=None, help="seconds between decisions (default 5)")
 
 
 def cmd_serve(args) -> int:
@@ -137,6 +150,7 @@ def cmd_serve(args) -> int:
 
     cfg = dataclasses.replace(cfg, prefill=pool(cfg.prefill, args.prefill_replicas, args.prefill_threads),
                               decode=pool(cfg.decode, args.decode_replicas, args.decode_threads))
+    cfg = _autoscale(cfg, args)
     server = start_server(cfg, address=args.address, log=lambda m: print(m, file=sys.stderr))
     ep = server.endpoints
     token_at = "$SPLITSERVE_CLUSTER_TOKEN" if os.environ.get("SPLITSERVE_CLUSTER_TOKEN") else _save_token(cfg)
@@ -158,6 +172,40 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _autoscale(cfg, args):
+    """Fold the --autoscale flags into the config (flags override the YAML's autoscale section)."""
+    import dataclasses
+
+    from splitserve.platform.config import AutoscaleConfig
+    flags = (args.catalog, args.ttft_objective, args.tpot_objective, args.budget_per_hour, args.max_prefill,
+             args.max_decode, args.autoscale_period)
+    if not args.autoscale:
+        if any(v is not None for v in flags):
+            raise ValueError("--catalog, --*-objective, --budget-per-hour, --max-* and --autoscale-period "
+                             "go with --autoscale")
+        if cfg.autoscale is not None:  # from the YAML: checked before anything starts
+            cfg.autoscale.load()
+        return cfg
+    a = cfg.autoscale
+    if a is None:
+        if args.catalog is None:
+            raise ValueError("--autoscale needs an instance catalog: --catalog FILE (write one with "
+                             "`splitserve profile --out FILE`) or autoscale.catalog in --config")
+        a = AutoscaleConfig(catalog=args.catalog)
+    objectives = dict(a.objectives)
+    for key, value in (("ttft_s", args.ttft_objective), ("tpot_s", args.tpot_objective),
+                       ("budget_per_hour", args.budget_per_hour)):
+        if value is not None:
+            objectives[key] = value
+    for pool, value in (("prefill", args.max_prefill), ("decode", args.max_decode)):
+        if value is not None:
+            objectives[pool] = {**objectives.get(pool, {"min": 1}), "max": value}
+    a = dataclasses.replace(a, catalog=args.catalog or a.catalog, objectives=objectives,
+                            period_s=a.period_s if args.autoscale_period is None else args.autoscale_period)
+    a.load()  # a bad catalog or objective fails here, before anything starts
+    return dataclasses.replace(cfg, autoscale=a)
+
+
 def _save_token(cfg) -> str:
     """Write a generated cluster token where only this user can read it; returns the path."""
     path = os.path.expanduser("~/.splitserve/cluster_token")
@@ -175,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     _serve_args(sub)
     from splitserve.bench import command as bench_command
     bench_command.add_args(sub)
+    from splitserve.autoscaler import profile as profile_command
+    profile_command.add_args(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -183,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "bench":
             return bench_command.run(args)
+        if args.command == "profile":
+            return profile_command.run(args)
     except (SplitserveError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

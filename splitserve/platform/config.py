@@ -5,12 +5,20 @@
     mode: disaggregated        # or colocated (prefill and decode in one engine: the baseline)
     prefill: {replicas: 1, threads: 1, resources: {}, kv_cache_memory_mb: 256}
     decode:  {replicas: 1, threads: 1, resources: {}, kv_cache_memory_mb: 512}
+                               # instance_type: a catalog entry (with autoscale: where the workers go)
     http_port: 8000            # Ray Serve's own defaults
     grpc_port: 9000
     model_name: smollm2        # the name clients address (KServe model_name, OpenAI model)
     quantization: none         # none | int8 | int4 weights; a pool may override it (prefill: {quantization: none})
     kv_wire_codec: raw         # raw | int8: how prefill sends KV to decode (int8: about half the bytes)
     speculative: off           # off | ngram | draft: speculative decoding where decode runs (draft: int4 self-draft)
+    autoscale:                 # optional: size the pools to latency objectives (splitserve/autoscaler)
+      catalog: catalog.yaml    # instance types: cost, Ray resources, step-time models
+      objectives: {ttft_s: 2.0, tpot_s: 0.1, percentile: 90, budget_per_hour: null,
+                   prefill: {min: 1, max: 4}, decode: {min: 1, max: 4}}
+      period_s: 5
+      nodes: none              # none | ray (Ray's autoscaler: request_resources) | kuberay (worker group
+                               # replicas; kuberay: {namespace, rayservice, groups: {type: group}})
 """
 
 from __future__ import annotations
@@ -33,6 +41,39 @@ class PoolConfig:
     max_num_seqs: int = 64
     chunked_prefill: bool = True  # colocated mode: False = whole prompts per step (no chunking)
     quantization: str | None = None  # None: the server-wide setting
+    instance_type: str | None = None  # an autoscaler catalog entry: where its workers go (None: anywhere)
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    """``autoscale:`` in the YAML (or ``serve --autoscale --catalog FILE``)."""
+    catalog: str  # a YAML instance catalog (``splitserve profile`` writes one)
+    objectives: dict = field(default_factory=dict)  # autoscaler.policy.Objectives fields (ttft_s, tpot_s,
+    #                                                 percentile, budget_per_hour, prefill/decode: {min, max}, ...)
+    period_s: float = 5.0  # one decision every period (0: only on demand)
+    nodes: str = "none"  # who provides the instances' nodes: none (they are there) | ray (Ray's autoscaler,
+    #                      request_resources) | kuberay (worker group replicas of the RayCluster)
+    kuberay: dict = field(default_factory=dict)  # nodes: kuberay: {namespace, rayservice | raycluster, groups}
+    window_s: float = 30.0  # the signals' sliding window (workers keep 60 s)
+
+    def load(self):
+        """(Catalog, Objectives), checked: a clear error for a missing file or a bad field."""
+        from splitserve.autoscaler.catalog import Catalog
+        from splitserve.autoscaler.policy import Objectives
+        if not os.path.isfile(self.catalog):
+            raise ValueError(f"autoscale.catalog: no file {self.catalog!r} (write one with `splitserve profile "
+                             f"--out FILE`, or declare instance_types in YAML)")
+        known = set(Objectives.__dataclass_fields__)
+        unknown = set(self.objectives) - known
+        if unknown:
+            raise ValueError(f"autoscale.objectives: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        if self.nodes not in ("none", "ray", "kuberay"):
+            raise ValueError(f"autoscale.nodes must be 'none', 'ray' or 'kuberay'; got {self.nodes!r}")
+        if self.period_s < 0:
+            raise ValueError(f"autoscale.period_s must be >= 0, got {self.period_s}")
+        if not 0 < self.window_s <= 60:
+            raise ValueError(f"autoscale.window_s must be in (0, 60] seconds, got {self.window_s}")
+        return Catalog.from_yaml(self.catalog), Objectives(**self.objectives)
 
 
 @dataclass(frozen=True)
@@ -55,6 +96,7 @@ class ServeConfig:
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
+    autoscale: AutoscaleConfig | None = None  # None: fixed pools (the replicas above)
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -74,6 +116,10 @@ class ServeConfig:
             object.__setattr__(self, "speculative", "off")
         if self.speculative not in ("off", "ngram", "draft"):
             raise ValueError(f"speculative must be 'off', 'ngram' or 'draft'; got {self.speculative!r}")
+        if isinstance(self.autoscale, dict):
+            object.__setattr__(self, "autoscale", AutoscaleConfig(**self.autoscale))
+        if self.autoscale is not None and self.mode != "disaggregated":
+            raise ValueError("autoscale sizes the prefill and decode pools: it needs mode 'disaggregated'")
         if self.kv_wire_codec not in KV_CODECS:
             raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
 

@@ -33,25 +33,40 @@ from splitserve.platform.membership import Membership, MembershipView, WorkerSta
 
 PROBE_PERIOD_S = 0.5
 PROBE_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 600.0  # a worker added at run time must be up within this (node start + model load)
 
 
 class ControllerImpl:
-    def __init__(self, cfg: ServeConfig, prefix: str = "splitserve", probe_period_s: float = PROBE_PERIOD_S):
+    def __init__(self, cfg: ServeConfig, prefix: str = "splitserve", probe_period_s: float = PROBE_PERIOD_S,
+                 catalog: dict | None = None):
+        from splitserve.autoscaler.catalog import Catalog
         self.cfg, self.prefix, self.probe_period_s = cfg, prefix, probe_period_s
+        self.catalog = Catalog.from_dict(catalog) if catalog else None
         self.membership = Membership()
         self._next_index: dict[str, int] = {}
         self._supervisor = None
-        self._busy: set[str] = set()  # workers being drained / removed: supervision leaves them alone
+        self._busy: set[str] = set()  # workers starting, draining or being removed: supervision leaves them alone
+        self._starting: dict[str, asyncio.Task] = {}  # added without waiting: bringing them up
+        self._node_of: dict[str, str | None] = {}  # worker -> the Ray node it runs on (the actuator frees it)
         self.num_replaced = 0
 
     # -- pools ---------------------------------------------------------------------------
 
-    def _spawn(self, pool: str) -> str:
+    def _spawn(self, pool: str, instance_type: str | None = None) -> str:
+        """Start a worker of ``pool``; ``instance_type`` (a catalog entry) places it on a node of that
+        type. Default: the pool's configured type."""
         from splitserve.platform.pools import spawn
+        if instance_type is None:
+            instance_type = getattr(self.cfg, "decode" if pool == "colocated" else pool).instance_type
+        itype = None
+        if instance_type is not None and self.catalog is not None:
+            itype = self.catalog.get(instance_type)
+        elif instance_type is not None:
+            raise ValueError(f"instance type {instance_type!r} needs a catalog (autoscale.catalog)")
         i = self._next_index.get(pool, 0)
         self._next_index[pool] = i + 1
         name = f"{self.prefix}-{pool}-{i}"
-        self.membership.add(name, pool, spawn(self.cfg, pool, name))
+        self.membership.add(name, pool, spawn(self.cfg, pool, name, itype), node_type=instance_type or "default")
         return name
 
     async def start(self) -> int:
@@ -62,7 +77,7 @@ class ControllerImpl:
         self._supervisor = asyncio.create_task(self._supervise())
         return self.membership.version
 
-    async def _wait_up(self, name: str, timeout_s: float = 600.0) -> None:
+    async def _wait_up(self, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             m = self.membership.get(name)
@@ -71,6 +86,7 @@ class ControllerImpl:
             try:
                 ident = await m.handle.start.remote()  # blocks until the model is loaded
                 self.membership.came_up(name, ident["incarnation"], ident["address"])
+                self._node_of[name] = ident.get("node_id")
                 return
             except ray.exceptions.ActorDiedError as e:
                 raise RuntimeError(f"worker {name} died while starting: {e}") from None
@@ -79,13 +95,31 @@ class ControllerImpl:
                     raise
                 await asyncio.sleep(self.probe_period_s)
 
-    async def add_worker(self, pool: str) -> str:
+    async def add_worker(self, pool: str, instance_type: str | None = None, wait: bool = True) -> str:
+        """Start one more worker; ``wait``: return once it takes traffic, else at once (it stays
+        STARTING until its model is loaded; one that never starts is forgotten after ``START_TIMEOUT_S``)."""
         if pool not in ("prefill", "decode") or self.cfg.mode == "colocated":
             raise ValueError(f"workers can be added to the prefill or decode pool of a disaggregated server; "
                              f"got pool {pool!r} in {self.cfg.mode} mode")
-        name = self._spawn(pool)
-        await self._wait_up(name)
+        name = self._spawn(pool, instance_type)
+        if wait:
+            await self._wait_up(name)
+        else:
+            self._busy.add(name)  # supervision leaves it alone while its model loads
+            self._starting[name] = asyncio.create_task(self._bring_up(name))
         return name
+
+    async def _bring_up(self, name: str) -> None:
+        try:
+            await self._wait_up(name, START_TIMEOUT_S)
+        except Exception:  # never came up (no node of its type, crashed while loading): forget it
+            m = self.membership.get(name)
+            if m is not None:
+                self.membership.remove(name)
+                ray.kill(m.handle)
+        finally:
+            self._busy.discard(name)
+            self._starting.pop(name, None)
 
     async def drain(self, name: str, timeout_s: float = 120.0) -> dict:
         """Move everything off a worker; it stays registered (DRAINING) and takes nothing new."""
@@ -154,13 +188,28 @@ class ControllerImpl:
             await _stop(m.handle)
         finally:
             self._busy.discard(name)
-        return result
+        return {**result, "node_id": self._node_of.pop(name, None)}
 
     def _member(self, name: str):
         m = self.membership.get(name)
         if m is None:
             raise KeyError(f"no worker named {name!r}; workers: {[w.name for w in self.membership.view().members]}")
         return m
+
+    async def rebalance(self, source: str, target: str, count: int) -> dict:
+        """Move up to ``count`` running requests from one decode worker to another (live)."""
+        src, dst = self._member(source), self._member(target)
+        if src.pool != "decode" or dst.pool != "decode" or dst.state is not WorkerState.UP:
+            raise ValueError(f"rebalancing moves requests between decode workers to one that is up; "
+                             f"got {source} ({src.pool}) -> {target} ({dst.pool}, {dst.state.value})")
+        moved = 0
+        for rid in (await src.handle.request_ids.remote())[:count]:
+            try:
+                result = await src.handle.migrate.remote(rid, dst.name, dst.kv_address)
+            except ray.exceptions.RayTaskError:  # finished meanwhile, or already moving
+                continue
+            moved += result["status"] == "migrated"
+        return {"source": source, "target": target, "migrated": moved}
 
     # -- health ------------------------------------------------------------------------------
 
@@ -180,20 +229,35 @@ class ControllerImpl:
         except ray.exceptions.ActorDiedError:  # gone for good (killed, or out of restarts): replace it
             if self.membership.get(m.name) is not None and m.name not in self._busy:
                 self.membership.remove(m.name)
+                self._node_of.pop(m.name, None)
                 self.num_replaced += 1
-                self._spawn(m.pool)  # the next probes bring it up
+                self._spawn(m.pool, None if m.node_type == "default" else m.node_type)  # the next probes bring it up
             return
         except (ray.exceptions.RayActorError, asyncio.TimeoutError):  # crashed, restarting, or hung
             self.membership.lost(m.name, m.generation)
             return
         if self.membership.get(m.name) is not None:
             self.membership.came_up(m.name, ident["incarnation"], ident["address"])
+            self._node_of[m.name] = ident.get("node_id")
 
     # -- reads ----------------------------------------------------------------------------------
 
     def view(self, since_version: int = -1) -> MembershipView | None:
         """The membership, or None when the caller's version is current."""
         return None if since_version == self.membership.version else self.membership.view()
+
+    def members(self) -> list[dict]:
+        return [m.as_dict() for m in self.membership.view().members]
+
+    async def signals(self, timeout_s: float = 2.0) -> dict:
+        """Membership rows and every answering worker's signals export (autoscaler/signals.py)."""
+        members = self.membership.view().members
+        exports = await asyncio.gather(*(asyncio.wait_for(m.handle.signals.remote(), timeout_s) for m in members
+                                         if m.state in (WorkerState.UP, WorkerState.DRAINING)),
+                                       return_exceptions=True)
+        asked = [m for m in members if m.state in (WorkerState.UP, WorkerState.DRAINING)]
+        return {"members": [m.as_dict() for m in members],
+                "exports": {m.name: e for m, e in zip(asked, exports) if isinstance(e, dict)}}
 
     async def stats(self) -> dict:
         return await self._gather("stats")
@@ -210,6 +274,8 @@ class ControllerImpl:
     async def shutdown(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
+        for task in list(self._starting.values()):
+            task.cancel()
         members = self.membership.view().members
         await asyncio.gather(*(_stop(m.handle) for m in members))
 

@@ -80,12 +80,14 @@ async def _unwrapped(ref):
 # Helpers sit above the deployment: @serve.deployment serializes the class when it is defined.
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+                  max_ongoing_requests=1000)  # on the head, with the control plane (see pools.ON_HEAD)
 @serve.ingress(app)
 class FrontDoor:
     def __init__(self, handles: dict, model_name: str, model_path: str | None):
         self.router = make_router(handles)
         self.controller = handles["controller"]
+        self.autoscaler = handles.get("autoscaler")
         self.token = handles["cluster_token"]
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_path)
@@ -336,6 +338,17 @@ class FrontDoor:
     @app.delete("/admin/workers/{name}")
     async def admin_remove(self, name: str, request: Request):
         return await self._admin_call(request, lambda: _unwrapped(self.controller.remove_worker.remote(name)))
+
+    @app.get("/admin/autoscaler")
+    async def admin_autoscaler(self, request: Request):
+        """The autoscaler's latest snapshot and decisions (``?acted=1``: only those that acted)."""
+        async def call():
+            if self.autoscaler is None:
+                return {"enabled": False}
+            acted = request.query_params.get("acted") in ("1", "true")
+            return {"enabled": True, "snapshot": await self.autoscaler.snapshot.remote(),
+                    "decisions": await self.autoscaler.decisions.remote(50, acted)}
+        return await self._admin_call(request, call)
 
     @app.get("/admin/requests")
     async def admin_requests(self, request: Request):

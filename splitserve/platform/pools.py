@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from dataclasses import replace
 
 import ray
 
@@ -26,6 +27,10 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.platform.config import ServeConfig, engine_kwargs
 
 MAX_RESTARTS = 3  # Ray restarts a crashed worker this often; after that the controller replaces it
+# The control plane (controller, autoscaler, front door) lives on the head node (Ray's own head resource):
+# a zero-CPU actor could otherwise land on any worker node and keep it busy, so Ray's autoscaler could
+# never take that node back after a scale-in.
+ON_HEAD = {"node:__internal_head__": 0.001}
 
 
 class ColocatedWorkerImpl:
@@ -40,7 +45,8 @@ class ColocatedWorkerImpl:
         self._stall_reaper = None
 
     async def start(self) -> dict:
-        return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation}
+        return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):
@@ -67,14 +73,20 @@ class ColocatedWorkerImpl:
 ColocatedWorker = ray.remote(ColocatedWorkerImpl)
 
 
-def spawn(cfg: ServeConfig, pool: str, name: str):
-    """Start one worker actor of ``pool`` (it loads its model in the background; ``start()`` waits)."""
+def spawn(cfg: ServeConfig, pool: str, name: str, itype=None):
+    """Start one worker actor of ``pool`` (it loads its model in the background; ``start()`` waits).
+    ``itype``: an autoscaler catalog ``InstanceType``: its threads, and the Ray resources and labels
+    that put the worker on a node of that type."""
     from splitserve.decode.worker import DecodeWorker
     from splitserve.prefill.worker import PrefillWorker
 
     pc = cfg.decode if pool in ("decode", "colocated") else cfg.prefill
+    if itype is not None:
+        pc = replace(pc, threads=itype.threads, resources={**pc.resources, **itype.worker_resources})
     options = {"name": name, "num_cpus": pc.threads, "resources": dict(pc.resources), "max_concurrency": 1000,
                "max_restarts": MAX_RESTARTS}
+    if itype is not None and itype.labels:
+        options["label_selector"] = dict(itype.labels)
     if pool == "prefill":
         return PrefillWorker.options(**options).remote(engine_kwargs(cfg, pc, decodes=False), cfg.cluster_token,
                                                        cfg.kv_wire_codec, name)
@@ -89,20 +101,32 @@ class Pools:
 
     def __init__(self, cfg: ServeConfig, prefix: str = "splitserve"):
         self.cfg, self.prefix = cfg, prefix
-        self.controller = None
+        self.controller = self.autoscaler = None
 
     def start(self) -> "Pools":
         from splitserve.platform.controller import Controller
-        self.controller = Controller.options(name=f"{self.prefix}-controller", num_cpus=0,
-                                             max_concurrency=1000).remote(self.cfg, self.prefix)
+        catalog = None
+        if self.cfg.autoscale is not None:
+            catalog, objectives = self.cfg.autoscale.load()
+            self.cfg = with_instance_types(self.cfg, catalog)
+        self.controller = Controller.options(name=f"{self.prefix}-controller", num_cpus=0, resources=ON_HEAD,
+                                             max_concurrency=1000).remote(self.cfg, self.prefix,
+                                                                          catalog=catalog and catalog.to_dict())
         ray.get(self.controller.start.remote())  # every worker loaded and registered
+        if catalog is not None:
+            from splitserve.autoscaler.loop import Autoscaler
+            a = self.cfg.autoscale
+            self.autoscaler = Autoscaler.options(name=f"{self.prefix}-autoscaler", num_cpus=0,
+                                                 resources=ON_HEAD).remote(
+                self.controller, catalog.to_dict(), a.objectives, a.period_s, a.nodes, a.kuberay, a.window_s)
+            ray.get(self.autoscaler.start.remote())
         return self
 
     def handles(self) -> dict:
         """What the front door needs to build its router (the controller handle travels with it)."""
         return {"mode": self.cfg.mode, "controller": self.controller, "block_size": self.cfg.block_size,
                 "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
-                "cluster_token": self.cfg.cluster_token}
+                "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler}
 
     def view(self):
         return ray.get(self.controller.view.remote())
@@ -127,6 +151,13 @@ class Pools:
         return ray.get(self.controller.remove_worker.remote(name))
 
     def shutdown(self) -> None:
+        if self.autoscaler is not None:
+            try:
+                ray.get(self.autoscaler.stop.remote(), timeout=30)
+            except Exception:
+                pass
+            ray.kill(self.autoscaler)
+            self.autoscaler = None
         if self.controller is None:
             return
         try:
@@ -135,6 +166,23 @@ class Pools:
             pass
         ray.kill(self.controller)
         self.controller = None
+
+
+def with_instance_types(cfg: ServeConfig, catalog) -> ServeConfig:
+    """An autoscaled pool without an instance type starts on the catalog's cheapest type for it."""
+    pools = {}
+    for name in ("prefill", "decode"):
+        pc = getattr(cfg, name)
+        if pc.instance_type is None:
+            kinds = catalog.for_pool(name)
+            if not kinds:
+                raise ValueError(f"the autoscale catalog has no instance type for the {name} pool")
+            pc = replace(pc, instance_type=min(kinds, key=lambda t: (t.cost_per_hour, t.name)).name)
+        elif pc.instance_type not in catalog.types:
+            raise ValueError(f"{name}.instance_type {pc.instance_type!r} is not in the autoscale catalog; "
+                             f"it has {sorted(catalog.types)}")
+        pools[name] = pc
+    return replace(cfg, **pools)
 
 
 def make_router(h: dict):

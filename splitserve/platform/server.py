@@ -56,7 +56,9 @@ def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | N
     log(f"starting pools ({cfg.mode}) ...")
     pools = Pools(cfg).start()
     try:
-        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
+        # proxies on the head only: a proxy on every node would keep a worker node busy forever, so
+        # Ray's autoscaler could never take back a node whose worker the autoscaler drained
+        serve.start(proxy_location="HeadOnly", http_options={"host": cfg.http_host, "port": cfg.http_port},
                     grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER]))
         from splitserve.platform.frontdoor import FrontDoor
         serve.run(FrontDoor.bind(pools.handles(), cfg.model_name, cfg.model), name=APP_NAME, route_prefix="/")

@@ -25,6 +25,7 @@ import uuid
 
 import ray
 
+from splitserve.autoscaler.signals import Recorder, engine_gauges
 from splitserve.engine.request import RequestSnapshot
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
@@ -47,10 +48,12 @@ class PrefillWorkerImpl:
         self.queued_prompt_tokens = 0
         self.num_prefills = 0
         self.num_transfer_retries = 0
+        self.recorder = Recorder()
 
     async def start(self) -> dict:
         """Idempotent; the worker's identity (prefill workers serve no KV address)."""
-        return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation}
+        return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, decode_address: str,
                       resume: dict | None = None) -> dict:
@@ -68,6 +71,7 @@ class PrefillWorkerImpl:
             status = "error" if e.code == "INVALID_ARGUMENT" else "decode_failed"  # can never fit / try another
             return {"status": status, "code": e.code, "error": f"reserve failed: {e}"}
         self.queued_prompt_tokens += n
+        self.recorder.record("arrival", n)
         start = time.perf_counter()
         first = None
         try:
@@ -79,15 +83,23 @@ class PrefillWorkerImpl:
             self.queued_prompt_tokens -= n
             if first is None or first.finish_reason != "prefilled":
                 await self._give_back(decode_address, request_id)
-        result = {"first": first, "prefill_s": time.perf_counter() - start, "pid": os.getpid()}
+        prefilled = time.perf_counter()
+        result = {"first": first, "prefill_s": prefilled - start, "pid": os.getpid()}
         if first.finish_reason != "prefilled":
             return {"status": "finished", **result}
+        held = self.engine.held.get(request_id)
+        if held is not None and held.scheduled_at is not None:  # perf_counter and monotonic: one clock on Linux
+            self.recorder.record("queue_s", max(0.0, held.scheduled_at - start))
+            self.recorder.record("prefill_s", prefilled - max(start, held.scheduled_at))
         try:
             ack = await self._send_with_retry(decode_address, request_id, n)
         except (NoCapacityError, TransferFailedError) as e:
             return {"status": "transfer_failed", "error": f"KV transfer failed: {describe(e)}", **result}
         finally:
             self.port.release(request_id)
+        done = time.perf_counter()
+        self.recorder.record("transfer_s", done - prefilled)
+        self.recorder.record("ttft_s", done - start)
         self.num_prefills += 1
         return {"status": "transferred", "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks, **result}
 
@@ -119,6 +131,11 @@ class PrefillWorkerImpl:
         return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
                 "num_transfer_retries": self.num_transfer_retries, "name": self.name, "pid": os.getpid(),
                 **self.engine.stats()}
+
+    def signals(self) -> dict:
+        """What the autoscaler reads (``autoscaler/signals.py``): gauges now, timed samples over the window."""
+        return {"gauges": {**engine_gauges(self.engine), "queued_prompt_tokens": self.queued_prompt_tokens},
+                **self.recorder.export()}
 
     def leaks(self) -> dict:
         """Every per-request structure on this worker, by size: all zero when it is idle."""
