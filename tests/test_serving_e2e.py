@@ -29,6 +29,7 @@ def server(real_model_path):
                       grpc_port=free_port(), max_queue_wait_s=3.0,
                       prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
                       decode=PoolConfig(threads=1, kv_cache_memory_mb=96))
+    assert not ray.is_initialized(), "an earlier test left Ray initialized (its resources would be used)"
     srv = start_server(cfg, num_cpus=4, log=lambda m: None)
     yield srv
     srv.shutdown()

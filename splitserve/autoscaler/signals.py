@@ -101,13 +101,9 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
-@dataclass(frozen=True)
-class WorkerSignals:
-    name: str
-    pool: str
-    instance_type: str
-    state: str  # membership state: starting / up / draining / dead
-    span_s: float = 0.0
+@dataclass(frozen=True, kw_only=True)
+class Load:
+    """What a worker, or a pool of them, carries: gauges now, rates and distributions over the window."""
     waiting: int = 0
     running: int = 0
     kv_blocks_used: int = 0
@@ -129,8 +125,17 @@ class WorkerSignals:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
-@dataclass(frozen=True)
-class PoolSignals:
+@dataclass(frozen=True, kw_only=True)
+class WorkerSignals(Load):
+    name: str
+    pool: str
+    instance_type: str
+    state: str  # membership state: starting / up / draining / dead
+    span_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSignals(Load):
     pool: str
     num_up: int = 0
     num_starting: int = 0
@@ -138,25 +143,6 @@ class PoolSignals:
     num_dead: int = 0
     instances: dict = field(default_factory=dict)  # instance type -> workers up or starting
     starting: dict = field(default_factory=dict)  # instance type -> workers starting
-    arrival_rate: float = 0.0
-    token_rate: float = 0.0
-    waiting: int = 0
-    running: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    kv_tokens_used: int = 0
-    queued_prompt_tokens: int = 0
-    ttft_s: Dist = field(default_factory=Dist)
-    tpot_s: Dist = field(default_factory=Dist)
-    queue_s: Dist = field(default_factory=Dist)
-    prefill_s: Dist = field(default_factory=Dist)
-    transfer_s: Dist = field(default_factory=Dist)
-    prompt_tokens: Dist = field(default_factory=Dist)
-    output_tokens: Dist = field(default_factory=Dist)
-
-    @property
-    def kv_used_fraction(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +153,7 @@ class Snapshot:
     pools: dict  # pool name -> PoolSignals
 
     def pool(self, name: str) -> PoolSignals:
-        return self.pools.get(name) or PoolSignals(name)
+        return self.pools.get(name) or PoolSignals(pool=name)
 
     def to_dict(self) -> dict:
         return {"time": self.time, "window_s": self.window_s, "workers": [asdict(w) for w in self.workers],
@@ -225,7 +211,7 @@ def aggregate(members: list[dict], exports: dict, window_s: float = WINDOW_S, no
         union = {name: [v for w in counted for _, v in (exports.get(w.name) or {}).get("series", {}).get(name, ())]
                  for name in (*_DISTS, "arrival", "output_tokens")}
         pools[pool] = PoolSignals(
-            pool, num_up=sum(w.state == "up" for w in ws), num_starting=sum(w.state == "starting" for w in ws),
+            pool=pool, num_up=sum(w.state == "up" for w in ws), num_starting=sum(w.state == "starting" for w in ws),
             num_draining=sum(w.state == "draining" for w in ws), num_dead=sum(w.state == "dead" for w in ws),
             instances=instances, starting=starting,
             arrival_rate=sum(w.arrival_rate for w in counted), token_rate=sum(w.token_rate for w in counted),

@@ -43,6 +43,12 @@ STREAM_BACKPRESSURE = 16  # outputs Ray buffers for a stream's reader before the
 STALLED_READER_S = 10.0
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray: a worker class used directly, in tests);
+    never starts Ray itself."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 async def reap_stalled_forever(worker, period_s: float = 1.0) -> None:
     """Abort requests whose reader vanished without closing the stream (outputs pile up unread)."""
     while True:
@@ -89,7 +95,7 @@ class DecodeWorkerImpl:
                              asyncio.create_task(reap_stalled_forever(self))]
             self.address = f"{self.kv_host}:{port}"
         return {"name": self.name, "address": self.address, "pid": os.getpid(), "incarnation": self.incarnation,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray_node_id()}
 
     def _adopt(self, snapshot, loop) -> None:
         rid = snapshot.request_id

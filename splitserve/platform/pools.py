@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import ray
 
-from splitserve.decode.worker import STREAM_BACKPRESSURE, reap_stalled_forever
+from splitserve.decode.worker import STREAM_BACKPRESSURE, ray_node_id, reap_stalled_forever
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.platform.config import ServeConfig, engine_kwargs
 
@@ -46,7 +46,7 @@ class ColocatedWorkerImpl:
 
     async def start(self) -> dict:
         return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray_node_id()}
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict):

@@ -26,6 +26,7 @@ import uuid
 import ray
 
 from splitserve.autoscaler.signals import Recorder, engine_gauges
+from splitserve.decode.worker import ray_node_id
 from splitserve.engine.request import RequestSnapshot
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
@@ -53,7 +54,7 @@ class PrefillWorkerImpl:
     async def start(self) -> dict:
         """Idempotent; the worker's identity (prefill workers serve no KV address)."""
         return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray_node_id()}
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, decode_address: str,
                       resume: dict | None = None) -> dict:

@@ -1,0 +1,394 @@
+"""A discrete-event simulator of a splitserve cluster, for the scale we cannot run here.
+
+Pure Python. It runs the real policy (``policy.decide``) on snapshots built by
+the real aggregation (``signals.aggregate``) from simulated workers that record
+the same series as real ones, so what it tests is the autoscaler itself. A
+request's life::
+
+    arrival -> the prefill instance with the fewest queued tokens (FCFS; each step takes
+               up to ``prefill_budget`` tokens of queued prompts, chunked, and lasts
+               correction x prefill(tokens, sum of chunk x context))
+            -> first token -> a decode instance (the fewest running that has KV room;
+               none: it waits) -> KV transfer (transfer(prompt tokens) seconds): the
+               client has its first token (TTFT)
+            -> joins the decode batch at the next step; every step lasts
+               correction x decode(batch, KV tokens) and gives each request a token
+            -> done after its output length (TPOT = (last - first token) / (n - 1))
+
+Instances are added ``startup_s`` (the catalog's node start + load) before they
+take work; a drained decode instance's requests migrate (``migration_pause_s``
+without tokens) to the others, then it goes; a drained prefill instance
+finishes its queue. Cost accrues from the add to the removal. Traces:
+:func:`poisson`, :func:`gamma` (bursty), :func:`diurnal`, :func:`replay` (a
+``splitserve bench`` JSON).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.autoscaler.catalog import Catalog, LinearModel
+from splitserve.autoscaler.policy import Objectives, PolicyState, decide
+from splitserve.autoscaler.signals import Recorder, aggregate, percentile
+
+
+# -- traces: lists of (arrival s, prompt tokens, output tokens) ------------------------------------
+
+def _lengths(spec, rng: random.Random) -> int:
+    """An int, or ("lognormal", median, sigma, lo, hi)."""
+    if isinstance(spec, int):
+        return spec
+    _, median, sigma, lo, hi = spec
+    return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def _trace(gaps, duration_s: float, prompt, output, rng: random.Random) -> list[tuple]:
+    out, t = [], 0.0
+    while True:
+        t += gaps(t)
+        if t >= duration_s:
+            return out
+        out.append((t, _lengths(prompt, rng), _lengths(output, rng)))
+
+
+def poisson(rate: float, duration_s: float, prompt=256, output=128, seed: int = 0) -> list[tuple]:
+    rng = random.Random(seed)
+    return _trace(lambda t: rng.expovariate(rate), duration_s, prompt, output, rng)
+
+
+def gamma(rate: float, duration_s: float, cv: float = 3.0, prompt=256, output=128, seed: int = 0) -> list[tuple]:
+    """Bursty arrivals: gamma-distributed gaps with mean 1/rate and coefficient of variation ``cv``."""
+    rng = random.Random(seed)
+    shape = 1.0 / (cv * cv)
+    return _trace(lambda t: rng.gammavariate(shape, 1.0 / (rate * shape)), duration_s, prompt, output, rng)
+
+
+def diurnal(low: float, high: float, period_s: float, duration_s: float, prompt=256, output=128,
+            seed: int = 0) -> list[tuple]:
+    """A rate that swings between ``low`` and ``high`` over ``period_s`` (thinned Poisson)."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while t < duration_s:
+        t += rng.expovariate(high)
+        rate = low + (high - low) * (1 - math.cos(2 * math.pi * t / period_s)) / 2
+        if t < duration_s and rng.random() < rate / high:
+            out.append((t, _lengths(prompt, rng), _lengths(output, rng)))
+    return out
+
+
+def replay(bench_json: str) -> list[tuple]:
+    """The requests of a ``splitserve bench`` result, at their send times (from the first)."""
+    with open(bench_json) as f:
+        records = json.load(f)["records"]
+    t0 = min(r["send"] for r in records)
+    return sorted((r["send"] - t0, r["prompt_tokens"], max(1, r["output_tokens"])) for r in records)
+
+
+# -- the simulated system -------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class SimRequest:
+    rid: int
+    arrival: float
+    prompt: int
+    output: int
+    done_prompt: int = 0  # prompt tokens prefilled
+    prefill_start: float | None = None
+    first_token: float | None = None  # at the client (after the transfer)
+    tokens: int = 0  # output tokens the client has
+    done: float | None = None
+    decode: "Instance | None" = None
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.done - self.first_token) / (self.output - 1) if self.done and self.output > 1 else None
+
+
+@dataclass(eq=False)
+class Instance:
+    name: str
+    pool: str
+    kind: str
+    state: str  # starting / up / draining
+    added: float
+    recorder: Recorder
+    queue: deque = field(default_factory=deque)  # prefill: waiting prompts
+    running: list = field(default_factory=list)  # decode: the batch
+    joining: list = field(default_factory=list)  # decode: committed, join at the next step
+    busy: bool = False
+    kv_used: int = 0  # decode: tokens reserved (prompt + output of each request here)
+
+    def gauges(self, block: int, kv_tokens: int) -> dict:
+        if self.pool == "prefill":
+            queued = sum(r.prompt - r.done_prompt for r in self.queue)
+            return {"waiting": len(self.queue), "running": 0, "queued_prompt_tokens": queued}
+        used = sum(r.prompt + r.tokens for r in self.running + self.joining)
+        return {"waiting": len(self.joining), "running": len(self.running), "kv_blocks_used": -(-used // block),
+                "kv_blocks_total": kv_tokens // block, "kv_tokens_used": used}
+
+
+@dataclass
+class SimResult:
+    requests: list
+    cost: float  # dollars over the run
+    duration_s: float
+    timeline: list  # (t, {pool: {type: instances}}, arrivals/s over the last tick)
+    decisions: list
+
+    def summary(self, slo_ttft: float, slo_tpot: float) -> dict:
+        done = [r for r in self.requests if r.done is not None]
+        ttft = sorted(r.first_token - r.arrival for r in done)
+        tpot = sorted(r.tpot for r in done if r.tpot is not None)
+        ok = [r for r in done if r.first_token - r.arrival <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
+        tokens = sum(r.output for r in done)
+        return {"requests": len(self.requests), "completed": len(done), "failed": len(self.requests) - len(done),
+                "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
+                "tpot_p50": percentile(tpot, 50), "tpot_p90": percentile(tpot, 90),
+                "attainment": len(ok) / max(1, len(self.requests)), "goodput": len(ok) / self.duration_s,
+                "cost": self.cost, "cost_per_m_tokens": self.cost / max(tokens, 1) * 1e6}
+
+
+class Simulation:
+    def __init__(self, catalog: Catalog, initial: dict, objectives: Objectives | None = None,
+                 period_s: float = 5.0, window_s: float = 30.0, transfer: LinearModel = LinearModel(0.005, 5e-5),
+                 correction: dict | None = None, prefill_budget: int = 512, block_size: int = 16,
+                 migration_pause_s: float = 0.05, seed: int = 0):
+        """``initial``: {"prefill": {type: n}, "decode": {type: n}}; ``objectives`` None: static (no
+        autoscaler); ``correction``: {"prefill": x, "decode": y} on the catalog's models (calibration)."""
+        self.catalog, self.objectives, self.period_s, self.window_s = catalog, objectives, period_s, window_s
+        self.transfer, self.prefill_budget, self.block = transfer, prefill_budget, block_size
+        self.correction = {"prefill": 1.0, "decode": 1.0, **(correction or {})}
+        self.migration_pause_s = migration_pause_s
+        self.now, self._seq = 0.0, itertools.count()
+        self._events: list = []
+        self.instances: dict[str, Instance] = {}
+        self._names = itertools.count()
+        self.waiting_for_decode: deque = deque()
+        self.cost = 0.0
+        self.state = PolicyState()
+        self.decisions, self.timeline = [], []
+        for pool, mix in initial.items():
+            for kind, n in mix.items():
+                for _ in range(n):
+                    self._add(pool, kind, ready_in=0.0)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), fn, args))
+
+    def _add(self, pool: str, kind: str, ready_in: float) -> Instance:
+        inst = Instance(f"{pool}-{kind}-{next(self._names)}", pool, kind, "starting", self.now,
+                        Recorder(window_s=60.0, clock=lambda: self.now))
+        self.instances[inst.name] = inst
+        self._at(self.now + ready_in, self._ready, inst)
+        return inst
+
+    def _ready(self, inst: Instance) -> None:
+        if inst.state == "starting":
+            inst.state = "up"
+            self._place_waiting()
+
+    def _remove(self, inst: Instance) -> None:
+        if self.instances.pop(inst.name, None) is not None:
+            self.cost += self.catalog.get(inst.kind).cost_per_hour * (self.now - inst.added) / 3600
+
+    def _remove_if_drained(self, inst: Instance) -> None:
+        """A draining instance goes once nothing is queued, running or on its way to it."""
+        if inst.state == "draining" and not inst.busy and not inst.queue and not inst.running \
+                and not inst.joining and inst.kv_used == 0:
+            self._remove(inst)
+
+    def _up(self, pool: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.pool == pool and i.state == "up"]
+
+    # -- prefill ------------------------------------------------------------------------------------
+
+    def _arrive(self, req: SimRequest) -> None:
+        pool = self._up("prefill")
+        if not pool:  # nothing up yet: try again shortly
+            self._at(self.now + 0.05, self._arrive, req)
+            return
+        inst = min(pool, key=lambda i: (sum(r.prompt - r.done_prompt for r in i.queue), i.name))
+        inst.recorder.record("arrival", req.prompt)
+        inst.queue.append(req)
+        if not inst.busy:
+            self._prefill_step(inst)
+
+    def _prefill_step(self, inst: Instance) -> None:
+        budget, tokens, sq, chunks = self.prefill_budget, 0, 0.0, []
+        for req in inst.queue:
+            if budget <= 0:
+                break
+            n = min(req.prompt - req.done_prompt, budget)
+            chunks.append((req, n))
+            tokens, sq, budget = tokens + n, sq + n * (req.done_prompt + n), budget - n
+            if req.prefill_start is None:
+                req.prefill_start = self.now
+                inst.recorder.record("queue_s", self.now - req.arrival)
+        if not chunks:
+            inst.busy = False
+            self._remove_if_drained(inst)
+            return
+        inst.busy = True
+        seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq)
+        self._at(self.now + seconds, self._prefill_done, inst, chunks)
+
+    def _prefill_done(self, inst: Instance, chunks: list) -> None:
+        for req, n in chunks:
+            req.done_prompt += n
+            if req.done_prompt == req.prompt:
+                inst.queue.remove(req)
+                inst.recorder.record("prefill_s", self.now - req.prefill_start)
+                req.tokens = 1  # the first token, sampled here
+                self._to_decode(req, inst)
+        self._prefill_step(inst)
+
+    # -- handoff and decode -------------------------------------------------------------------------
+
+    def _to_decode(self, req: SimRequest, prefill: Instance | None) -> None:
+        need = req.prompt + req.output
+        fits = [i for i in self._up("decode") if i.kv_used + need <= self.catalog.get(i.kind).kv_tokens]
+        if not fits:
+            self.waiting_for_decode.append((req, prefill))
+            return
+        target = min(fits, key=lambda i: (len(i.running) + len(i.joining), i.name))
+        target.kv_used += need
+        req.decode = target
+        seconds = self.transfer(req.prompt)
+        self._at(self.now + seconds, self._committed, req, target, prefill, seconds)
+
+    def _place_waiting(self) -> None:
+        waiting, self.waiting_for_decode = self.waiting_for_decode, deque()
+        for req, prefill in waiting:
+            self._to_decode(req, prefill)
+
+    def _committed(self, req: SimRequest, target: Instance, prefill: Instance | None, transfer_s: float) -> None:
+        if req.first_token is None:
+            req.first_token = self.now
+            if prefill is not None:
+                prefill.recorder.record("transfer_s", transfer_s)
+                prefill.recorder.record("ttft_s", self.now - req.arrival)
+            if req.output <= 1:
+                self._finish(req, target)
+                return
+        target.joining.append(req)
+        if target.state == "draining":  # it was on its way here when the drain began: move it on
+            self._move(req, target, [i for i in self._up("decode") if i is not target])
+        if not target.busy:
+            self._decode_step(target)
+
+    def _decode_step(self, inst: Instance) -> None:
+        inst.running += inst.joining
+        inst.joining = []
+        if not inst.running:
+            inst.busy = False
+            self._remove_if_drained(inst)
+            return
+        inst.busy = True
+        kv = sum(r.prompt + r.tokens for r in inst.running)
+        seconds = self.correction["decode"] * self.catalog.get(inst.kind).decode(len(inst.running), kv)
+        self._at(self.now + seconds, self._decode_done, inst, list(inst.running))
+
+    def _decode_done(self, inst: Instance, batch: list) -> None:
+        inst.recorder.count("tokens", len([r for r in batch if r.decode is inst]))
+        for req in batch:
+            if req.decode is not inst:  # moved away during the step
+                continue
+            req.tokens += 1
+            if req.tokens >= req.output:
+                inst.running.remove(req)
+                self._finish(req, inst)
+        self._place_waiting()
+        self._decode_step(inst)
+
+    def _finish(self, req: SimRequest, inst: Instance) -> None:
+        req.done = self.now
+        self._open -= 1
+        inst.kv_used -= req.prompt + req.output
+        if req.tpot is not None:
+            inst.recorder.record("tpot_s", req.tpot)
+        inst.recorder.record("output_tokens", req.output)
+
+    def _move(self, req: SimRequest, source: Instance, targets: list[Instance]) -> bool:
+        need = req.prompt + req.output
+        fits = [i for i in targets if i.kv_used + need <= self.catalog.get(i.kind).kv_tokens]
+        if not fits:
+            return False
+        target = min(fits, key=lambda i: (len(i.running) + len(i.joining), i.name))
+        for queue in (source.running, source.joining):
+            if req in queue:
+                queue.remove(req)
+        source.kv_used -= need
+        target.kv_used += need
+        req.decode = target
+        self._at(self.now + self.migration_pause_s, self._committed, req, target, None, 0.0)
+        return True
+
+    # -- the autoscaler ------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        members = [{"name": i.name, "pool": i.pool, "state": i.state, "node_type": i.kind}
+                   for i in self.instances.values()]
+        exports = {i.name: {"gauges": i.gauges(self.block, self.catalog.get(i.kind).kv_tokens), **i.recorder.export()}
+                   for i in self.instances.values() if i.state in ("up", "draining")}
+        snapshot = aggregate(members, exports, self.window_s, now=self.now)
+        decision = decide(snapshot, self.catalog, self.objectives, self.state, now=self.now)
+        self.decisions.append(decision)
+        for a in decision.actions:
+            if a.kind == "add":
+                for _ in range(a.count):
+                    self._add(a.pool, a.instance_type, self.catalog.get(a.instance_type).startup_s)
+            elif a.kind == "drain" and a.worker in self.instances:
+                self._drain(self.instances[a.worker])
+            elif a.kind == "migrate" and a.worker in self.instances and a.target in self.instances:
+                src = self.instances[a.worker]
+                for req in list(src.running)[: a.count]:
+                    self._move(req, src, [self.instances[a.target]])
+        self._record_timeline(snapshot.pool("prefill").arrival_rate)
+        self._at(self.now + self.period_s, self._tick)
+
+    def _drain(self, inst: Instance) -> None:
+        inst.state = "draining"
+        if inst.pool == "decode":
+            others = [i for i in self._up("decode") if i is not inst]
+            for req in list(inst.running) + list(inst.joining):
+                self._move(req, inst, others)  # one that fits nowhere finishes here
+        self._remove_if_drained(inst)
+
+    def _record_timeline(self, rate: float) -> None:
+        counts: dict = {"prefill": {}, "decode": {}}
+        for i in self.instances.values():
+            counts[i.pool][i.kind] = counts[i.pool].get(i.kind, 0) + 1
+        self.timeline.append((self.now, counts, rate))
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def run(self, trace: list[tuple], drain_s: float = 600.0) -> SimResult:
+        """Serve ``trace``; stop ``drain_s`` after the last arrival (what is not done by then failed)."""
+        requests = [SimRequest(i, t, max(1, p), max(1, o)) for i, (t, p, o) in enumerate(trace)]
+        for req in requests:
+            self._at(req.arrival, self._arrive, req)
+        end = (trace[-1][0] if trace else 0.0) + drain_s
+        if self.objectives is not None:
+            self._at(self.period_s, self._tick)
+        else:
+            for t in range(0, int(end), max(1, int(self.period_s))):
+                self._at(float(t), self._record_timeline, 0.0)
+        self._open = len(requests)
+        while self._events and self._open:
+            t, _, fn, args = heapq.heappop(self._events)
+            if t > end:
+                break
+            self.now = t
+            fn(*args)
+        for inst in list(self.instances.values()):
+            self._remove(inst)
+        duration = max(self.now, trace[-1][0] if trace else 0.0)
+        return SimResult(requests, self.cost, duration, self.timeline, self.decisions)

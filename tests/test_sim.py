@@ -1,0 +1,77 @@
+"""The cluster simulator: exact on cases worked by hand, conserving, and driving the real policy."""
+
+import json
+import statistics
+
+import pytest
+
+from splitserve.autoscaler.catalog import Catalog, InstanceType, LinearModel, PrefillModel, StepModel
+from splitserve.autoscaler.policy import Objectives
+from splitserve.autoscaler.sim import Simulation, diurnal, gamma, poisson, replay
+
+CPU = InstanceType("cpu", 0.10, PrefillModel(0.02, 0.001), StepModel(0.02, 0.002, 1e-6), kv_tokens=20000,
+                   max_batch=64, startup_s=30)
+CATALOG = Catalog([CPU])
+TRANSFER = LinearModel(0.005, 1e-5)
+ONE = {"prefill": {"cpu": 1}, "decode": {"cpu": 1}}
+
+
+def test_one_request_follows_the_models_exactly():
+    r = Simulation(CATALOG, ONE, transfer=TRANSFER).run([(1.0, 200, 5)])
+    (req,) = r.requests
+    prefill = 0.02 + 0.001 * 200  # one step: the whole prompt
+    assert req.first_token - req.arrival == pytest.approx(prefill + 0.005 + 1e-5 * 200)
+    steps = [0.02 + 0.002 + 1e-6 * (200 + k) for k in range(1, 5)]  # 4 decode steps, context grows
+    assert req.done - req.first_token == pytest.approx(sum(steps))
+    assert req.tpot == pytest.approx(sum(steps) / 4)
+    assert r.cost == pytest.approx(2 * 0.10 * r.duration_s / 3600)
+
+
+def test_prompts_queue_and_share_steps_by_the_token_budget():
+    # A starts alone; B and C queue behind it and share the next steps: 400 + 112, then C's last 288
+    trace = [(0.0, 400, 2), (0.1, 400, 2), (0.1, 400, 2)]
+    r = Simulation(CATALOG, ONE, transfer=LinearModel(0.0, 0.0), prefill_budget=512).run(trace)
+    a, b, c = r.requests
+    step = [0.02 + 0.001 * 400, 0.02 + 0.001 * 512, 0.02 + 0.001 * 288]
+    assert a.first_token == pytest.approx(step[0])
+    assert b.first_token == pytest.approx(step[0] + step[1])
+    assert c.first_token == pytest.approx(step[0] + step[1] + step[2])
+    assert c.prefill_start == pytest.approx(step[0])  # queued from 0.1 until the first step ended
+    assert r.summary(10, 10)["failed"] == 0
+
+
+def test_traces_have_the_rates_and_burstiness_asked_for(tmp_path):
+    p = poisson(2.0, 2000, seed=3)
+    assert len(p) == pytest.approx(4000, rel=0.05)
+    g = gamma(2.0, 4000, cv=3.0, seed=3)
+    gaps = [b[0] - a[0] for a, b in zip(g, g[1:])]
+    assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.1)
+    assert statistics.stdev(gaps) / statistics.mean(gaps) == pytest.approx(3.0, rel=0.15)
+    d = diurnal(0.5, 4.5, 1000, 1000, seed=3)
+    first, middle = [t for t, *_ in d if t < 100], [t for t, *_ in d if 450 <= t < 550]
+    assert len(middle) > 4 * len(first)  # the peak is in the middle of the period
+    bench = {"records": [{"send": 10.0 + i, "prompt_tokens": 100 + i, "output_tokens": 8} for i in range(3)]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert replay(str(path)) == [(0.0, 100, 8), (1.0, 101, 8), (2.0, 102, 8)]
+
+
+def test_the_autoscaler_follows_a_load_step_and_drains_back():
+    obj = Objectives(ttft_s=2.0, tpot_s=0.08, prefill={"min": 1, "max": 8}, decode={"min": 1, "max": 8},
+                     up_cooldown_s=10, down_cooldown_s=20, down_stable_s=30)
+    # 200 s at 0.5 req/s, 200 s at 6 req/s, 300 s at 0.5 req/s
+    trace = poisson(0.5, 200, prompt=300, output=100, seed=1)
+    trace += [(t + 200, p, o) for t, p, o in poisson(6.0, 200, prompt=300, output=100, seed=2)]
+    trace += [(t + 400, p, o) for t, p, o in poisson(0.5, 300, prompt=300, output=100, seed=3)]
+    sim = Simulation(CATALOG, ONE, objectives=obj, transfer=TRANSFER, period_s=5)
+    result = sim.run(trace)
+    assert result.summary(2.0, 0.08)["failed"] == 0
+    peak = max(sum(c["decode"].values()) for t, c, _ in result.timeline if 200 <= t < 400)
+    assert peak >= 3 and max(sum(c["prefill"].values()) for t, c, _ in result.timeline) >= 2
+    end = [c for t, c, _ in result.timeline if t > 650]
+    assert end and sum(end[-1]["decode"].values()) < peak  # drained back as the load fell
+    kinds = {a.kind for d in result.decisions for a in d.actions}
+    assert {"add", "drain"} <= kinds
+    # the static single pair is worse under the step
+    static = Simulation(CATALOG, ONE, transfer=TRANSFER).run(trace).summary(2.0, 0.08)
+    assert result.summary(2.0, 0.08)["attainment"] > static["attainment"] + 0.2
