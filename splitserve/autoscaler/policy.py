@@ -274,6 +274,8 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
                     reasons.append(f"{pool}: budget {objectives.budget_per_hour}/h allows {max(n, 0)} of "
                                    f"{adds[k]} more {k}")
                 if n > 0:
+                    m = models[pool]
+                    reasons.append(f"{pool}: demand {m['demand']:.2f} {m['unit']} wants {target}, has {current}")
                     actions.append(Action("add", pool, k, n))
                     spend, room = spend + n * price, room - n
                     state.last_change[pool] = now
@@ -294,6 +296,9 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
         kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
         worker = _pick_drain(pool, kind, snapshot)
         if worker is not None:
+            m = models[pool]
+            reasons.append(f"{pool}: demand {m['demand']:.2f} {m['unit']} wants {target}, has {current}: "
+                           f"drain {worker}")
             actions.append(Action("drain", pool, kind, 1, worker=worker))
             state.last_change[pool] = now
             state.below_since.pop(pool, None)

@@ -162,9 +162,10 @@ def cmd_serve(args) -> int:
           f" (token: ~/.ray/auth_token)\nCtrl-C stops it.", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    shown = 0
     try:
         while not stop.wait(0.5):
-            pass
+            shown = _print_decisions(server, shown)
     except KeyboardInterrupt:
         pass
     print("shutting down ...", file=sys.stderr)
@@ -204,6 +205,26 @@ def _autoscale(cfg, args):
                             period_s=a.period_s if args.autoscale_period is None else args.autoscale_period)
     a.load()  # a bad catalog or objective fails here, before anything starts
     return dataclasses.replace(cfg, autoscale=a)
+
+
+def _print_decisions(server, shown: int) -> int:
+    """The autoscaler's decisions that acted, as they come (its own log lives with the Ray actor)."""
+    if server.pools.autoscaler is None:
+        return shown
+    import ray
+    try:
+        rows = ray.get(server.pools.autoscaler.decisions.remote(50, True), timeout=5)
+    except Exception:  # noqa: BLE001 - the console line is a convenience
+        return shown
+    for r in rows:
+        seq = int(r["id"].rsplit("-", 1)[1])
+        if seq > shown:
+            acts = ", ".join(f"{a['kind']} {a['pool']} {a['instance_type'] or ''} x{a['count']} {a['worker'] or ''}"
+                             .replace("  ", " ").strip() for a in r["actions"])
+            print(f"autoscaler {r['id']}: {acts} ({'; '.join(r['reasons']) or 'targets ' + str(r['targets'])})",
+                  file=sys.stderr, flush=True)
+            shown = seq
+    return shown
 
 
 def _save_token(cfg) -> str:
