@@ -106,7 +106,9 @@ class FakeMultinodeCluster:
     """Ray's own autoscaler with its ``fake_multinode`` provider, on this machine: ``ray start --head``
     with an autoscaling config whose node types start real raylets (typed by their resources) when
     work asks for them, and stop them when idle. The Ray 2.60 wheel lacks the provider's example
-    YAML, so the whole config is written here. Everything listens on loopback, on a free port."""
+    YAML, so the whole config is written here. Everything listens on loopback, on a free port.
+    Like Ray's own ``AutoscalingCluster``, it ends with ``ray stop --force``, which stops every Ray
+    on the machine: tests run one at a time."""
 
     def __init__(self, head_resources: dict, node_types: dict, idle_timeout_minutes: float = 0.05):
         self.port = free_port()

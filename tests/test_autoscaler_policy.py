@@ -309,3 +309,23 @@ def test_many_random_snapshots_give_sane_decisions():
                     if w.state in ("up", "starting", "draining"))
         added = sum(CATALOG.get(a.instance_type).cost_per_hour * a.count for a in d.actions if a.kind == "add")
         assert added == 0 or spend + added <= obj.budget_per_hour + 1e-9
+
+
+def test_a_change_of_types_drains_the_old_ones_once_the_new_are_up_and_carry_the_load():
+    cheap = Catalog([SMALL, InstanceType.from_dict({**BIG.to_dict(), "cost_per_hour": 0.05})])  # big: cheaper
+    pre = steady(rate=1.0, prompt=64, output=300, kind="big")[0]
+    small = [("small", "up", export(tokens=100, output=300, running=3, kv_used=40)) for _ in range(3)]
+    state = PolicyState(below_since={"decode": 0.0})
+    # the big one is still starting: no drain yet
+    d = decide(snapshot(pre, small + [("big", "starting", None)]), cheap, OBJ, state)
+    assert not drains(d, "decode") and any("instances starting" in r for r in d.reasons)
+    # up, and it alone carries the demand: the small ones go, one per decision
+    d = decide(snapshot(pre, small + [("big", "up", export(tokens=0))]), cheap, OBJ, state)
+    assert [a.instance_type for a in drains(d, "decode")] == ["small"]
+    # a switch the budget stops half way (no second big one): draining a small one would leave less
+    # capacity than the demand (2 x 544 + 1311 < 2500 tokens/s), so it waits
+    busy = [("small", "up", export(tokens=2500 / 3, output=300, running=3, kv_used=40)) for _ in range(3)]
+    obj = Objectives(**{**OBJ.__dict__, "budget_per_hour": 0.36})
+    d = decide(snapshot(pre, busy + [("big", "up", export(tokens=0))]), cheap, obj, PolicyState(below_since={"decode": 0.0}))
+    assert d.targets["decode"] == {"big": 2} and not adds(d, "decode") and not drains(d, "decode"), d
+    assert any("draining a small would leave" in r for r in d.reasons)

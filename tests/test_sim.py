@@ -75,3 +75,15 @@ def test_the_autoscaler_follows_a_load_step_and_drains_back():
     # the static single pair is worse under the step
     static = Simulation(CATALOG, ONE, transfer=TRANSFER).run(trace).summary(2.0, 0.08)
     assert result.summary(2.0, 0.08)["attainment"] > static["attainment"] + 0.2
+
+
+def test_a_shared_host_slows_each_pool_while_the_other_works():
+    # A decodes 40 tokens; B's 2000-token prompt arrives meanwhile and keeps the prefill instance busy
+    trace = [(0.0, 100, 40), (0.5, 2000, 2)]
+    alone = Simulation(CATALOG, ONE, transfer=TRANSFER).run(trace).requests
+    shared = Simulation(CATALOG, ONE, transfer=TRANSFER, shared_host=1.0).run(trace).requests
+    assert shared[0].tpot > alone[0].tpot * 1.2  # A's steps during B's prefill took twice as long
+    assert shared[1].first_token - shared[1].arrival > alone[1].first_token - alone[1].arrival  # and B's prefill
+    quiet = [(0.0, 100, 40)]  # nothing overlaps: no difference
+    assert Simulation(CATALOG, ONE, transfer=TRANSFER, shared_host=1.0).run(quiet).requests[0].tpot == \
+        pytest.approx(Simulation(CATALOG, ONE, transfer=TRANSFER).run(quiet).requests[0].tpot)

@@ -16,11 +16,13 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     zero traffic asks for the minimum
     4. act                          up: add the missing instances, unless some of this pool are
                                     still starting or it scaled within ``up_cooldown_s``, within
-                                    the budget; down: drain one instance (the type over target,
+                                    the budget; down (or the old side of a change of types, once the
+                                    new ones are up): drain one instance (the type over target,
                                     priciest first; the worker with least work), only after the
                                     target stayed below for ``down_stable_s``, not within
                                     ``down_cooldown_s`` of the last change, never while an
-                                    objective is missed or KV is high, one drain at a time
+                                    objective is missed or KV is high, never leaving less
+                                    capacity than the demand, one drain at a time
     5. rebalance (decode)           a hot worker (KV use >= ``rebalance_gap`` above the coldest)
                                     gives the coldest some running requests by live migration
 
@@ -229,6 +231,64 @@ def _rebalance(snapshot: Snapshot, obj: Objectives) -> Action | None:
     return None
 
 
+def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalog: Catalog, obj: Objectives,
+                state: PolicyState, now: float, spend: float, actions: list, reasons: list) -> float:
+    """Step 4 of the module docstring for one pool; returns the spend per hour after its adds."""
+    ps = snapshot.pool(pool)
+    current = ps.instances
+    adds = {k: n - current.get(k, 0) for k, n in target.items() if n > current.get(k, 0)}
+    over = {k: n - target.get(k, 0) for k, n in current.items() if n > target.get(k, 0)}
+    want = f"{pool}: demand {model['demand']:.2f} {model['unit']} wants {target}, has {current}"
+    if adds:
+        if ps.num_starting:
+            reasons.append(f"{pool}: {ps.num_starting} still starting: no more now")
+        elif now - state.last_change.get(pool, -1e18) < obj.up_cooldown_s:
+            reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
+        else:
+            room = obj.limits(pool).max - sum(current.values())
+            for k in sorted(adds, key=lambda k: catalog.get(k).cost_per_hour):
+                price = catalog.get(k).cost_per_hour
+                n = min(adds[k], room)
+                if obj.budget_per_hour is not None:
+                    n = min(n, int((obj.budget_per_hour - spend + 1e-9) // price) if price else n)
+                if n < adds[k]:
+                    reasons.append(f"{pool}: budget {obj.budget_per_hour}/h allows {max(n, 0)} of {adds[k]} more {k}")
+                if n > 0:
+                    reasons.append(want)
+                    actions.append(Action("add", pool, k, n))
+                    spend, room = spend + n * price, room - n
+                    state.last_change[pool] = now
+            if any(a.pool == pool for a in actions):
+                return spend
+    # Down (or the old side of a switch of types, once the new instances are up): one drain at a time,
+    # after the target stayed below for down_stable_s, never leaving less capacity than the demand.
+    if not over:
+        state.below_since.pop(pool, None)
+        return spend
+    since = state.below_since.setdefault(pool, now)
+    if ps.num_starting or ps.num_draining:
+        reasons.append(f"{pool}: {'instances starting' if ps.num_starting else 'a drain is under way'}: "
+                       f"no drain now")
+    elif now - since < obj.down_stable_s:
+        reasons.append(f"{pool}: below target for {now - since:.0f}s of {obj.down_stable_s:.0f}s")
+    elif now - state.last_change.get(pool, -1e18) < obj.down_cooldown_s:
+        reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
+    else:
+        kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
+        cap = model["capacity"]
+        left = sum(cap.get(k, 0.0) * n for k, n in current.items()) - cap.get(kind, 0.0)
+        worker = _pick_drain(pool, kind, snapshot)
+        if left < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
+            reasons.append(f"{pool}: draining a {kind} would leave {left:.2f} {model['unit']} for a demand of "
+                           f"{model['demand']:.2f}: the new instances first")
+        elif worker is not None:
+            reasons.append(f"{want}: drain {worker}")
+            actions.append(Action("drain", pool, kind, 1, worker=worker))
+            state.last_change[pool] = now
+            state.below_since.pop(pool, None)
+    return spend
+
+
 def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, state: PolicyState,
            now: float | None = None) -> Decision:
     """One tick: see the module docstring. ``now`` defaults to the snapshot's time."""
@@ -252,56 +312,8 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
     spend = sum(catalog.get(w.instance_type).cost_per_hour for w in snapshot.workers
                 if w.state in ("up", "starting", "draining") and w.instance_type in catalog.types)
     for pool in POOLS:
-        ps, target = snapshot.pool(pool), targets[pool]
-        current = ps.instances
-        adds = {k: n - current.get(k, 0) for k, n in target.items() if n > current.get(k, 0)}
-        over = {k: n - target.get(k, 0) for k, n in current.items() if n > target.get(k, 0)}
-        if adds:
-            state.below_since.pop(pool, None)
-            if ps.num_starting:
-                reasons.append(f"{pool}: {ps.num_starting} still starting: no more now")
-                continue
-            if now - state.last_change.get(pool, -1e18) < objectives.up_cooldown_s:
-                reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
-                continue
-            room = objectives.limits(pool).max - sum(current.values())
-            for k in sorted(adds, key=lambda k: catalog.get(k).cost_per_hour):
-                price = catalog.get(k).cost_per_hour
-                n = min(adds[k], room)
-                if objectives.budget_per_hour is not None:
-                    n = min(n, int((objectives.budget_per_hour - spend + 1e-9) // price) if price else n)
-                if n < adds[k]:
-                    reasons.append(f"{pool}: budget {objectives.budget_per_hour}/h allows {max(n, 0)} of "
-                                   f"{adds[k]} more {k}")
-                if n > 0:
-                    m = models[pool]
-                    reasons.append(f"{pool}: demand {m['demand']:.2f} {m['unit']} wants {target}, has {current}")
-                    actions.append(Action("add", pool, k, n))
-                    spend, room = spend + n * price, room - n
-                    state.last_change[pool] = now
-            continue
-        if not over:
-            state.below_since.pop(pool, None)
-            continue
-        if ps.num_draining:
-            reasons.append(f"{pool}: a drain is under way: one at a time")
-            continue
-        since = state.below_since.setdefault(pool, now)
-        if now - since < objectives.down_stable_s:
-            reasons.append(f"{pool}: below target for {now - since:.0f}s of {objectives.down_stable_s:.0f}s")
-            continue
-        if now - state.last_change.get(pool, -1e18) < objectives.down_cooldown_s:
-            reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
-            continue
-        kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
-        worker = _pick_drain(pool, kind, snapshot)
-        if worker is not None:
-            m = models[pool]
-            reasons.append(f"{pool}: demand {m['demand']:.2f} {m['unit']} wants {target}, has {current}: "
-                           f"drain {worker}")
-            actions.append(Action("drain", pool, kind, 1, worker=worker))
-            state.last_change[pool] = now
-            state.below_since.pop(pool, None)
+        spend = _scale_pool(pool, snapshot, targets[pool], models[pool], catalog, objectives, state, now, spend,
+                            actions, reasons)
     if not any(a.pool == "decode" for a in actions):
         move = _rebalance(snapshot, objectives)
         if move is not None:

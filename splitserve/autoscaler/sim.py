@@ -158,13 +158,15 @@ class Simulation:
     def __init__(self, catalog: Catalog, initial: dict, objectives: Objectives | None = None,
                  period_s: float = 5.0, window_s: float = 30.0, transfer: LinearModel = LinearModel(0.005, 5e-5),
                  correction: dict | None = None, prefill_budget: int = 512, block_size: int = 16,
-                 migration_pause_s: float = 0.05, seed: int = 0):
+                 migration_pause_s: float = 0.05, shared_host: float = 0.0, seed: int = 0):
         """``initial``: {"prefill": {type: n}, "decode": {type: n}}; ``objectives`` None: static (no
-        autoscaler); ``correction``: {"prefill": x, "decode": y} on the catalog's models (calibration)."""
+        autoscaler); ``correction``: {"prefill": x, "decode": y} on the catalog's models (calibration);
+        ``shared_host``: every instance shares one machine's cores (a test box): a step of one pool runs
+        (1 + shared_host) x slower while the other pool is busy."""
         self.catalog, self.objectives, self.period_s, self.window_s = catalog, objectives, period_s, window_s
         self.transfer, self.prefill_budget, self.block = transfer, prefill_budget, block_size
         self.correction = {"prefill": 1.0, "decode": 1.0, **(correction or {})}
-        self.migration_pause_s = migration_pause_s
+        self.migration_pause_s, self.shared_host = migration_pause_s, shared_host
         self.now, self._seq = 0.0, itertools.count()
         self._events: list = []
         self.instances: dict[str, Instance] = {}
@@ -237,7 +239,7 @@ class Simulation:
             self._remove_if_drained(inst)
             return
         inst.busy = True
-        seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq)
+        seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq) * self._contention("decode")
         self._at(self.now + seconds, self._prefill_done, inst, chunks)
 
     def _prefill_done(self, inst: Instance, chunks: list) -> None:
@@ -293,7 +295,8 @@ class Simulation:
             return
         inst.busy = True
         kv = sum(r.prompt + r.tokens for r in inst.running)
-        seconds = self.correction["decode"] * self.catalog.get(inst.kind).decode(len(inst.running), kv)
+        seconds = self.correction["decode"] * self.catalog.get(inst.kind).decode(len(inst.running), kv) \
+            * self._contention("prefill")
         self._at(self.now + seconds, self._decode_done, inst, list(inst.running))
 
     def _decode_done(self, inst: Instance, batch: list) -> None:
@@ -315,6 +318,12 @@ class Simulation:
         if req.tpot is not None:
             inst.recorder.record("tpot_s", req.tpot)
         inst.recorder.record("output_tokens", req.output)
+
+    def _contention(self, other_pool: str) -> float:
+        if not self.shared_host:
+            return 1.0
+        busy = any(i.busy for i in self.instances.values() if i.pool == other_pool)
+        return 1.0 + self.shared_host if busy else 1.0
 
     def _move(self, req: SimRequest, source: Instance, targets: list[Instance]) -> bool:
         need = req.prompt + req.output

@@ -10,11 +10,15 @@ saw fail (``report_lost``). Its loops and operations:
                             answers          -> UP (a new incarnation: Ray restarted it -> new generation)
                             no answer        -> DEAD (Ray may be restarting it: probed again)
                             dead for good    -> replaced by a new worker of the same pool
-    add_worker(pool)      spawn one more, return its name once it takes traffic
+    add_worker(pool, instance_type, wait)
+                          spawn one more (placed by its catalog type); return its name once it takes
+                          traffic, or at once (wait=False: the autoscaler; it is STARTING until loaded)
     drain(name)           stop routing to it, refuse reservations, migrate its running requests to the
                           other decode workers (live, ``DecodeWorker.migrate``) until it holds none;
                           ``undrain(name)`` takes it back
     remove_worker(name)   drain, then stop and forget it
+    rebalance(src, dst, n) move up to n running requests between decode workers (live)
+    signals()             membership rows + every worker's signals export (the autoscaler's input)
     report_lost(name, generation) -> version
                           a router saw it fail: DEAD at once; returns the membership version that says so
 
@@ -252,10 +256,9 @@ class ControllerImpl:
     async def signals(self, timeout_s: float = 2.0) -> dict:
         """Membership rows and every answering worker's signals export (autoscaler/signals.py)."""
         members = self.membership.view().members
-        exports = await asyncio.gather(*(asyncio.wait_for(m.handle.signals.remote(), timeout_s) for m in members
-                                         if m.state in (WorkerState.UP, WorkerState.DRAINING)),
-                                       return_exceptions=True)
         asked = [m for m in members if m.state in (WorkerState.UP, WorkerState.DRAINING)]
+        exports = await asyncio.gather(*(asyncio.wait_for(m.handle.signals.remote(), timeout_s) for m in asked),
+                                       return_exceptions=True)
         return {"members": [m.as_dict() for m in members],
                 "exports": {m.name: e for m, e in zip(asked, exports) if isinstance(e, dict)}}
 

@@ -323,8 +323,9 @@ class FrontDoor:
     async def admin_add_worker(self, request: Request):
         async def call():
             body = await request.json()
-            pool = body.get("pool") if isinstance(body, dict) else None
-            return {"added": await _unwrapped(self.controller.add_worker.remote(pool))}
+            body = body if isinstance(body, dict) else {}
+            return {"added": await _unwrapped(self.controller.add_worker.remote(body.get("pool"),
+                                                                                 body.get("instance_type")))}
         return await self._admin_call(request, call)
 
     @app.post("/admin/workers/{name}/drain")
