@@ -5,8 +5,9 @@
 Instance types: ``local`` is this machine as profiled and calibrated (``calibrate_sim.py``: the
 catalog with its fitted corrections folded in); ``cpu-16`` and ``gpu-l4`` are DECLARED types
 (assumed speeds and prices, written below: no GPU was lent to measure one), there to give the
-policy a real choice. Traces (same seeds for every system): bursty (gamma gaps, CV ``--cv``) and
-a diurnal ramp, mixed lengths (log-normal prompts median 300, outputs median 100).
+policy a real choice. Traces (same seeds for every system): bursty (gamma gaps, CV ``--cv``: bursts of
+seconds), bursts of minutes (a two-state MMPP: rate/3 for ~5 min, 3 x rate for ~1.5 min), and a diurnal
+ramp; mixed lengths (log-normal prompts median 300, outputs median 100).
 
 Systems:
   autoscaler          the policy with every type, from 1 + 1 instances
@@ -117,7 +118,7 @@ def plot(path, result, title):
 
 def main() -> int:
     from splitserve.autoscaler.catalog import Catalog
-    from splitserve.autoscaler.sim import diurnal, gamma
+    from splitserve.autoscaler.sim import diurnal, gamma, mmpp
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=1200.0)
@@ -129,6 +130,8 @@ def main() -> int:
     cat = catalog()
     local_only = Catalog([cat.get("local")])
     traces = {"bursty": gamma(args.rate, args.duration, cv=args.cv, prompt=PROMPT, output=OUTPUT, seed=args.seed),
+              "bursts of minutes": mmpp(args.rate / 3, args.rate * 3, 300.0, 90.0, args.duration, prompt=PROMPT,
+                                        output=OUTPUT, seed=args.seed),
               "diurnal": diurnal(args.rate / 4, args.rate * 1.75, args.duration, args.duration, prompt=PROMPT,
                                  output=OUTPUT, seed=args.seed)}
     start = {"prefill": {"local": 1}, "decode": {"local": 1}}
@@ -141,7 +144,7 @@ def main() -> int:
         log(f"  autoscaler: attainment {a['attainment']:.1%}, ${budget:.2f}/h on average; searching static ...")
         static_cfg, s = best_static(cat, trace, budget)
         single = run(local_only, trace, start, objectives(args.max_instances)).summary(SLO_TTFT, SLO_TPOT)
-        plot(os.path.join(RESULTS, f"sim_cluster_{name}.png"), auto,
+        plot(os.path.join(RESULTS, f"sim_cluster_{name.replace(' ', '_')}.png"), auto,
              f"autoscaler on the {name} trace ({len(trace)} requests)")
         peak = max(sum(sum(c[p].values()) for p in c) for _, c, _ in auto.timeline)
         kinds_used = sorted({a_.instance_type for d in auto.decisions for a_ in d.actions if a_.kind == "add"})
@@ -169,7 +172,7 @@ def main() -> int:
                   f"cost {r['cost_vs_single']:.2f}x the single-type autoscaler's (attainment "
                   f"{r['autoscaler']['attainment']:.1%} vs {r['single_type']['attainment']:.1%}); peak "
                   f"{r['peak_instances']} instances; types added: {', '.join(r['types_added']) or 'none'}; "
-                  f"plot `sim_cluster_{name}.png`.")
+                  f"plot `sim_cluster_{name.replace(' ', '_')}.png`.")
     with open(os.path.join(RESULTS, "sim_cluster.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(RESULTS, "sim_cluster.json"), "w") as f:

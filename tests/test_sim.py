@@ -7,7 +7,7 @@ import pytest
 
 from splitserve.autoscaler.catalog import Catalog, InstanceType, LinearModel, PrefillModel, StepModel
 from splitserve.autoscaler.policy import Objectives
-from splitserve.autoscaler.sim import Simulation, diurnal, gamma, poisson, replay
+from splitserve.autoscaler.sim import Simulation, diurnal, gamma, mmpp, poisson, replay
 
 CPU = InstanceType("cpu", 0.10, PrefillModel(0.02, 0.001), StepModel(0.02, 0.002, 1e-6), kv_tokens=20000,
                    max_batch=64, startup_s=30)
@@ -50,6 +50,10 @@ def test_traces_have_the_rates_and_burstiness_asked_for(tmp_path):
     d = diurnal(0.5, 4.5, 1000, 1000, seed=3)
     first, middle = [t for t, *_ in d if t < 100], [t for t, *_ in d if 450 <= t < 550]
     assert len(middle) > 4 * len(first)  # the peak is in the middle of the period
+    m = mmpp(1.0, 10.0, 100, 100, 4000, seed=3)  # minutes-long states: 10-s counts near 10 or near 100
+    counts = [sum(1 for t, *_ in m if k * 10 <= t < k * 10 + 10) for k in range(400)]
+    assert sum(c <= 25 for c in counts) > 100 and sum(c >= 70 for c in counts) > 100
+    assert len(m) == pytest.approx(4000 * 5.5, rel=0.25)
     bench = {"records": [{"send": 10.0 + i, "prompt_tokens": 100 + i, "output_tokens": 8} for i in range(3)]}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))

@@ -19,8 +19,9 @@ Instances are added ``startup_s`` (the catalog's node start + load) before they
 take work; a drained decode instance's requests migrate (``migration_pause_s``
 without tokens) to the others, then it goes; a drained prefill instance
 finishes its queue. Cost accrues from the add to the removal. Traces:
-:func:`poisson`, :func:`gamma` (bursty), :func:`diurnal`, :func:`replay` (a
-``splitserve bench`` JSON).
+:func:`poisson`, :func:`gamma` (bursty at the scale of seconds), :func:`mmpp`
+(bursts lasting minutes), :func:`diurnal`, :func:`replay` (a ``splitserve
+bench`` JSON).
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def gamma(rate: float, duration_s: float, cv: float = 3.0, prompt=256, output=12
     rng = random.Random(seed)
     shape = 1.0 / (cv * cv)
     return _trace(lambda t: rng.gammavariate(shape, 1.0 / (rate * shape)), duration_s, prompt, output, rng)
+
+
+def mmpp(low: float, high: float, mean_low_s: float, mean_high_s: float, duration_s: float, prompt=256,
+         output=128, seed: int = 0) -> list[tuple]:
+    """Bursts that last minutes: Poisson arrivals whose rate switches between ``low`` and ``high``,
+    each period exponentially long (means ``mean_low_s`` / ``mean_high_s``): a two-state MMPP."""
+    rng = random.Random(seed)
+    out, t, high_now = [], 0.0, False
+    while t < duration_s:
+        end = min(duration_s, t + rng.expovariate(1.0 / (mean_high_s if high_now else mean_low_s)))
+        rate = high if high_now else low
+        while True:
+            t += rng.expovariate(rate)
+            if t >= end:
+                break
+            out.append((t, _lengths(prompt, rng), _lengths(output, rng)))
+        t, high_now = end, not high_now
+    return out
 
 
 def diurnal(low: float, high: float, period_s: float, duration_s: float, prompt=256, output=128,
