@@ -25,6 +25,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kserve_inputs(prompt: str, params: dict | None = None, stream: bool | None = None,
+                  exclude: bool | None = None) -> list:
+    """tritonclient inputs of one request: the text, its sampling parameters (JSON) and the optional BOOL
+    flags ``stream`` and ``exclude_input_in_output`` (left out when None)."""
+    import numpy as np
+    import tritonclient.grpc as tg
+    t = tg.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    inputs = [t]
+    if params is not None:
+        s = tg.InferInput("sampling_parameters", [1], "BYTES")
+        s.set_data_from_numpy(np.array([json.dumps(params).encode()], dtype=object))
+        inputs.append(s)
+    for name, value in (("stream", stream), ("exclude_input_in_output", exclude)):
+        if value is not None:
+            b = tg.InferInput(name, [1], "BOOL")
+            b.set_data_from_numpy(np.array([value], dtype=bool))
+            inputs.append(b)
+    return inputs
+
+
 def admin(server, method: str, path: str, body=None) -> tuple[int, dict]:
     """Call a running server's admin API (with its cluster token); (HTTP status, JSON body)."""
     import urllib.error

@@ -7,15 +7,13 @@ autoscaler starts a node of that type for it; traffic reaches it. When the load 
 drains a decode worker (its running requests migrate live) and removes it; Ray stops the idle node.
 No request fails, every text is the undisturbed one, and nothing is left on any worker."""
 
-import json
 import threading
 import time
 
-import numpy as np
 import pytest
 import yaml
 
-from helpers import FakeMultinodeCluster, free_port
+from helpers import FakeMultinodeCluster, free_port, kserve_inputs
 
 pytestmark = pytest.mark.real_model
 
@@ -71,15 +69,8 @@ def server(cluster, real_model_path, tmp_path_factory):
 
 
 def _infer(client, prompt):
-    import tritonclient.grpc as tg
-    t = tg.InferInput("text_input", [1], "BYTES")
-    t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    s = tg.InferInput("sampling_parameters", [1], "BYTES")
-    s.set_data_from_numpy(np.array([json.dumps({"max_tokens": MAX_TOKENS, "temperature": 0,
-                                                "ignore_eos": True}).encode()], dtype=object))
-    x = tg.InferInput("exclude_input_in_output", [1], "BOOL")
-    x.set_data_from_numpy(np.array([True], dtype=bool))
-    result = client.infer(MODEL, [t, s, x], client_timeout=120)
+    inputs = kserve_inputs(prompt, {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}, exclude=True)
+    result = client.infer(MODEL, inputs, client_timeout=120)
     return result.as_numpy("text_output")[0].decode(), result.as_numpy("finish_reason")[0].decode()
 
 

@@ -5,17 +5,15 @@ streams, a prefill actor killed mid-prefill, decode workers added and removed un
 stream completes with the text of an undisturbed run, each output index once, and every per-request
 structure on every worker (and the router) is empty afterwards."""
 
-import json
 import os
 import signal
 import threading
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
-from helpers import admin, free_port
+from helpers import admin, free_port, kserve_inputs
 
 pytestmark = pytest.mark.real_model
 
@@ -57,15 +55,7 @@ def expected(real_engine, prompt, max_tokens):
 
 
 def _inputs(prompt, max_tokens):
-    import tritonclient.grpc as tg
-    t = tg.InferInput("text_input", [1], "BYTES")
-    t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    s = tg.InferInput("sampling_parameters", [1], "BYTES")
-    s.set_data_from_numpy(np.array([json.dumps({"max_tokens": max_tokens, "temperature": 0,
-                                                "ignore_eos": True}).encode()], dtype=object))
-    b = tg.InferInput("stream", [1], "BOOL")
-    b.set_data_from_numpy(np.array([True], dtype=bool))
-    return [t, s, b]
+    return kserve_inputs(prompt, {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}, stream=True)
 
 
 class Streams:

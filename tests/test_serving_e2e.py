@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import admin, free_port
+from helpers import admin, free_port, kserve_inputs
 
 pytestmark = pytest.mark.real_model
 
@@ -59,21 +59,7 @@ def _expected(real_engine, prompt=None, messages=None, max_tokens=24):
 
 
 def _inputs(prompt, params=None, stream=None, exclude=True):
-    import tritonclient.grpc as tg
-    import json
-    t = tg.InferInput("text_input", [1], "BYTES")
-    t.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    inputs = [t]
-    if params is not None:
-        s = tg.InferInput("sampling_parameters", [1], "BYTES")
-        s.set_data_from_numpy(np.array([json.dumps(params).encode()], dtype=object))
-        inputs.append(s)
-    for name, value in (("stream", stream), ("exclude_input_in_output", exclude)):
-        if value is not None:
-            b = tg.InferInput(name, [1], "BOOL")
-            b.set_data_from_numpy(np.array([value], dtype=bool))
-            inputs.append(b)
-    return inputs
+    return kserve_inputs(prompt, params, stream, exclude)
 
 
 def _wait_idle(server, timeout=30):
@@ -269,7 +255,6 @@ def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
     protocol reports the failure with its reason (an SSE error event, a gRPC status, an HTTP 503),
     never a normal "stop"."""
     import openai
-    from tritonclient.utils import InferenceServerException
     (decode,) = [m.name for m in server.pools.view().members if m.pool == "decode"]
     assert admin(server, "POST", f"/admin/workers/{decode}/drain")[0] == 200
     try:
