@@ -22,15 +22,19 @@ SPAN = 60.0
 
 
 def export(arrivals=0.0, prompt=256, tokens=0.0, output=128, running=0, kv_used=0, waiting=0,
-           kv_total=2048, ttft=None, tpot=None, prefill_s=None, n=40):
-    """A worker's export with ``arrivals``/s of ``prompt`` tokens, ``tokens``/s of output, and the given
-    latencies (n samples each)."""
+           kv_total=2048, ttft=None, tpot=None, prefill_s=None, n=40, steps=None):
+    """A worker's export with ``arrivals``/s of ``prompt`` tokens, ``tokens``/s of output, the given
+    latencies (n samples each) and ``steps``: (how many, seconds each, x each, y each) of engine steps."""
     series = {"arrival": [(i * SPAN / max(1, round(arrivals * SPAN)), prompt) for i in range(round(arrivals * SPAN))],
               "tokens": [(i * 0.1, tokens * 0.1) for i in range(int(SPAN * 10))] if tokens else [],
               "output_tokens": [(1.0, output)] * (n if tokens else 0)}
     for name, v in (("ttft_s", ttft), ("tpot_s", tpot), ("prefill_s", prefill_s)):
         if v is not None:
             series[name] = [(1.0, v)] * n
+    if steps:
+        count, seconds, x, y = steps
+        for name, v in (("busy_s", seconds), ("steps", 1), ("step_x", x), ("step_y", y)):
+            series[name] = [(i * SPAN / count, v) for i in range(count)]
     return {"span_s": SPAN, "series": series,
             "gauges": {"running": running, "waiting": waiting, "kv_blocks_used": kv_used,
                        "kv_blocks_total": kv_total, "kv_tokens_used": kv_used * 16}}
@@ -157,9 +161,11 @@ def test_cheapest_mix_matches_brute_force():
         cap = {n: rng.choice([0.0, rng.uniform(0.5, 5)]) for n in names}
         cost = {n: rng.uniform(0.1, 1) for n in names}
         demand, lo, hi = rng.uniform(0, 15), rng.randint(1, 2), rng.randint(2, 6)
-        got = cheapest_mix(cap, cost, demand, lo, hi)
+        upper = rng.choice([None, {n: rng.randint(0, 3) for n in names}])  # at most this many of a type
+        got = cheapest_mix(cap, cost, demand, lo, hi, upper=upper)
         feasible = [dict(zip(names, c)) for c in itertools.product(range(hi + 1), repeat=len(names))
                     if lo <= sum(c) <= hi and sum(cap[n] * k for n, k in zip(names, c)) >= demand
+                    and (upper is None or all(k <= upper[n] for n, k in zip(names, c)))
                     and all(cap[n] > 0 for n, k in zip(names, c) if k)]  # a type that can't meet it: never used
         if not feasible:
             assert got is None
@@ -197,11 +203,17 @@ def test_zero_traffic_drains_to_the_minimum_one_at_a_time():
     d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now), CATALOG, OBJ, state)
     assert d.actions == () and d.targets["prefill"] == {"small": 1}  # not yet: the target must stay below
     d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now + 31), CATALOG, OBJ, state)
+    assert d.actions == () and any("below target for 31s of 60s" in r for r in d.reasons)  # kept a start-up long
+    d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now + 61), CATALOG, OBJ, state)
     assert len(drains(d, "prefill")) == 1 and len(drains(d, "decode")) == 1
-    # the next drain waits for the cooldown; a pool with a request running is not idle
-    d = decide(snapshot(idle[:2] + [("small", "draining", export())], [("small", "up", busy)], now + 40),
+    # the next drain waits for a drain under way, then for the cooldown only (not for another hold)
+    d = decide(snapshot(idle[:2] + [("small", "draining", export())], [("small", "up", busy)], now + 70),
                CATALOG, OBJ, state)
     assert d.actions == () and any("drain is under way" in r for r in d.reasons)
+    d = decide(snapshot(idle[:2], [("small", "up", busy)], now + 80), CATALOG, OBJ, state)
+    assert d.actions == () and any("cooling down" in r for r in d.reasons)
+    d = decide(snapshot(idle[:2], [("small", "up", busy)], now + 92), CATALOG, OBJ, state)
+    assert len(drains(d, "prefill")) == 1
     # the decode worker with least work is drained
     d = decide(snapshot(idle[:1], [("small", "up", busy), ("small", "up", export())], now + 200), CATALOG, OBJ,
                PolicyState(below_since={"decode": 0.0}))
@@ -264,11 +276,23 @@ def test_a_measured_miss_or_kv_pressure_adds_one_and_blocks_scale_down():
     assert not drains(d, "decode")
 
 
-def test_correction_from_measured_service_times():
-    pre = [("small", "up", export(arrivals=1.0, prompt=256, prefill_s=0.266 * 3))]  # 3x slower than the catalog
-    d = decide(snapshot(pre, steady()[1]), CATALOG, OBJ, PolicyState())
+def test_correction_compares_busy_time_with_the_catalog_for_the_same_steps():
+    # prefill: 60 passes of 256 tokens (sum of squares 256^2), each 3x what the catalog says
+    small_pass = SMALL.prefill(256, 256 * 256)
+    pre = [("small", "up", export(arrivals=1.0, prompt=256, steps=(60, 3 * small_pass, 256, 256 * 256)))]
+    # decode: two workers of different types, 1.5x slower each at batch 8 with 8 x 320 KV tokens
+    dec = [(kind, "up", export(tokens=20, output=128, steps=(300, 1.5 * t.decode(8, 2560), 8, 2560)))
+           for kind, t in (("small", SMALL), ("big", BIG))]
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
     assert d.model["prefill"]["correction"] == pytest.approx(3.0)
+    assert d.model["decode"]["correction"] == pytest.approx(1.5)
     assert adds(d, "prefill") >= 1  # 1 req/s of 0.8 s prompts does not fit one instance
+    # queueing and batching do not count as slowness: long prefill_s, but steps as the catalog says
+    pre = [("small", "up", export(arrivals=1.0, prompt=256, prefill_s=5.0, steps=(60, small_pass, 256, 256 * 256)))]
+    assert decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState()).model["prefill"]["correction"] == pytest.approx(1.0)
+    # too few steps: the catalog alone
+    pre = [("small", "up", export(arrivals=1.0, prompt=256, steps=(5, 3 * small_pass, 256, 256 * 256)))]
+    assert decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState()).model["prefill"]["correction"] == 1.0
 
 
 def test_rebalance_proposes_moving_requests_from_a_hot_to_a_cold_decode_worker():
@@ -329,3 +353,58 @@ def test_a_change_of_types_drains_the_old_ones_once_the_new_are_up_and_carry_the
     d = decide(snapshot(pre, busy + [("big", "up", export(tokens=0))]), cheap, obj, PolicyState(below_since={"decode": 0.0}))
     assert d.targets["decode"] == {"big": 2} and not adds(d, "decode") and not drains(d, "decode"), d
     assert any("draining a small would leave" in r for r in d.reasons)
+
+
+def test_what_is_there_stays_while_it_carries_the_demand_unless_a_switch_saves_enough():
+    # two big decode workers carry 4x the demand (620 tokens/s); two small ones would cost 10% less than
+    # one big: not worth a change of types, so one big goes and nothing is added
+    pre, dec = steady(n_dec=2, kind="big", rate=2.0, prompt=64, output=300)
+    near = Catalog([InstanceType.from_dict({**SMALL.to_dict(), "cost_per_hour": 0.1125}), BIG])
+    d = decide(snapshot(pre, dec), near, OBJ, PolicyState(below_since={"decode": 0.0}))
+    assert d.targets["decode"] == {"big": 1} and not adds(d, "decode") and len(drains(d, "decode")) == 1
+    # the small ones 60% cheaper: worth it
+    cheap = Catalog([InstanceType.from_dict({**SMALL.to_dict(), "cost_per_hour": 0.05}), BIG])
+    d = decide(snapshot(pre, dec), cheap, OBJ, PolicyState())
+    assert set(d.targets["decode"]) == {"small"} and adds(d, "decode") >= 1
+    # more demand than the two bigs carry: the cheapest addition to them, not a new mix
+    pre, dec = steady(n_dec=2, kind="big", rate=10.0, prompt=64, output=300)
+    d = decide(snapshot(pre, dec), near, Objectives(**{**OBJ.__dict__, "decode": {"min": 1, "max": 8}}), PolicyState())
+    assert d.targets["decode"]["big"] >= 2 and adds(d, "decode") >= 1
+
+
+def test_a_miss_measured_before_the_last_instances_came_up_is_stale():
+    pre, dec = steady(n_dec=2, rate=0.2, output=64, tpot=0.3, running=2, kv_used=40)
+    state = PolicyState()
+    d = decide(snapshot(pre, dec + [("small", "starting", None)], now=1000.0), CATALOG, OBJ, state)
+    assert state.settled_at["decode"] is None
+    d = decide(snapshot(pre, dec, now=1010.0), CATALOG, OBJ, state)  # up now; the window still holds the miss
+    assert state.settled_at["decode"] == 1010.0 and not adds(d, "decode")
+    assert any("before the last instances came up" in r for r in d.reasons)
+    d = decide(snapshot(pre, dec, now=1010.0 + 61), CATALOG, OBJ, state)  # a window later: it counts
+    assert adds(d, "decode") == 1 and any("measured P90 TPOT" in r for r in d.reasons)
+
+
+def test_demand_is_planned_for_when_a_new_instance_would_be_up():
+    # arrivals ramp from 0.5 to 2 req/s over 5 minutes: the plan runs a start-up (60 s) ahead of the measure
+    state = PolicyState()
+    for i in range(61):
+        rate = 0.5 + 1.5 * i / 60
+        d = decide(snapshot(*steady(rate=rate, prompt=512), now=1000.0 + 5 * i), CATALOG, OBJ, state)
+    m = d.model["prefill"]
+    assert m["measured"] == pytest.approx(2.0, rel=0.05)
+    assert m["demand"] == pytest.approx(2.0 + 1.5 / 300 * 60, rel=0.05)
+    assert any("demand grows" in r for r in d.reasons)
+    # a burst in the last seconds shows before the window's mean moves
+    burst = {"span_s": SPAN, "series": {"arrival": [(i * 0.1, 256) for i in range(100)]}, "gauges": {}}
+    d = decide(snapshot([("small", "up", burst)], steady()[1]), CATALOG, OBJ, PolicyState())
+    assert d.model["prefill"]["measured"] == pytest.approx(100 / 15)
+
+
+def test_decode_capacity_leaves_room_for_the_batch_to_vary():
+    b, mean_rate = decode_capacity(SMALL, 320, 0.08, p=0.5)
+    b90, rate90 = decode_capacity(SMALL, 320, 0.08, p=0.9)
+    assert b == b90 and rate90 < mean_rate
+    # the mean batch m behind rate90 has its P90 (m + 1.28 sqrt(m)) at the largest batch within the objective
+    m = next(x / 1000 for x in range(1000, b * 1000) if abs(x / 1000 / SMALL.decode(x / 1000, x / 1000 * 320)
+                                                          - rate90) < 0.05)
+    assert m + 1.2816 * math.sqrt(m) == pytest.approx(b, abs=0.01)

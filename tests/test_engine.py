@@ -106,3 +106,27 @@ def test_max_tokens_eos_and_context_limit(tiny_path):
     long = eng.generate([[65] * 500], greedy(100))[0]
     assert long.finish_reason == "length" and len(long.token_ids) == 12
     assert_no_leaks(eng)
+
+
+def test_each_step_reports_what_it_computed_for_the_step_time_models(tiny_path):
+    from splitserve.autoscaler.signals import Recorder, step_recorder, worker_signals
+
+    eng = engine(tiny_path, max_num_batched_tokens=16)
+    loads, prefill_rec, decode_rec = [], Recorder(), Recorder()
+    as_prefill, as_decode = step_recorder(prefill_rec, "prefill"), step_recorder(decode_rec, "decode")
+    eng.on_step = lambda load: (loads.append(load), as_prefill(load), as_decode(load))
+    n = len(eng.tokenizer.encode(PROMPTS[3]))
+    assert n > 16  # the prompt takes two chunks
+    eng.generate([PROMPTS[3]], greedy(8))
+    assert all(load.seconds > 0 and load.sequences == 1 for load in loads)
+    chunks = [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    assert [load.tokens for load in loads] == chunks + [1] * 7  # the 8th token is sampled, never fed
+    ends = [sum(chunks[:i + 1]) for i in range(len(chunks))]
+    assert [load.attention for load in loads[:len(chunks)]] == [k * e for k, e in zip(chunks, ends)]  # new x context
+    assert [load.context for load in loads[len(chunks):]] == [n + i for i in range(1, 8)]
+    row = {"name": "w", "pool": "prefill", "state": "up"}
+    pre, dec = worker_signals(row, prefill_rec.export()), worker_signals(row, decode_rec.export())
+    assert pre.steps == dec.steps == len(loads) and pre.busy_s == pytest.approx(sum(x.seconds for x in loads))
+    assert pre.step_x == n + 7 and pre.step_y == sum(x.attention for x in loads)
+    assert dec.step_x == len(loads) and dec.step_y == sum(x.context for x in loads)
+    assert_no_leaks(eng)

@@ -3,23 +3,31 @@
 Pure Python, no Ray, no torch; deterministic for its inputs. One call per
 tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
 
-    1. demand from the snapshot     prefill: arrivals/s and the prompt lengths;
-                                    decode: output tokens/s (measured, or arrivals x mean output)
-                                    and the mean context of a running request
-    2. correction                   measured service time / the catalog's prediction
-                                    (prefill_s for prefill, tpot_s at each worker's batch for
-                                    decode), clamped; applied to the catalog's models
+    1. demand from the snapshot     prefill: arrivals/s (over the window or the last seconds,
+                                    whichever is higher) and the prompt lengths; decode: output
+                                    tokens/s (measured, or arrivals x mean output) and the mean
+                                    context of a running request; plus its growth over
+                                    ``trend_s`` times the pool's longest start-up (a new instance
+                                    meets the demand of when it is up)
+    2. correction                   the seconds the pool's engines were busy / what the catalog
+                                    predicts for the very steps they ran (tokens and attention,
+                                    batch and KV), clamped; applied to the catalog's models
     3. target                       the cheapest mix of instance types whose capacity at
                                     objective x headroom carries the demand (``capacity.py``),
-                                    within min/max; an objective missed on the server, or decode
-                                    KV use above ``kv_high``, asks for one more than now;
+                                    within min/max: fewer of the instances there when they carry
+                                    it, else those plus the cheapest addition; another mix of
+                                    types only when it costs ``switch_saving`` less; an objective missed on the server, or decode
+                                    KV use above ``kv_high``, asks for more capacity than now
+                                    (a miss measured partly before the pool's last instances came
+                                    up is stale: the model alone decides);
                                     zero traffic asks for the minimum
     4. act                          up: add the missing instances, unless some of this pool are
                                     still starting or it scaled within ``up_cooldown_s``, within
                                     the budget; down (or the old side of a change of types, once the
                                     new ones are up): drain one instance (the type over target,
                                     priciest first; the worker with least work), only after the
-                                    target stayed below for ``down_stable_s``, not within
+                                    target stayed below for ``down_stable_s`` and at least the
+                                    type's start-up time (it may be wanted again), not within
                                     ``down_cooldown_s`` of the last change, never while an
                                     objective is missed or KV is high, never leaving less
                                     capacity than the demand, one drain at a time
@@ -65,9 +73,12 @@ class Objectives:
     kv_high: float = 0.85  # decode KV use above this asks for one more decode instance
     up_cooldown_s: float = 20.0
     down_cooldown_s: float = 60.0
-    down_stable_s: float = 60.0  # the target must stay below the current count this long
+    down_stable_s: float = 60.0  # the target must stay below the current count this long (and at least
+    #                              the start-up time of the instance type that would be drained)
     min_samples: int = 20  # fewer measurements than this: the model alone decides
     stale_s: float = 30.0  # an older snapshot is no data
+    trend_s: float = 300.0  # demand growth is measured over this long and planned for a start-up ahead
+    switch_saving: float = 0.2  # a different mix of types replaces what is there only if it costs this much less
     rebalance_gap: float = 0.3
     max_migrations: int = 4  # per rebalancing proposal
     default_prompt_tokens: int = 256  # the demand's shape before anything was measured
@@ -96,6 +107,9 @@ class PolicyState:
     seq: int = 0
     last_change: dict = field(default_factory=dict)  # pool -> when it last scaled
     below_since: dict = field(default_factory=dict)  # pool -> since when the target is below the count
+    history: dict = field(default_factory=dict)  # pool -> [(time, measured demand)] over trend_s
+    settled_at: dict = field(default_factory=dict)  # pool -> when its last starting instance came up (None:
+    #                                                 some are starting); misses measured before are stale
 
 
 @dataclass(frozen=True)
@@ -125,37 +139,43 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return max(lo, min(hi, x))
 
 
-def _prefill_model(ps: PoolSignals, catalog: Catalog, obj: Objectives) -> dict:
-    types = catalog.for_pool("prefill")
+def _correction(pool: str, snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> float:
+    """Seconds the pool's engines were busy over the window / what the catalog predicts for the same
+    steps (each worker's steps under its own type's model); 1 with fewer than ``min_samples`` steps."""
+    busy = predicted = 0.0
+    steps = 0
+    for w in snapshot.workers:
+        if w.pool == pool and w.steps and w.instance_type in catalog.types:
+            m = getattr(catalog.get(w.instance_type), pool)
+            busy += w.busy_s
+            predicted += m.a * w.steps + m.b * w.step_x + m.c * w.step_y
+            steps += w.steps
+    if steps < obj.min_samples or predicted <= 0:
+        return 1.0
+    return _clamp(busy / predicted, *CORRECTION_RANGE)
+
+
+def _prefill_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict:
+    ps = snapshot.pool("prefill")
     prompt = ps.prompt_tokens
     mean = prompt.mean if prompt.n else obj.default_prompt_tokens
     high = prompt.at(obj.percentile) if prompt.n else mean
-    corr = 1.0
-    if ps.prefill_s.n >= obj.min_samples and prompt.n:
-        predicted = [catalog.get(k).prefill.seconds(prompt.p50) for k in ps.instances if k in catalog.types]
-        if predicted and sum(predicted) > 0:
-            corr = _clamp(ps.prefill_s.p50 / (sum(predicted) / len(predicted)), *CORRECTION_RANGE)
+    corr = _correction("prefill", snapshot, catalog, obj)
     cap = {t.name: prefill_capacity(t, mean, high, obj.ttft_s * obj.headroom, obj.percentile / 100, corr)
-           for t in types}
-    return {"demand": ps.arrival_rate, "unit": "requests/s", "correction": corr, "capacity": cap,
-            "prompt_mean": mean}
+           for t in catalog.for_pool("prefill")}
+    return {"demand": max(ps.arrival_rate, ps.recent_arrival_rate), "unit": "requests/s", "correction": corr,
+            "capacity": cap, "prompt_mean": mean}
 
 
-def _decode_model(ps: PoolSignals, pre: PoolSignals, snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict:
-    types = catalog.for_pool("decode")
+def _decode_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict:
+    ps, pre = snapshot.pool("decode"), snapshot.pool("prefill")
     out_mean = ps.output_tokens.mean if ps.output_tokens.n else obj.default_output_tokens
     prompt_mean = pre.prompt_tokens.mean if pre.prompt_tokens.n else obj.default_prompt_tokens
-    demand = max(ps.token_rate, pre.arrival_rate * out_mean)
+    demand = max(ps.token_rate, ps.recent_token_rate, max(pre.arrival_rate, pre.recent_arrival_rate) * out_mean)
     context = ps.kv_tokens_used / ps.running if ps.running else prompt_mean + out_mean / 2
-    weighted, weight = 0.0, 0
-    for w in snapshot.workers:
-        if w.pool == "decode" and w.state == "up" and w.tpot_s.n and w.running and w.instance_type in catalog.types:
-            predicted = catalog.get(w.instance_type).decode(w.running, w.kv_tokens_used)
-            if predicted > 0:
-                weighted += w.tpot_s.n * w.tpot_s.p50 / predicted
-                weight += w.tpot_s.n
-    corr = _clamp(weighted / weight, *CORRECTION_RANGE) if weight >= obj.min_samples else 1.0
-    cap = {t.name: decode_capacity(t, context, obj.tpot_s * obj.headroom, corr)[1] for t in types}
+    corr = _correction("decode", snapshot, catalog, obj)
+    cap = {t.name: decode_capacity(t, context, obj.tpot_s * obj.headroom, corr, p=obj.percentile / 100)[1]
+           for t in catalog.for_pool("decode")}
     return {"demand": demand, "unit": "tokens/s", "correction": corr, "capacity": cap, "context": context}
 
 
@@ -179,8 +199,8 @@ def _one_more(model: dict, current: dict, catalog: Catalog) -> dict:
     return {**current, name: current.get(name, 0) + 1}
 
 
-def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: Objectives,
-            reasons: list) -> dict:
+def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: Objectives, state: PolicyState,
+            now: float, reasons: list) -> dict:
     ps, limits = snapshot.pool(pool), obj.limits(pool)
     current = dict(ps.instances)
     cost = {k: catalog.get(k).cost_per_hour for k in model["capacity"]}
@@ -196,20 +216,65 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
             target[cheapest] = target.get(cheapest, 0) + left
         reasons.append(f"{pool}: no traffic: the minimum ({limits.min})")
         return target
-    target = cheapest_mix(model["capacity"], cost, model["demand"], limits.min, limits.max, current)
+    target = _plan(model, cost, current, limits, obj)
     if target is None:
         best = max(model["capacity"], key=lambda k: (model["capacity"][k], -cost[k]))
         target = {best: limits.max}
         reasons.append(f"{pool}: demand {model['demand']:.2f} {model['unit']} is beyond {limits.max} instances: "
                        f"the maximum")
     pressure = _observed_miss(pool, ps, obj)
+    if pressure and now - (state.settled_at.get(pool, -1e18) or now) < snapshot.window_s:
+        reasons.append(f"{pool}: {pressure.split(': ', 1)[1]}, but measured partly before the last instances "
+                       f"came up: the model decides")
+        pressure = None
     if pool == "decode" and ps.kv_blocks_total and ps.kv_used_fraction > obj.kv_high:
         pressure = f"decode: KV use {ps.kv_used_fraction:.0%} > {obj.kv_high:.0%}"
     if pressure:
         reasons.append(pressure)
-        if sum(target.values()) <= sum(current.values()) < limits.max:
+        if _carries(model, target) <= _carries(model, current) and sum(current.values()) < limits.max:
             target = _one_more(model, current, catalog)
     return target
+
+
+def _plan(model: dict, cost: dict, current: dict, limits: PoolLimits, obj: Objectives) -> dict | None:
+    """The mix to aim for: fewer of what is there when it carries the demand, else what is there plus
+    the cheapest addition; a different mix altogether only when it costs ``switch_saving`` less."""
+    cap, demand = model["capacity"], model["demand"]
+    known = {k: n for k, n in current.items() if k in cap}
+    if _carries(model, known) >= demand:
+        keep = cheapest_mix(cap, cost, demand, limits.min, limits.max, known, upper=known)
+    else:
+        more = cheapest_mix(cap, cost, demand - _carries(model, known), 0, limits.max - sum(known.values()))
+        keep = None if more is None else {k: known.get(k, 0) + more.get(k, 0) for k in {*known, *more}}
+        if keep is not None and sum(keep.values()) < limits.min:
+            keep = None
+    fresh = cheapest_mix(cap, cost, demand, limits.min, limits.max, current)
+    if keep is None or (fresh is not None and _price(fresh, cost) < (1 - obj.switch_saving) * _price(keep, cost)):
+        return fresh
+    return {k: n for k, n in keep.items() if n}
+
+
+def _price(mix: dict, cost: dict) -> float:
+    return sum(cost[k] * n for k, n in mix.items())
+
+
+def _growth(pool: str, demand: float, state: PolicyState, now: float, obj: Objectives) -> float:
+    """How fast the demand grows (per second, >= 0): the least-squares slope of this policy's own
+    demand readings over the last ``trend_s``; 0 before a quarter of that is seen."""
+    history = state.history.setdefault(pool, [])
+    history.append((now, demand))
+    while now - history[0][0] > obj.trend_s:
+        history.pop(0)
+    if len(history) < 3 or now - history[0][0] < obj.trend_s / 4:
+        return 0.0
+    mt = sum(t for t, _ in history) / len(history)
+    md = sum(d for _, d in history) / len(history)
+    var = sum((t - mt) ** 2 for t, _ in history)
+    return max(0.0, sum((t - mt) * (d - md) for t, d in history) / var) if var else 0.0
+
+
+def _carries(model: dict, mix: dict) -> float:
+    return sum(model["capacity"].get(k, 0.0) * n for k, n in mix.items())
 
 
 def _pick_drain(pool: str, instance_type: str, snapshot: Snapshot) -> str | None:
@@ -266,15 +331,17 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
         state.below_since.pop(pool, None)
         return spend
     since = state.below_since.setdefault(pool, now)
+    kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
+    # an instance that may be wanted again soon is kept at least as long as a new one takes to start
+    hold = max(obj.down_stable_s, catalog.get(kind).startup_s if kind in catalog.types else 0.0)
     if ps.num_starting or ps.num_draining:
         reasons.append(f"{pool}: {'instances starting' if ps.num_starting else 'a drain is under way'}: "
                        f"no drain now")
-    elif now - since < obj.down_stable_s:
-        reasons.append(f"{pool}: below target for {now - since:.0f}s of {obj.down_stable_s:.0f}s")
+    elif now - since < hold:
+        reasons.append(f"{pool}: below target for {now - since:.0f}s of {hold:.0f}s")
     elif now - state.last_change.get(pool, -1e18) < obj.down_cooldown_s:
         reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
     else:
-        kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
         cap = model["capacity"]
         left = sum(cap.get(k, 0.0) * n for k, n in current.items()) - cap.get(kind, 0.0)
         worker = _pick_drain(pool, kind, snapshot)
@@ -284,8 +351,7 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
         elif worker is not None:
             reasons.append(f"{want}: drain {worker}")
             actions.append(Action("drain", pool, kind, 1, worker=worker))
-            state.last_change[pool] = now
-            state.below_since.pop(pool, None)
+            state.last_change[pool] = now  # below_since stays: the next drain waits the cooldown only
     return spend
 
 
@@ -304,9 +370,20 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
         return Decision(did, now, reasons=(f"no worker up in {', '.join(missing)}: no action",))
 
     reasons: list[str] = []
-    models = {"prefill": _prefill_model(snapshot.pool("prefill"), catalog, objectives)}
-    models["decode"] = _decode_model(snapshot.pool("decode"), snapshot.pool("prefill"), snapshot, catalog, objectives)
-    targets = {p: _target(p, snapshot, models[p], catalog, objectives, reasons) for p in POOLS}
+    models = {"prefill": _prefill_model(snapshot, catalog, objectives), "decode": _decode_model(snapshot, catalog, objectives)}
+    for p, model in models.items():  # plan for the demand when a new instance would be up
+        growth = _growth(p, model["demand"], state, now, objectives)
+        horizon = max((t.startup_s for t in catalog.for_pool(p)), default=0.0)
+        model["measured"], model["demand"] = model["demand"], model["demand"] + growth * horizon
+        if growth * horizon > 0.05 * model["measured"]:
+            reasons.append(f"{p}: demand grows {growth:.3g} {model['unit']} per s: planned for "
+                           f"{model['demand']:.2f} in {horizon:.0f}s")
+    for p in POOLS:  # when each pool's starting instances came up: misses measured before are stale
+        if snapshot.pool(p).num_starting:
+            state.settled_at[p] = None
+        elif p in state.settled_at and state.settled_at[p] is None:
+            state.settled_at[p] = now
+    targets = {p: _target(p, snapshot, models[p], catalog, objectives, state, now, reasons) for p in POOLS}
 
     actions: list[Action] = []
     spend = sum(catalog.get(w.instance_type).cost_per_hour for w in snapshot.workers

@@ -8,6 +8,9 @@ samples) and records as it serves::
                      handed off: the first token is on its way to the client)
     decode worker    tokens (output tokens, per output); tpot_s (a request's mean time per output
                      token here, when it finishes or moves); output_tokens (when it finishes)
+    both, per step   busy_s (seconds), steps, step_x and step_y (the step-time model's inputs:
+                     prefill tokens and attention; decode batch and KV tokens), from the engine's
+                     thread (:func:`step_recorder`): the autoscaler compares them with the catalog
 
 ``worker.signals()`` returns ``{"gauges": {...}, "series": recorder.export()}``:
 the gauges are instant values (waiting, running, KV blocks used/total,
@@ -21,11 +24,13 @@ the same snapshot.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
 WINDOW_S = 60.0
+RECENT_S = 15.0  # rates over the last seconds too: a burst shows before the window's mean moves
 MAX_SAMPLES = 4096  # per series per worker: a bound on memory and on what one export carries
 
 
@@ -36,31 +41,52 @@ class Recorder:
         self.window_s, self.max_samples, self.clock = window_s, max_samples, clock
         self.started = clock()
         self.series: dict[str, deque] = {}
+        self._lock = threading.Lock()  # the engine's thread records steps while the actor's loop exports
 
     def record(self, name: str, value: float) -> None:
+        with self._lock:
+            self._append(name, self.clock(), float(value))
+
+    def _append(self, name: str, when: float, value: float) -> None:
         q = self.series.get(name)
         if q is None:
             q = self.series[name] = deque(maxlen=self.max_samples)
-        q.append((self.clock(), float(value)))
+        q.append((when, value))
 
     def count(self, name: str, n: float) -> None:
         """Add ``n`` to this second's bucket (for rates: one sample per second, not per event)."""
-        q = self.series.get(name)
-        now = self.clock()
-        if q and int(q[-1][0]) == int(now):
-            q[-1] = (q[-1][0], q[-1][1] + n)
-        else:
-            self.record(name, n)
+        with self._lock:
+            q = self.series.get(name)
+            now = self.clock()
+            if q and int(q[-1][0]) == int(now):
+                q[-1] = (q[-1][0], q[-1][1] + n)
+            else:
+                self._append(name, now, float(n))
 
     def export(self) -> dict:
         """{"span_s": how much of the window this recorder has seen, "series": {name: [(age_s, value)]}}"""
-        now = self.clock()
-        out = {}
-        for name, q in self.series.items():
-            while q and now - q[0][0] > self.window_s:
-                q.popleft()
-            out[name] = [(now - t, v) for t, v in q]
+        with self._lock:
+            now = self.clock()
+            out = {}
+            for name, q in self.series.items():
+                while q and now - q[0][0] > self.window_s:
+                    q.popleft()
+                out[name] = [(now - t, v) for t, v in q]
         return {"span_s": min(self.window_s, now - self.started), "series": out}
+
+
+def record_step(recorder: Recorder, seconds: float, x: float, y: float) -> None:
+    """One engine step: how long it took and the step-time model's inputs (``catalog.py``)."""
+    for name, v in (("busy_s", seconds), ("steps", 1), ("step_x", x), ("step_y", y)):
+        recorder.count(name, v)
+
+
+def step_recorder(recorder: Recorder, pool: str):
+    """The engine's ``on_step`` hook for a worker of ``pool``: a ``StepLoad`` as that pool's model sees it
+    (prefill: tokens and attention; decode: batch and KV tokens)."""
+    if pool == "prefill":
+        return lambda load: record_step(recorder, load.seconds, load.tokens, load.attention)
+    return lambda load: record_step(recorder, load.seconds, load.sequences, load.context)
 
 
 def engine_gauges(engine) -> dict:
@@ -112,6 +138,12 @@ class Load:
     queued_prompt_tokens: int = 0
     arrival_rate: float = 0.0  # prompts/s (prefill)
     token_rate: float = 0.0  # output tokens/s (decode)
+    recent_arrival_rate: float = 0.0  # the same over the last RECENT_S only
+    recent_token_rate: float = 0.0
+    busy_s: float = 0.0  # engine steps over the window: seconds busy, how many, the models' inputs summed
+    steps: int = 0
+    step_x: float = 0.0
+    step_y: float = 0.0
     ttft_s: Dist = field(default_factory=Dist)
     tpot_s: Dist = field(default_factory=Dist)
     queue_s: Dist = field(default_factory=Dist)
@@ -161,6 +193,8 @@ class Snapshot:
 
 
 _DISTS = ("ttft_s", "tpot_s", "queue_s", "prefill_s", "transfer_s")
+_RATES = ("arrival_rate", "token_rate", "recent_arrival_rate", "recent_token_rate")
+_STEPS = ("busy_s", "steps", "step_x", "step_y")
 _GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "kv_tokens_used", "queued_prompt_tokens")
 
 
@@ -186,8 +220,13 @@ def worker_signals(member: dict, export: dict | None) -> WorkerSignals:
     series, span = export.get("series", {}), max(float(export.get("span_s", 0.0)), 1e-9)
     gauges = {k: int(export.get("gauges", {}).get(k, 0) or 0) for k in _GAUGES}
     arrivals = _values(series, "arrival")
-    return WorkerSignals(**base, span_s=span, **gauges,
+    recent = min(span, RECENT_S)
+    steps = {k: sum(_values(series, k)) for k in _STEPS}
+    steps["steps"] = int(steps["steps"])
+    return WorkerSignals(**base, span_s=span, **gauges, **steps,
                          arrival_rate=len(arrivals) / span, token_rate=sum(_values(series, "tokens")) / span,
+                         recent_arrival_rate=sum(age <= recent for age, _ in series.get("arrival", ())) / recent,
+                         recent_token_rate=sum(v for age, v in series.get("tokens", ()) if age <= recent) / recent,
                          prompt_tokens=Dist.of(arrivals), output_tokens=Dist.of(_values(series, "output_tokens")),
                          **{d: Dist.of(_values(series, d)) for d in _DISTS})
 
@@ -214,8 +253,7 @@ def aggregate(members: list[dict], exports: dict, window_s: float = WINDOW_S, no
             pool=pool, num_up=sum(w.state == "up" for w in ws), num_starting=sum(w.state == "starting" for w in ws),
             num_draining=sum(w.state == "draining" for w in ws), num_dead=sum(w.state == "dead" for w in ws),
             instances=instances, starting=starting,
-            arrival_rate=sum(w.arrival_rate for w in counted), token_rate=sum(w.token_rate for w in counted),
-            **{g: sum(getattr(w, g) for w in counted) for g in _GAUGES},
+            **{g: sum(getattr(w, g) for w in counted) for g in (*_GAUGES, *_STEPS, *_RATES)},
             prompt_tokens=Dist.of(union["arrival"]), output_tokens=Dist.of(union["output_tokens"]),
             **{d: Dist.of(union[d]) for d in _DISTS})
     return Snapshot(time.time() if now is None else now, window_s, workers, pools)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from splitserve.autoscaler.catalog import Catalog, LinearModel
 from splitserve.autoscaler.policy import Objectives, PolicyState, decide
-from splitserve.autoscaler.signals import Recorder, aggregate, percentile
+from splitserve.autoscaler.signals import Recorder, aggregate, percentile, record_step
 
 
 # -- traces: lists of (arrival s, prompt tokens, output tokens) ------------------------------------
@@ -259,6 +259,7 @@ class Simulation:
             return
         inst.busy = True
         seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq) * self._contention("decode")
+        record_step(inst.recorder, seconds, tokens, sq)
         self._at(self.now + seconds, self._prefill_done, inst, chunks)
 
     def _prefill_done(self, inst: Instance, chunks: list) -> None:
@@ -316,6 +317,7 @@ class Simulation:
         kv = sum(r.prompt + r.tokens for r in inst.running)
         seconds = self.correction["decode"] * self.catalog.get(inst.kind).decode(len(inst.running), kv) \
             * self._contention("prefill")
+        record_step(inst.recorder, seconds, len(inst.running), kv)
         self._at(self.now + seconds, self._decode_done, inst, list(inst.running))
 
     def _decode_done(self, inst: Instance, batch: list) -> None:

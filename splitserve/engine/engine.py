@@ -21,6 +21,7 @@ is the whole loop:
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from splitserve.engine.block_pool import KVCacheManager
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.moves import MovesMixin
-from splitserve.engine.output import CompletionResult, RequestOutput, TextState
+from splitserve.engine.output import CompletionResult, RequestOutput, StepLoad, TextState
 from splitserve.engine.progress import progress
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.runner import ModelRunner, StepSequence
@@ -147,6 +148,7 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self.pinned: dict[str, list[int]] = {}  # live migration: blocks pinned while they are read
         self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts, moves)
         self._arrivals = itertools.count()
+        self.on_step = None  # called with each model step's StepLoad (in the engine's thread)
         self._init_speculation(cfg)
 
     # -- requests -----------------------------------------------------------
@@ -214,10 +216,13 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         plan = self.scheduler.schedule()
         if plan.empty:
             return outputs
+        started = time.perf_counter()
         try:
             logits, order = self.runner.execute(self._step_sequences(plan))
         except Exception as e:  # a failed forward fails the requests in it, with the reason
             return outputs + self._fail_all(plan, f"model step failed: {type(e).__name__}: {e}")
+        if self.on_step is not None:
+            self.on_step(self._step_load(plan, time.perf_counter() - started))
         self.scheduler.on_step_finished(plan)
         # rows of one chunk are adjacent: one row = a plain sample, 1 + k rows = k drafts to verify
         groups: list[tuple[int, int, int]] = []  # (chunk index, first row, row count)
@@ -241,6 +246,12 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         return outputs
 
     # -- post-processing ------------------------------------------------------------
+
+    @staticmethod
+    def _step_load(plan: SchedulerOutput, seconds: float) -> StepLoad:
+        chunks = plan.chunks
+        return StepLoad(seconds, len(chunks), plan.num_tokens, sum(c.num_new_tokens * c.end for c in chunks),
+                        sum(c.end for c in chunks))
 
     def _step_sequences(self, plan: SchedulerOutput) -> list[StepSequence]:
         return [StepSequence(c.request.token_ids(c.start, c.end - c.num_draft_tokens) + c.request.draft_token_ids,

@@ -31,6 +31,18 @@ class RequestOutput:
         return self.num_output_tokens - len(self.new_token_ids)
 
 
+@dataclass(frozen=True)
+class StepLoad:
+    """What one model step computed and how long it took: the inputs of the step-time models of
+    ``autoscaler/catalog.py`` (prefill: tokens and attention; decode: sequences and context)."""
+
+    seconds: float
+    sequences: int  # chunks in the step (a decode step's batch)
+    tokens: int  # new tokens computed
+    attention: int  # sum over chunks of new tokens x context after the step (a prefill pass's sum of squares)
+    context: int  # sum over chunks of the context after the step (a decode step's KV tokens)
+
+
 @dataclass
 class CompletionResult:
     """A whole request's result, accumulated from its deltas."""
