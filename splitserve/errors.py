@@ -13,6 +13,7 @@ can hand it to the client unchanged. The hierarchy::
       WorkerLostError                    a worker died or stopped answering, and no other could take over
       TransferFailedError                moving KV between workers failed (``code``: the receiver's gRPC status)
       RequestFailedError                 the engine failed the request (a model step raised)
+      AuthenticationError                the front door wants an API key: none was sent, or it is not valid
       ConfigurationError (ValueError)    the server's or a worker's configuration cannot work (layout mismatch, ...)
       ModelLoadError
         ModelNotFoundError (FileNotFoundError), CorruptModelError, UnsupportedModelError
@@ -92,6 +93,10 @@ class RequestFailedError(SplitserveError):
     """The engine failed the request; the message gives the reason."""
 
 
+class AuthenticationError(SplitserveError):
+    """The request carried no API key, a malformed one, or one the server does not know (never echoed)."""
+
+
 class ConfigurationError(SplitserveError, ValueError):
     """A configuration that cannot work (e.g. two workers whose KV layouts differ)."""
 
@@ -122,6 +127,7 @@ STATUS: dict[type, tuple[str, int, str]] = {
     WorkerLostError: ("UNAVAILABLE", 503, "server_error"),
     TransferFailedError: ("UNAVAILABLE", 503, "server_error"),
     RequestFailedError: ("INTERNAL", 500, "server_error"),
+    AuthenticationError: ("UNAUTHENTICATED", 401, "authentication_error"),
     ConfigurationError: ("FAILED_PRECONDITION", 409, "conflict_error"),
     ModelLoadError: ("INTERNAL", 500, "server_error"),
 }

@@ -30,9 +30,17 @@ def server(real_model_path):
                       prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
                       decode=PoolConfig(threads=1, kv_cache_memory_mb=96))
     assert not ray.is_initialized(), "an earlier test left Ray initialized (its resources would be used)"
-    srv = start_server(cfg, num_cpus=4, log=lambda m: None)
-    yield srv
-    srv.shutdown()
+    # Ray started here, with its Prometheus endpoint on a free port and metrics reported every 0.5 s
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
+    try:
+        srv = start_server(cfg, log=lambda m: None)
+        srv.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield srv
+        srv.shutdown()
+    finally:
+        ray.shutdown()
     assert not ray.is_initialized()
 
 
@@ -73,6 +81,30 @@ def _wait_idle(server, timeout=30):
         if time.monotonic() > deadline:
             raise AssertionError(f"blocks still held on {busy}: {stats}")
         time.sleep(0.1)
+
+
+def _scrape(server) -> list:
+    """Every sample on Ray's Prometheus endpoint: [(name, labels, value)]."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def _metric(samples, name, **labels) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
+
+
+def _metrics_settle(server, check, timeout=30):
+    """Scrape until ``check(samples)`` holds (Ray reports metrics every 0.5 s here); the last samples."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = _scrape(server)
+        if check(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)
 
 
 def test_health_and_metadata(triton):
@@ -256,6 +288,7 @@ def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
     never a normal "stop"."""
     import openai
     (decode,) = [m.name for m in server.pools.view().members if m.pool == "decode"]
+    before = _scrape(server)
     assert admin(server, "POST", f"/admin/workers/{decode}/drain")[0] == 200
     try:
         assert not triton.is_server_ready()  # no decode worker takes traffic
@@ -271,6 +304,11 @@ def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
         _, error = results.get(timeout=60)
         triton.stop_stream()
         assert error is not None and "no decode worker is up" in str(error)
+        # each of the three counts once, under its error code
+        refused = lambda s: _metric(s, "ray_splitserve_requests_total", outcome="error", code="RESOURCE_EXHAUSTED")
+        after = _metrics_settle(server, lambda s: refused(s) - refused(before) >= 3)
+        assert refused(after) - refused(before) == 3
+        assert _metric(after, "ray_splitserve_requests_total", outcome="ok") == _metric(before, "ray_splitserve_requests_total", outcome="ok")
     finally:
         assert admin(server, "POST", f"/admin/workers/{decode}/undrain")[0] == 200
     assert triton.is_server_ready()
@@ -295,3 +333,38 @@ def test_bench_command_against_the_live_server(server, real_model_path, tmp_path
     if protocol == "openai":
         assert doc["sweep"]["goodput"] == 2.0 and (tmp_path / "slo_attainment.png").exists()
     _wait_idle(server)
+
+
+def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, real_engine, server):
+    """Three requests over both protocols: the request, token and latency metrics grow by exactly what
+    was served, and the KV bytes the prefill worker exported equal what the decode worker received."""
+    _wait_idle(server)
+    received = lambda: sum(s.get("kv_bytes_received") or 0 for s in server.pools.all_stats().values())
+    ok = dict(model=MODEL, outcome="ok", code="")
+    before, bytes_before = _metrics_settle(server, lambda s: True), received()
+    expected = _expected(real_engine, PROMPTS[1], max_tokens=12)
+    result = triton.infer(MODEL, _inputs(PROMPTS[1], {"max_tokens": 12}))
+    assert result.as_numpy("text_output")[0].decode() == expected.text
+    usage = [oai.completions.create(model=MODEL, prompt=p, max_tokens=n).usage for p, n in ((PROMPTS[0], 5),
+                                                                                              (PROMPTS[2], 9))]
+    outputs = len(expected.token_ids) + sum(u.completion_tokens for u in usage)
+    prompts = expected.num_prompt_tokens + sum(u.prompt_tokens for u in usage)
+    grew = lambda s, name, **lab: _metric(s, name, **lab) - _metric(before, name, **lab)
+    after = _metrics_settle(server, lambda s: grew(s, "ray_splitserve_requests_total", **ok) >= 3
+                            and grew(s, "ray_splitserve_kv_transfer_bytes_total") > 0)
+    assert grew(after, "ray_splitserve_requests_total", **ok) == 3
+    assert grew(after, "ray_splitserve_output_tokens_total", model=MODEL) == outputs
+    assert grew(after, "ray_splitserve_prompt_tokens_total", model=MODEL) == prompts
+    for hist in ("time_to_first_token", "request_latency", "time_per_output_token"):
+        assert grew(after, f"ray_splitserve_{hist}_seconds_count", model=MODEL) == 3, hist
+    assert grew(after, "ray_splitserve_inter_token_latency_seconds_count", model=MODEL) == outputs - 3
+    assert grew(after, "ray_splitserve_queue_time_seconds_count", pool="prefill") == 3
+    assert grew(after, "ray_splitserve_kv_transfer_seconds_count", pool="prefill") == 3
+    assert grew(after, "ray_splitserve_kv_transfer_bytes_total", pool="prefill") == received() - bytes_before > 0
+    # the worker gauges: every block is free again, the blocks total is the pools'
+    stats = _wait_idle(server)
+    total = sum(s["num_kv_blocks"] for s in stats.values())
+    after = _metrics_settle(server, lambda s: _metric(s, "ray_splitserve_kv_blocks", state="used") == 0)
+    assert _metric(after, "ray_splitserve_kv_blocks", state="total") == total
+    assert _metric(after, "ray_splitserve_kv_blocks", state="used") == 0
+    assert _metric(after, "ray_splitserve_running_requests") == 0

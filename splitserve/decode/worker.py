@@ -35,7 +35,8 @@ import uuid
 
 import ray
 
-from splitserve.autoscaler.signals import Recorder, engine_gauges
+from splitserve.autoscaler.signals import Recorder, engine_gauges, step_recorder
+from splitserve.platform.metrics import WorkerMetrics
 from splitserve.engine.output import RequestOutput
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
@@ -49,6 +50,11 @@ def ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def ray_node_ip() -> str | None:
+    """This node's IP as Ray knows it (None outside Ray)."""
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None
+
+
 async def reap_stalled_forever(worker, period_s: float = 1.0) -> None:
     """Abort requests whose reader vanished without closing the stream (outputs pile up unread)."""
     while True:
@@ -59,16 +65,18 @@ async def reap_stalled_forever(worker, period_s: float = 1.0) -> None:
 
 class DecodeWorkerImpl:
     def __init__(self, engine_kwargs: dict, cluster_token: str, kv_host: str = "127.0.0.1", name: str = "decode",
-                 kv_codec: str = "raw", unclaimed_ttl_s: float = 30.0, tombstone_ttl_s: float = 120.0):
+                 kv_codec: str = "raw", unclaimed_ttl_s: float = 30.0, tombstone_ttl_s: float = 120.0,
+                 kv_port: int = 0, kv_tls=None):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         from splitserve.kvtransfer.client import KVSender
 
         self.engine = LLMEngine(**engine_kwargs)
         self.aengine = AsyncEngine(self.engine)
-        self.name, self.token, self.kv_host = name, cluster_token, kv_host
+        self.name, self.token = name, cluster_token
+        self.kv_host, self.kv_port, self.kv_tls = kv_host, kv_port, kv_tls  # bind host, port (0: any), KVTLS
         self.incarnation = uuid.uuid4().hex[:12]  # a new one each time the process (re)starts
-        self.sender = KVSender(cluster_token, kv_codec=kv_codec)
+        self.sender = KVSender(cluster_token, kv_codec=kv_codec, tls=kv_tls)
         self.queues: dict = {}  # committed request id -> its output queue, until the router claims it
         self.waiters: dict[str, asyncio.Future] = {}  # request id -> a reader already waiting for its commit
         self.address = None
@@ -80,20 +88,26 @@ class DecodeWorkerImpl:
         self.num_unclaimed_aborted = 0
         self.num_migrated_out = self.num_migrations_failed = 0
         self.recorder = Recorder()
+        self.engine.on_step = step_recorder(self.recorder, "decode")
+        self.metrics = WorkerMetrics("decode", name)
 
     async def start(self) -> dict:
-        """Start the KV server on a free port in this actor's event loop (once); returns the identity."""
+        """Start the KV server in this actor's event loop (once); returns the identity, with the address
+        senders dial: this node's own (``kvtransfer.endpoint.advertised_host``)."""
         from splitserve.kvtransfer.server import KVTransferServicer, start_server
+        from splitserve.kvtransfer.endpoint import ADVERTISE_ENV, advertised_host, join_host_port
 
+        self.metrics.start_export(self.stats)
         if self.address is None:
             loop = asyncio.get_running_loop()
             self.port = self.aengine.kv_port(commit=lambda snapshot: self._adopt(snapshot, loop))
             self.servicer = KVTransferServicer(self.port, self.token, on_release=self._release_committed,
                                                accepting=lambda: not self.draining)
-            self.server, port = await start_server(self.servicer, self.kv_host, 0)
+            self.server, port = await start_server(self.servicer, self.kv_host, self.kv_port, tls=self.kv_tls)
             self._reapers = [asyncio.create_task(self.servicer.reap_forever()),
                              asyncio.create_task(reap_stalled_forever(self))]
-            self.address = f"{self.kv_host}:{port}"
+            host = advertised_host(self.kv_host, ray_node_ip(), os.environ.get(ADVERTISE_ENV))
+            self.address = join_host_port(host, port)
         return {"name": self.name, "address": self.address, "pid": os.getpid(), "incarnation": self.incarnation,
                 "node_id": ray_node_id()}
 
@@ -165,6 +179,7 @@ class DecodeWorkerImpl:
                 self.aengine.abort_request(request_id)
             return {"status": "failed", "error": describe(e)}
         self.num_migrated_out += 1
+        self.metrics.migrated(result.stopped_s)
         if request_id in self.abort_after_move:  # the client left meanwhile: abort it where it went
             self.abort_after_move.discard(request_id)
             await self.sender.release(target_address, request_id)
@@ -225,6 +240,7 @@ class DecodeWorkerImpl:
                 "kv_in_transfer": len(servicer._in_transfer) if servicer else 0}
 
     async def stop(self) -> None:
+        self.metrics.stop_export()
         if getattr(self, "server", None) is not None:
             for task in self._reapers:
                 task.cancel()

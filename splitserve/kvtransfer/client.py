@@ -24,6 +24,10 @@ there), ``TransferFailedError`` (with the gRPC code, or None when the request
 finished or was preempted meanwhile), or, before anything happens,
 ``UnknownRequestError`` / ``RequestStateError`` (nothing to move: unknown,
 finished, or already moving).
+
+Channels are plaintext, or mutual TLS with ``tls`` (``tls.py``); a receiver
+refusing the handshake only closes the socket, so the error then adds what
+that means (``tls.explain_refusal``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from splitserve.engine.request import RequestStatus
 from splitserve.errors import NoCapacityError, RequestStateError, TransferFailedError, UnknownRequestError
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 from splitserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
+from splitserve.kvtransfer.tls import KVTLS, explain_refusal
 from splitserve.kvtransfer.wire import (DEFAULT_MAX_CHUNK_BYTES, TOKEN_METADATA_KEY, check_codec, encode_chunk,
                                         fingerprint, plan_chunks, snapshot_to_pb, ChunkPlan)
 
@@ -54,8 +59,9 @@ class MoveResult:
 
 class KVSender:
     def __init__(self, cluster_token: str, timeout_s: float = 30.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                 kv_codec: str = "raw", last_stage_blocks: int = 2, max_stages: int = 8):
+                 kv_codec: str = "raw", last_stage_blocks: int = 2, max_stages: int = 8, tls: KVTLS | None = None):
         self.kv_codec = check_codec(kv_codec)  # "raw" or "int8" (about half the bytes; see wire.py)
+        self.tls = tls  # mutual TLS on every channel (tls.py); None: plaintext
         self.metadata = ((TOKEN_METADATA_KEY, cluster_token),)
         self.timeout_s = timeout_s
         self.max_chunk_bytes = max_chunk_bytes
@@ -66,10 +72,18 @@ class KVSender:
 
     def _stub(self, address: str) -> pb_grpc.KVTransferStub:
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+            options = [("grpc.max_send_message_length", 64 << 20)]
+            if self.tls is None:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            else:
+                channel = grpc.aio.secure_channel(address, self.tls.channel_credentials(),
+                                                  options=options + self.tls.channel_options())
             self._channels.append(channel)
             self._stubs[address] = pb_grpc.KVTransferStub(channel)
         return self._stubs[address]
+
+    def _failed(self, e: grpc.aio.AioRpcError) -> TransferFailedError:
+        return TransferFailedError(e.code().name, explain_refusal(e.details(), self.tls is not None))
 
     async def reserve(self, address: str, request_id: str, num_tokens: int, layout) -> pb.ReserveResponse:
         try:
@@ -79,14 +93,14 @@ class KVSender:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise NoCapacityError(e.details()) from None
-            raise TransferFailedError(e.code().name, e.details()) from None
+            raise self._failed(e) from None
 
     async def release(self, address: str, request_id: str) -> bool:
         try:
             resp = await self._stub(address).Release(pb.ReleaseRequest(request_id=request_id),
                                                       metadata=self.metadata, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise TransferFailedError(e.code().name, e.details()) from None
+            raise self._failed(e) from None
         return resp.released
 
     async def send(self, address: str, port, request_id: str, corrupt_chunk: int | None = None) -> pb.TransferAck:
@@ -203,7 +217,7 @@ class KVSender:
         except grpc.aio.AioRpcError as e:
             if failure:
                 raise failure[0] from None
-            raise TransferFailedError(e.code().name, e.details()) from None
+            raise self._failed(e) from None
         self.num_bytes_sent += ack.num_bytes
         return ack, count["last_stage_blocks"]
 

@@ -12,6 +12,8 @@ Lifecycle of one transfer on this side::
                     (the worker aborts it: its client left while it moved)
 
 The servicer talks to the engine only through a KV port (``engine/kv_port.py``).
+``start_server`` serves it plaintext, or mutual TLS only (``tls.py``): then a
+peer without a certificate from the cluster's CA never reaches a call.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import grpc
 from splitserve.errors import InvalidRequestError
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 from splitserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
+from splitserve.kvtransfer.endpoint import join_host_port
+from splitserve.kvtransfer.tls import KVTLS
 from splitserve.kvtransfer.wire import (TOKEN_METADATA_KEY, check_codec, decode_chunk, describe_mismatch,
                                         fingerprint, snapshot_from_pb)
 
@@ -175,10 +179,19 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             self.expire_reservations()
 
 
-async def start_server(servicer: KVTransferServicer, host: str = "127.0.0.1", port: int = 0):
-    """Serve on host:port (0 = any free port). Returns (server, bound port)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+async def start_server(servicer: KVTransferServicer, host: str = "127.0.0.1", port: int = 0,
+                       tls: KVTLS | None = None):
+    """Serve on host:port (0 = any free port). Returns (server, bound port). With ``tls`` (``tls.py``) the
+    port speaks only mutual TLS: a peer without a certificate signed by ``tls.ca`` fails its handshake."""
+    # no SO_REUSEPORT: a second worker on a fixed port must fail, not share the port's connections
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)])
     pb_grpc.add_KVTransferServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = join_host_port(host, port)
+    try:
+        bound = server.add_secure_port(address, tls.server_credentials()) if tls is not None else \
+            server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+        raise OSError(f"the KV server cannot listen on {address} ({e}); is the port taken? With a fixed kv_port "
+                      f"only one decode worker fits on a node (kv_port 0 takes any free port)") from None
     await server.start()
     return server, bound

@@ -7,7 +7,7 @@
 
     splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
                      [--quantization none|int8|int4] [--kv-wire-codec raw|int8] [--speculative off|ngram|draft]
-                     [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS]
+                     [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS] [--api-key-file FILE]
                      [--autoscale --catalog FILE [--ttft-objective S] [--tpot-objective S]
                       [--budget-per-hour X] [--max-prefill N] [--max-decode N]] ...
 
@@ -117,6 +117,9 @@ def _serve_args(sub) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--api-key-file", default=None,
+                   help="require an API key on KServe and OpenAI calls: a file of keys, one per line (overrides "
+                        "$SPLITSERVE_API_KEYS and the config's api_keys)")
     p.add_argument("--autoscale", action="store_true",
                    help="size the pools to latency objectives (needs --catalog or autoscale.catalog in --config)")
     p.add_argument("--catalog", default=None, help="autoscaler instance catalog YAML (splitserve profile writes one)")
@@ -151,6 +154,9 @@ def cmd_serve(args) -> int:
     cfg = dataclasses.replace(cfg, prefill=pool(cfg.prefill, args.prefill_replicas, args.prefill_threads),
                               decode=pool(cfg.decode, args.decode_replicas, args.decode_threads))
     cfg = _autoscale(cfg, args)
+    if args.api_key_file is not None:
+        from splitserve.platform.auth import load_key_file
+        cfg = dataclasses.replace(cfg, api_keys=load_key_file(args.api_key_file))
     server = start_server(cfg, address=args.address, log=lambda m: print(m, file=sys.stderr))
     ep = server.endpoints
     token_at = "$SPLITSERVE_CLUSTER_TOKEN" if os.environ.get("SPLITSERVE_CLUSTER_TOKEN") else _save_token(cfg)
@@ -158,6 +164,7 @@ def cmd_serve(args) -> int:
           f"  KServe v2 gRPC : {ep['grpc']}\n  OpenAI HTTP    : {ep['openai']}\n"
           f"  Admin API      : {ep['http']}/admin/workers, /admin/requests (header x-splitserve-token: "
           f"the cluster token, in {token_at})\n"
+          f"  API keys       : {f'required ({len(cfg.api_keys)} keys)' if cfg.api_keys else 'off'}\n"
           f"  Ray dashboard  : {ep['dashboard'] or 'not started here (joined an existing cluster)'}"
           f" (token: ~/.ray/auth_token)\nCtrl-C stops it.", flush=True)
     stop = threading.Event()

@@ -11,6 +11,11 @@
     model_name: smollm2        # the name clients address (KServe model_name, OpenAI model)
     quantization: none         # none | int8 | int4 weights; a pool may override it (prefill: {quantization: none})
     kv_wire_codec: raw         # raw | int8: how prefill sends KV to decode (int8: about half the bytes)
+    kv_host: 127.0.0.1         # where decode workers listen for KV; 0.0.0.0: each advertises its node's IP
+    kv_port: 0                 # 0: any free port; fixed (one decode worker per node): $SPLITSERVE_KV_PORT too
+    kv_tls: null               # mutual TLS on the KV plane: {cert, key, ca: PEM files on every node,
+                               # server_name: a DNS name every worker certificate carries (else IP SANs)};
+                               # or $SPLITSERVE_KV_TLS_CERT/_KEY/_CA/_SERVER_NAME (a mounted Secret)
     speculative: off           # off | ngram | draft: speculative decoding where decode runs (draft: int4 self-draft)
     autoscale:                 # optional: size the pools to latency objectives (splitserve/autoscaler)
       catalog: catalog.yaml    # instance types: cost, Ray resources, step-time models
@@ -26,6 +31,11 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
+
+from splitserve.kvtransfer.endpoint import checked_port, port_from_env  # pure, no grpc
+from splitserve.kvtransfer.tls import KVTLS, checked_tls  # grpc only when credentials are built
+
+from splitserve.platform.auth import check_keys, keys_from_env  # pure, no torch
 
 QUANTIZATION_MODES = ("none", "int8", "int4")  # = splitserve.kernels.linear.QUANTIZATION_MODES (not imported: no torch here)
 KV_CODECS = ("raw", "int8")  # = splitserve.kvtransfer.wire.KV_CODECS
@@ -88,7 +98,10 @@ class ServeConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
-    kv_host: str = "127.0.0.1"  # the address decode workers serve KV on (a node IP on a real cluster)
+    kv_host: str = "127.0.0.1"  # where decode workers listen for KV: 127.0.0.1 (one machine), 0.0.0.0 (a cluster:
+    #                             each then advertises its own node's IP; kvtransfer/endpoint.py)
+    kv_port: int = field(default_factory=port_from_env)  # 0: any free port; default $SPLITSERVE_KV_PORT
+    kv_tls: KVTLS | None = field(default_factory=KVTLS.from_env)  # mutual TLS (kvtransfer/tls.py); None: off
     cluster_token: str = field(default_factory=lambda: os.environ.get("SPLITSERVE_CLUSTER_TOKEN")
                                or secrets.token_hex(16))
     max_queue_wait_s: float = 30.0  # a request waits this long for capacity, then RESOURCE_EXHAUSTED
@@ -97,6 +110,8 @@ class ServeConfig:
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
     autoscale: AutoscaleConfig | None = None  # None: fixed pools (the replicas above)
+    # front-door API keys (platform/auth.py); () = open. Default: $SPLITSERVE_API_KEYS (comma-separated)
+    api_keys: tuple = field(default_factory=keys_from_env, repr=False)
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -122,17 +137,43 @@ class ServeConfig:
             raise ValueError("autoscale sizes the prefill and decode pools: it needs mode 'disaggregated'")
         if self.kv_wire_codec not in KV_CODECS:
             raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
+        object.__setattr__(self, "kv_port", checked_port(self.kv_port))
+        object.__setattr__(self, "kv_tls", checked_tls(self.kv_tls))
+        object.__setattr__(self, "api_keys", check_keys(self.api_keys))
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "ServeConfig":
         import yaml
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls.from_dict(raw, **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config", **overrides) -> "ServeConfig":
+        """The YAML file's fields as a dict (e.g. a RayService's application ``args``), checked: an
+        unknown key or a value of the wrong type is a ValueError naming it and what is allowed."""
+        _check_keys(cls, raw, where)
+        for name, kind in (("prefill", PoolConfig), ("decode", PoolConfig), ("autoscale", AutoscaleConfig)):
+            if raw.get(name) is not None:
+                _check_keys(kind, raw[name], f"{where}.{name}")
         return replace(cls(**raw), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _check_keys(cls, raw, where: str) -> None:
+    """Every key of ``raw`` a field of ``cls``, and a field with a number, string or bool default given
+    a value of that type."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {where} keys {sorted(unknown)}; allowed: {sorted(known)}")
+    for key, value in raw.items():
+        default = known[key].default
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if kinds and not (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))):
+            if not (key == "speculative" and value is False):  # YAML reads a bare `off` as false
+                raise ValueError(f"{where}.{key} must be {type(default).__name__}, got {value!r}")
 
 
 def engine_kwargs(cfg: ServeConfig, pool: PoolConfig, decodes: bool = True) -> dict:

@@ -14,6 +14,13 @@ UNAVAILABLE / 503). A stream that fails says so: an ``error_message`` on the
 KServe stream, an error event (``data: {"error": ...}``) over SSE; a failed
 request never ends like a normal one.
 
+API keys (optional, ``ServeConfig.api_keys``; ``auth.py``): when the server has keys, every KServe
+and OpenAI call must present one (``authorization: Bearer <key>`` or ``x-api-key: <key>``, as an
+HTTP header or gRPC metadata), else AuthenticationError -> 401 / UNAUTHENTICATED saying what was
+missing. Open to all: ``grpc.health.v1.Health`` (``Check``: SERVING while each pool has a live
+worker, else NOT_SERVING; ``Watch``: the same, sent on every change), server reflection (run by
+Serve's proxy itself, never routed here), KServe ``ServerLive`` / ``ServerReady``, HTTP ``/health``.
+
 Admin (HTTP, header ``x-splitserve-token: <cluster token>``)::
 
     GET    /admin/workers                      membership and per-worker stats
@@ -27,6 +34,7 @@ Admin (HTTP, header ``x-splitserve-token: <cluster token>``)::
 
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -39,20 +47,37 @@ from ray import serve
 
 from splitserve.engine.request import serialize_params
 from splitserve.engine.tokenizer import load_tokenizer
-from splitserve.errors import (InvalidRequestError, RequestFailedError, SplitserveError, UnknownModelError,
-                               UnknownRequestError, describe, status_of)
+from splitserve.errors import (AuthenticationError, InvalidRequestError, RequestFailedError, SplitserveError,
+                               UnknownModelError, UnknownRequestError, describe, status_of)
 from splitserve.platform import kserve, openai_api
+from splitserve.platform.auth import ApiKeys, keys_from_env
 from splitserve.platform.kserve import pb
 from splitserve.platform.pools import make_router
 
 app = FastAPI(title="splitserve")
 STALLED_READER_S = 10.0  # a bidi stream whose responses nobody takes for this long is abandoned
 ADMIN_TOKEN_HEADER = "x-splitserve-token"
+HEALTH_POLL_S = 1.0  # Health/Watch looks at readiness this often, and sends each change
+SERVED_SERVICES = ("", "inference.GRPCInferenceService")  # what Health/Check answers for ("": the server)
 
 
 def _grpc_error(e: Exception) -> tuple[grpc.StatusCode, str]:
     code, _, _ = status_of(e)
     return grpc.StatusCode[code], describe(e)
+
+
+def _grpc_fail(grpc_context, e: Exception, empty):
+    """A unary call's error: its status on the context (Serve's proxy sends it), an empty message."""
+    code, message = _grpc_error(e)
+    if grpc_context is not None:  # None: called through a deployment handle, not by Serve's gRPC proxy
+        grpc_context.set_code(code)
+        grpc_context.set_details(message)
+    return empty
+
+
+def _health():
+    from grpc_health.v1 import health_pb2  # grpcio-health-checking
+    return health_pb2
 
 
 def _failed(out) -> Exception | None:
@@ -84,8 +109,11 @@ async def _unwrapped(ref):
                   max_ongoing_requests=1000)  # on the head, with the control plane (see pools.ON_HEAD)
 @serve.ingress(app)
 class FrontDoor:
-    def __init__(self, handles: dict, model_name: str, model_path: str | None):
+    def __init__(self, handles: dict, model_name: str, model_path: str | None, api_keys: ApiKeys | None = None):
         self.router = make_router(handles)
+        # None (a caller that passed no keys): this host's $SPLITSERVE_API_KEYS, so keys set there are never
+        # silently dropped; start_server always passes the config's keys (ApiKeys() when there are none)
+        self.api_keys = api_keys if api_keys is not None else ApiKeys(keys_from_env())
         self.controller = handles["controller"]
         self.autoscaler = handles.get("autoscaler")
         self.token = handles["cluster_token"]
@@ -124,30 +152,43 @@ class FrontDoor:
 
     # -- KServe v2 gRPC ------------------------------------------------------------
 
-    async def ServerLive(self, request):
+    def _authenticate(self, grpc_context) -> None:
+        """AuthenticationError unless keys are off or the call's metadata presents a valid key."""
+        self.api_keys.check_grpc(grpc_context.invocation_metadata() if grpc_context is not None else ())
+
+    async def ServerLive(self, request):  # a probe: open
         return pb().ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request):
+    async def ServerReady(self, request):  # a probe: open
         return pb().ServerReadyResponse(ready=await self._ready())
 
-    async def ModelReady(self, request):
+    async def ModelReady(self, request, grpc_context=None):
+        try:
+            self._authenticate(grpc_context)
+        except AuthenticationError as e:
+            return _grpc_fail(grpc_context, e, pb().ModelReadyResponse())
         return pb().ModelReadyResponse(ready=request.name == self.model_name and await self._ready())
 
-    async def ServerMetadata(self, request):
+    async def ServerMetadata(self, request, grpc_context=None):
         from splitserve import __version__
+        try:
+            self._authenticate(grpc_context)
+        except AuthenticationError as e:
+            return _grpc_fail(grpc_context, e, pb().ServerMetadataResponse())
         return pb().ServerMetadataResponse(name="splitserve", version=__version__, extensions=[])
 
     async def ModelMetadata(self, request, grpc_context=None):
-        if request.name != self.model_name:
-            code, message = _grpc_error(UnknownModelError(f"unknown model '{request.name}'; this server serves "
-                                                          f"'{self.model_name}'"))
-            grpc_context.set_code(code)
-            grpc_context.set_details(message)
-            return pb().ModelMetadataResponse()
+        try:
+            self._authenticate(grpc_context)
+            if request.name != self.model_name:
+                raise UnknownModelError(f"unknown model '{request.name}'; this server serves '{self.model_name}'")
+        except SplitserveError as e:
+            return _grpc_fail(grpc_context, e, pb().ModelMetadataResponse())
         return kserve.model_metadata(self.model_name)
 
     async def ModelInfer(self, request, grpc_context=None):
         try:
+            self._authenticate(grpc_context)
             req = kserve.parse_infer_request(request, self.model_name, uuid.uuid4().hex)
             ids = self._tokens(req.prompt)
             text, reason = "", None
@@ -157,13 +198,16 @@ class FrontDoor:
             return kserve.infer_response(self.model_name, req.request_id,
                                          text if req.exclude_input else req.prompt + text, reason)
         except Exception as e:
-            code, message = _grpc_error(e)
-            grpc_context.set_code(code)
-            grpc_context.set_details(message)
-            return pb().ModelInferResponse()
+            return _grpc_fail(grpc_context, e, pb().ModelInferResponse())
 
-    async def ModelStreamInfer(self, request_stream):
+    async def ModelStreamInfer(self, request_stream, grpc_context=None):
         """Bidirectional: every request on the stream is served concurrently; responses interleave."""
+        try:
+            self._authenticate(grpc_context)
+        except AuthenticationError as e:
+            # a stream that never started: its status, through the exception Serve's proxy turns into it
+            _grpc_fail(grpc_context, e, None)
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
@@ -230,10 +274,47 @@ class FrontDoor:
             reader.cancel()
             cancel_tasks()
 
+    # -- grpc.health.v1 (open: probes carry no key) ---------------------------------------
+
+    async def _health_status(self, service: str) -> int:
+        status = _health().HealthCheckResponse
+        if service not in SERVED_SERVICES:
+            return status.SERVICE_UNKNOWN
+        return status.SERVING if await self._ready() else status.NOT_SERVING
+
+    async def Check(self, request, grpc_context=None):
+        status = await self._health_status(request.service)
+        if status == _health().HealthCheckResponse.SERVICE_UNKNOWN:  # the health protocol's NOT_FOUND
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service '{request.service}'; health is kept for "
+                                     f"{list(SERVED_SERVICES)} ('' is the whole server)")
+            return _health().HealthCheckResponse()
+        return _health().HealthCheckResponse(status=status)
+
+    async def Watch(self, request):
+        """The status now, then each change, until the client goes (an unknown service may appear later)."""
+        last = None
+        while True:
+            status = await self._health_status(request.service)
+            if status != last:
+                yield _health().HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_POLL_S)
+
     # -- OpenAI HTTP -------------------------------------------------------------------
 
+    def _authenticate_http(self, request: Request) -> JSONResponse | None:
+        """None when the request may go on, else the 401 to send."""
+        try:
+            self.api_keys.check(request.headers.get("authorization"), request.headers.get("x-api-key"), "http")
+        except AuthenticationError as e:
+            return _error_response(e)
+        return None
+
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        if (denied := self._authenticate_http(request)) is not None:
+            return denied
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "splitserve"}]}
 
     @app.get("/health")
@@ -250,6 +331,8 @@ class FrontDoor:
         return await self._openai(request, chat=True)
 
     async def _openai(self, request: Request, chat: bool):
+        if (denied := self._authenticate_http(request)) is not None:
+            return denied
         try:
             try:
                 body = await request.json()
@@ -293,15 +376,14 @@ class FrontDoor:
     # -- admin -----------------------------------------------------------------------------------
 
     def _admin(self, request: Request) -> None:
-        if request.headers.get(ADMIN_TOKEN_HEADER) != self.token:
-            raise PermissionError(f"admin calls need the cluster token in the {ADMIN_TOKEN_HEADER!r} header")
+        given = request.headers.get(ADMIN_TOKEN_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise AuthenticationError(f"admin calls need the cluster token in the {ADMIN_TOKEN_HEADER!r} header")
 
     async def _admin_call(self, request: Request, call):
         try:
             self._admin(request)
             return JSONResponse(await call())
-        except PermissionError as e:
-            return JSONResponse({"error": {"message": str(e), "type": "authentication_error"}}, status_code=401)
         except KeyError as e:  # controller: no such worker
             e = e if isinstance(e, SplitserveError) else UnknownRequestError(str(e.args[0]) if e.args else str(e))
             return _error_response(e)

@@ -89,10 +89,10 @@ def spawn(cfg: ServeConfig, pool: str, name: str, itype=None):
         options["label_selector"] = dict(itype.labels)
     if pool == "prefill":
         return PrefillWorker.options(**options).remote(engine_kwargs(cfg, pc, decodes=False), cfg.cluster_token,
-                                                       cfg.kv_wire_codec, name)
+                                                       cfg.kv_wire_codec, name, kv_tls=cfg.kv_tls)
     if pool == "decode":
         return DecodeWorker.options(**options).remote(engine_kwargs(cfg, pc), cfg.cluster_token, cfg.kv_host, name,
-                                                      cfg.kv_wire_codec)
+                                                      cfg.kv_wire_codec, kv_port=cfg.kv_port, kv_tls=cfg.kv_tls)
     return ColocatedWorker.options(**options).remote(engine_kwargs(cfg, pc), name)
 
 
@@ -126,7 +126,8 @@ class Pools:
         """What the front door needs to build its router (the controller handle travels with it)."""
         return {"mode": self.cfg.mode, "controller": self.controller, "block_size": self.cfg.block_size,
                 "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
-                "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler}
+                "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler,
+                "model_name": self.cfg.model_name}
 
     def view(self):
         return ray.get(self.controller.view.remote())
@@ -190,5 +191,5 @@ def make_router(h: dict):
     from splitserve.platform.router import ColocatedRouter, Router
     cluster = RayCluster(h["controller"])
     if h["mode"] == "colocated":
-        return ColocatedRouter(cluster, h["max_inflight"])
-    return Router(cluster, h["block_size"], h["max_wait_s"], h["max_inflight"])
+        return ColocatedRouter(cluster, h["max_inflight"], model_name=h.get("model_name", "default"))
+    return Router(cluster, h["block_size"], h["max_wait_s"], h["max_inflight"], model_name=h.get("model_name", "default"))

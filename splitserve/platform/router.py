@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -40,6 +41,7 @@ from splitserve.engine.request import RequestSnapshot
 from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestFailedError, RequestStateError,
                                UnknownRequestError, WorkerLostError)
 from splitserve.platform.membership import WorkerState
+from splitserve.platform.metrics import request_metrics
 
 UNREACHABLE = (None, "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")  # KV-plane codes of a dead peer
 
@@ -110,8 +112,8 @@ class Router:
     """Shell over the policy: reads membership and load, drives requests, follows them as they move."""
 
     def __init__(self, cluster, block_size: int, max_wait_s: float = 30.0, max_inflight: int = 256,
-                 max_recoveries: int = 3):
-        self.cluster, self.block_size = cluster, block_size
+                 max_recoveries: int = 3, model_name: str = "default"):
+        self.cluster, self.block_size, self.model_name = cluster, block_size, model_name
         self.max_wait_s, self.max_recoveries = max_wait_s, max_recoveries
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
@@ -147,9 +149,11 @@ class Router:
             self.tracks[request_id] = track
             finished = False
             try:
-                async for out in self._run(track):
-                    finished = out.finished
-                    yield out
+                async with aclosing(request_metrics().observe(self.model_name, len(prompt_token_ids),
+                                                              self._run(track))) as outs:
+                    async for out in outs:
+                        finished = out.finished
+                        yield out
             finally:
                 self.tracks.pop(request_id, None)
                 if not finished and track.decode is not None:
@@ -335,8 +339,8 @@ class _EarlyStream:
 class ColocatedRouter:
     """The baseline: one engine does prefill and decode; requests go to the least-loaded worker."""
 
-    def __init__(self, cluster, max_inflight: int = 256):
-        self.cluster = cluster
+    def __init__(self, cluster, max_inflight: int = 256, model_name: str = "default"):
+        self.cluster, self.model_name = cluster, model_name
         self._load: dict[str, int] = {}
         self._inflight = asyncio.Semaphore(max_inflight)
         self.tracks: dict = {}
@@ -359,9 +363,12 @@ class ColocatedRouter:
             self._load[w.name] = self._load.get(w.name, 0) + 1
             finished = False
             try:
-                async for out in w.handle.generate(request_id, prompt_token_ids, params):
-                    finished = out.finished
-                    yield out
+                async with aclosing(request_metrics().observe(self.model_name, len(prompt_token_ids),
+                                                              w.handle.generate(request_id, prompt_token_ids,
+                                                                                params))) as outs:
+                    async for out in outs:
+                        finished = out.finished
+                        yield out
             finally:
                 self._load[w.name] -= 1
                 if not finished:

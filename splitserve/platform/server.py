@@ -3,6 +3,12 @@
     server = start_server(cfg)      # ray.init (local, or cfg address) -> controller + pools -> serve.start -> serve.run
     server.endpoints                # {"http": "http://127.0.0.1:8000", "grpc": "127.0.0.1:9000"}
     server.shutdown()               # front door, pools, Serve, and the Ray it started
+
+Serve's gRPC proxy registers each servicer function with a stand-in servicer whose every method is
+routed to the front door's method of the same name: the KServe service (``ModelInfer``, ...) and
+the standard ``grpc.health.v1.Health`` (``Check``, ``Watch``). Server reflection is Serve's own
+(``gRPCOptions.enable_reflection``): it runs in the proxy, from the descriptors the servicer
+modules registered there, and lists both services and itself.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from splitserve.platform.pools import Pools
 
 APP_NAME = "splitserve"
 SERVICER = "splitserve.platform.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"  # grpcio-health-checking
 
 
 @dataclass
@@ -59,9 +66,12 @@ def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | N
         # proxies on the head only: a proxy on every node would keep a worker node busy forever, so
         # Ray's autoscaler could never take back a node whose worker the autoscaler drained
         serve.start(proxy_location="HeadOnly", http_options={"host": cfg.http_host, "port": cfg.http_port},
-                    grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER]))
+                    grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER, HEALTH_SERVICER],
+                                             enable_reflection=True))
+        from splitserve.platform.auth import ApiKeys
         from splitserve.platform.frontdoor import FrontDoor
-        serve.run(FrontDoor.bind(pools.handles(), cfg.model_name, cfg.model), name=APP_NAME, route_prefix="/")
+        serve.run(FrontDoor.bind(pools.handles(), cfg.model_name, cfg.model, ApiKeys(cfg.api_keys)),
+                  name=APP_NAME, route_prefix="/")
     except BaseException:
         pools.shutdown()
         if started_ray:

@@ -25,7 +25,8 @@ import uuid
 
 import ray
 
-from splitserve.autoscaler.signals import Recorder, engine_gauges
+from splitserve.autoscaler.signals import Recorder, engine_gauges, step_recorder
+from splitserve.platform.metrics import WorkerMetrics
 from splitserve.decode.worker import ray_node_id
 from splitserve.engine.request import RequestSnapshot
 from splitserve.engine.sampling_params import SamplingParams
@@ -33,7 +34,8 @@ from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
 
 class PrefillWorkerImpl:
-    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw", name: str = "prefill"):
+    def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw", name: str = "prefill",
+                 kv_tls=None):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         from splitserve.kvtransfer.client import KVSender
@@ -42,7 +44,7 @@ class PrefillWorkerImpl:
         self.engine = LLMEngine(**engine_kwargs)
         self.aengine = AsyncEngine(self.engine)
         self.port = self.aengine.kv_port()
-        self.sender = KVSender(cluster_token, kv_codec=kv_codec)
+        self.sender = KVSender(cluster_token, kv_codec=kv_codec, tls=kv_tls)  # kv_tls: a KVTLS, or None
         self.layout = fingerprint(self.engine.model_config, self.engine.kv_spec)
         self.name = name
         self.incarnation = uuid.uuid4().hex[:12]
@@ -50,9 +52,12 @@ class PrefillWorkerImpl:
         self.num_prefills = 0
         self.num_transfer_retries = 0
         self.recorder = Recorder()
+        self.engine.on_step = step_recorder(self.recorder, "prefill")
+        self.metrics = WorkerMetrics("prefill", name)
 
     async def start(self) -> dict:
         """Idempotent; the worker's identity (prefill workers serve no KV address)."""
+        self.metrics.start_export(self.stats)
         return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
                 "node_id": ray_node_id()}
 
@@ -91,14 +96,17 @@ class PrefillWorkerImpl:
         held = self.engine.held.get(request_id)
         if held is not None and held.scheduled_at is not None:  # perf_counter and monotonic: one clock on Linux
             self.recorder.record("queue_s", max(0.0, held.scheduled_at - start))
+            self.metrics.queued(max(0.0, held.scheduled_at - start))
             self.recorder.record("prefill_s", prefilled - max(start, held.scheduled_at))
         try:
             ack = await self._send_with_retry(decode_address, request_id, n)
         except (NoCapacityError, TransferFailedError) as e:
+            self.metrics.transfer_failed(getattr(e, "code", None) or type(e).__name__)
             return {"status": "transfer_failed", "error": f"KV transfer failed: {describe(e)}", **result}
         finally:
             self.port.release(request_id)
         done = time.perf_counter()
+        self.metrics.transferred(done - prefilled, ack.num_bytes)
         self.recorder.record("transfer_s", done - prefilled)
         self.recorder.record("ttft_s", done - start)
         self.num_prefills += 1
@@ -143,6 +151,7 @@ class PrefillWorkerImpl:
         return {**self.engine.leaks(), **self.aengine.leaks()}
 
     async def stop(self) -> None:
+        self.metrics.stop_export()
         await self.sender.close()
         self.aengine.shutdown()
 
