@@ -129,7 +129,9 @@ class FakeMultinodeCluster:
     work asks for them, and stop them when idle. The Ray 2.60 wheel lacks the provider's example
     YAML, so the whole config is written here. Everything listens on loopback, on a free port.
     Like Ray's own ``AutoscalingCluster``, it ends with ``ray stop --force``, which stops every Ray
-    on the machine: tests run one at a time."""
+    on the machine: tests run one at a time. Its tests must come before any test module that starts a
+    Ray of its own in the pytest process (after one, the controller actor of the next cluster was seen
+    cancelled before it ran), hence the names of the later modules (test_serving_*)."""
 
     def __init__(self, head_resources: dict, node_types: dict, idle_timeout_minutes: float = 0.05):
         self.port = free_port()
