@@ -27,11 +27,20 @@ def eng(tmp_path_factory):
     ({"top_k": -1}, "top_k", r"top_k must be an integer >= 0 \(0 disables top-k\), got -1"),
     ({"seed": -3}, "seed", r"seed must be an integer in \[0, "),
     ({"stop": ["ok", ""]}, "stop", r"stop strings must be non-empty strings"),
+    ({"stop": 5}, "stop", r"stop must be a string or a list of strings, got 5"),
+    ({"stop": {"a": 1}}, "stop", r"stop must be a string or a list of strings"),
+    ({"ignore_eos": "no"}, "ignore_eos", r"ignore_eos must be true or false, got 'no'"),
+    ({"speculative": 1}, "speculative", r"speculative must be true or false, got 1"),
 ])
 def test_bad_sampling_params(kwargs, field, message):
     with pytest.raises(InvalidRequestError, match=message) as info:
         SamplingParams(**kwargs)
     assert info.value.field == field
+
+
+def test_stop_forms():
+    assert SamplingParams(stop=None).stop == () and SamplingParams(stop="x").stop == ("x",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
 
 
 @pytest.mark.parametrize("call,field,message", [

@@ -107,6 +107,22 @@ def _metrics_settle(server, check, timeout=30):
         time.sleep(0.5)
 
 
+def _metrics_steady(server, timeout=30):
+    """Samples once two scrapes 1.5 s apart agree on the request and token counters (what earlier tests
+    served has all been reported)."""
+    keys = ("ray_splitserve_requests_total", "ray_splitserve_output_tokens_total",
+            "ray_splitserve_kv_transfer_bytes_total")
+    last = _scrape(server)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = _scrape(server)
+        if all(_metric(now, k) == _metric(last, k) for k in keys):
+            return now
+        last = now
+    raise AssertionError("the metrics kept changing with nothing being served")
+
+
 def test_health_and_metadata(triton):
     assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(MODEL)
     assert not triton.is_model_ready("other-model")
@@ -288,7 +304,7 @@ def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
     never a normal "stop"."""
     import openai
     (decode,) = [m.name for m in server.pools.view().members if m.pool == "decode"]
-    before = _scrape(server)
+    before = _metrics_steady(server)
     assert admin(server, "POST", f"/admin/workers/{decode}/drain")[0] == 200
     try:
         assert not triton.is_server_ready()  # no decode worker takes traffic
@@ -341,7 +357,7 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     _wait_idle(server)
     received = lambda: sum(s.get("kv_bytes_received") or 0 for s in server.pools.all_stats().values())
     ok = dict(model=MODEL, outcome="ok", code="")
-    before, bytes_before = _metrics_settle(server, lambda s: True), received()
+    before, bytes_before = _metrics_steady(server), received()
     expected = _expected(real_engine, PROMPTS[1], max_tokens=12)
     result = triton.infer(MODEL, _inputs(PROMPTS[1], {"max_tokens": 12}))
     assert result.as_numpy("text_output")[0].decode() == expected.text
@@ -368,3 +384,56 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     assert _metric(after, "ray_splitserve_kv_blocks", state="total") == total
     assert _metric(after, "ray_splitserve_kv_blocks", state="used") == 0
     assert _metric(after, "ray_splitserve_running_requests") == 0
+
+
+def test_client_request_ids_are_labels_not_keys(triton, real_engine, server):
+    """Clients may share a request id (unary calls, or several requests on one stream) and reuse one at
+    once after a cancel: the server keys requests by its own ids and echoes the client's."""
+    from tritonclient.utils import InferenceServerException
+    params = {"max_tokens": 4, "temperature": 0}
+    expected = {_expected(real_engine, p, max_tokens=4).text for p in PROMPTS[:2]}
+    unary: queue.Queue = queue.Queue()
+    for p in PROMPTS[:2]:  # concurrent, both "1"
+        triton.async_infer(MODEL, _inputs(p, params), lambda result, error: unary.put((result, error)), request_id="1")
+    streamed: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: streamed.put((result, error)))
+    try:
+        for p in PROMPTS[:2]:  # two in flight on one stream, both "dup"
+            triton.async_stream_infer(MODEL, _inputs(p, params), request_id="dup")
+        for q, rid in ((unary, "1"), (streamed, "dup")):
+            results = [q.get(timeout=120) for _ in range(2)]
+            assert [error for _, error in results] == [None, None]
+            assert [r.get_response().id for r, _ in results] == [rid, rid]
+            assert {r.as_numpy("text_output")[0].decode() for r, _ in results} == expected
+    finally:
+        triton.stop_stream()
+    with pytest.raises(InferenceServerException, match="Deadline"):  # cancelled by its client
+        triton.infer(MODEL, _inputs(PROMPTS[0], {"max_tokens": 2000, "ignore_eos": True}), request_id="again",
+                     client_timeout=2)
+    result = triton.infer(MODEL, _inputs(PROMPTS[1], params), request_id="again")  # the same id, at once
+    assert result.get_response().id == "again"
+    assert result.as_numpy("text_output")[0].decode() == _expected(real_engine, PROMPTS[1], max_tokens=4).text
+    _wait_idle(server)
+
+
+def test_openai_fields_are_honoured_or_refused_by_name(oai, server):
+    import openai
+    messages = [{"role": "user", "content": "Hi"}]
+    for field, call in (
+            ("max_tokens", lambda: oai.completions.create(model=MODEL, prompt="hi", max_tokens=0)),
+            ("tools", lambda: oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=[
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])),
+            ("logprobs", lambda: oai.chat.completions.create(model=MODEL, messages=messages, logprobs=True)),
+            ("min_p", lambda: oai.completions.create(model=MODEL, prompt="hi", extra_body={"min_p": 0.1}))):
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.status_code == 400 and info.value.body["param"] == field and field in info.value.message
+    echoed = oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text.startswith(PROMPTS[0]) and len(echoed.choices[0].text) > len(PROMPTS[0])
+    chunks = list(oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, seed=1,
+                                         stream=True, stream_options={"include_usage": True}, extra_body={
+                                             "ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == echoed.choices[0].text[len(PROMPTS[0]):]
+    _wait_idle(server)

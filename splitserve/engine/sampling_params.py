@@ -34,10 +34,14 @@ class SamplingParams:
     speculative: bool = True  # False: this request never gets draft tokens (when the engine speculates)
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
+        else:
+            raise InvalidRequestError("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
         _check_int("max_tokens", self.max_tokens, minimum=1, allowed="an integer >= 1")
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
@@ -52,6 +56,8 @@ class SamplingParams:
             _check_int("seed", self.seed, minimum=0, allowed=f"an integer in [0, {_MAX_SEED}]")
             if self.seed > _MAX_SEED:
                 raise InvalidRequestError("seed", f"seed must be in [0, {_MAX_SEED}], got {self.seed}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError("ignore_eos", f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.speculative, bool):
             raise InvalidRequestError("speculative", f"speculative must be true or false, got {self.speculative!r}")
         for s in self.stop:

@@ -75,6 +75,13 @@ def _grpc_fail(grpc_context, e: Exception, empty):
     return empty
 
 
+def _request_grpc_context():
+    """The gRPC context of the call being served (None outside a Serve gRPC request)."""
+    from ray.serve import context
+    ctx = context._serve_request_context.get()
+    return getattr(ctx, "grpc_context", None)
+
+
 def _health():
     from grpc_health.v1 import health_pb2  # grpcio-health-checking
     return health_pb2
@@ -189,19 +196,27 @@ class FrontDoor:
     async def ModelInfer(self, request, grpc_context=None):
         try:
             self._authenticate(grpc_context)
-            req = kserve.parse_infer_request(request, self.model_name, uuid.uuid4().hex)
+            req = kserve.parse_infer_request(request, self.model_name)
+            if req.stream:
+                raise InvalidRequestError("stream", "input 'stream' is true, but ModelInfer answers once: stream "
+                                                    "over ModelStreamInfer, or send stream false")
             ids = self._tokens(req.prompt)
             text, reason = "", None
-            async for out in self._run(uuid.uuid4().hex, ids, req.params, req.request_id):
+            # our own unique id for the request; the client's id is only a label, echoed on the response
+            async for out in self._run(uuid.uuid4().hex, ids, req.params, req.client_id or None):
                 text += out.new_text
                 reason = out.finish_reason
-            return kserve.infer_response(self.model_name, req.request_id,
+            return kserve.infer_response(self.model_name, req.client_id,
                                          text if req.exclude_input else req.prompt + text, reason)
         except Exception as e:
             return _grpc_fail(grpc_context, e, pb().ModelInferResponse())
 
-    async def ModelStreamInfer(self, request_stream, grpc_context=None):
+    async def ModelStreamInfer(self, request_stream):
         """Bidirectional: every request on the stream is served concurrently; responses interleave."""
+        # The call's metadata comes from Serve's request context: declaring a ``grpc_context`` parameter
+        # on this bidi method changed how Serve fed the request stream (requests on one stream were no
+        # longer served side by side: test_moving_e2e's six streams), so it is not declared.
+        grpc_context = _request_grpc_context()
         try:
             self._authenticate(grpc_context)
         except AuthenticationError as e:
@@ -212,27 +227,28 @@ class FrontDoor:
         tasks: set[asyncio.Task] = set()
 
         async def serve_one(request):
-            rid = request.id or uuid.uuid4().hex
             try:
-                req = kserve.parse_infer_request(request, self.model_name, rid)
+                req = kserve.parse_infer_request(request, self.model_name)
                 ids = self._tokens(req.prompt)
                 text = ""
-                async for out in self._run(uuid.uuid4().hex, ids, req.params, req.request_id):
+                # our own unique id: requests on one stream (or many) may share a client id
+                async for out in self._run(uuid.uuid4().hex, ids, req.params, req.client_id or None):
                     flag = out.finished if req.want_final_flag else None
                     if req.stream:  # one response per delta
                         await queue.put(pb().ModelStreamInferResponse(infer_response=kserve.infer_response(
-                            self.model_name, req.request_id, out.new_text, out.finish_reason, flag, out.index,
+                            self.model_name, req.client_id, out.new_text, out.finish_reason, flag, out.index,
                             len(out.new_token_ids))))
                         continue
                     text += out.new_text
                     if out.finished:  # one response with the whole text
                         full = text if req.exclude_input else req.prompt + text
                         await queue.put(pb().ModelStreamInferResponse(infer_response=kserve.infer_response(
-                            self.model_name, req.request_id, full, out.finish_reason, flag)))
+                            self.model_name, req.client_id, full, out.finish_reason, flag)))
             except Exception as e:
                 _, message = _grpc_error(e)
                 await queue.put(pb().ModelStreamInferResponse(
-                    error_message=message, infer_response=pb().ModelInferResponse(id=rid, model_name=request.model_name)))
+                    error_message=message, infer_response=pb().ModelInferResponse(id=request.id,
+                                                                                  model_name=request.model_name)))
 
         def cancel_tasks():
             for t in list(tasks):
@@ -341,15 +357,17 @@ class FrontDoor:
             if not isinstance(body, dict):
                 raise InvalidRequestError("body", "the request body must be a JSON object")
             openai_api.check_model(body, self.model_name)
-            params = openai_api.sampling_params(body)
-            ids = self._tokens(messages=openai_api.chat_messages(body)) if chat \
-                else self._tokens(prompt=openai_api.completion_prompt(body))
+            params = openai_api.sampling_params(body, chat)
+            prompt = None if chat else openai_api.completion_prompt(body)
+            ids = self._tokens(messages=openai_api.chat_messages(body)) if chat else self._tokens(prompt=prompt)
         except SplitserveError as e:
             return _error_response(e)
         rid = openai_api.new_id("chatcmpl" if chat else "cmpl")
+        echo = prompt if body.get("echo") else ""  # completions: the prompt before the completion
         if body.get("stream"):
-            return StreamingResponse(self._sse(rid, ids, params, chat), media_type="text/event-stream")
-        text, reason, n_out = "", None, 0
+            return StreamingResponse(self._sse(rid, ids, params, chat, echo, openai_api.include_usage(body)),
+                                     media_type="text/event-stream")
+        text, reason, n_out = echo, None, 0
         try:
             async for out in self._run(rid, ids, params):
                 text += out.new_text
@@ -360,15 +378,20 @@ class FrontDoor:
         shape = openai_api.chat_body if chat else openai_api.completion_body
         return shape(rid, self.model_name, text, openai_api.openai_finish_reason(reason), len(ids), n_out)
 
-    async def _sse(self, rid, ids, params, chat):
+    async def _sse(self, rid, ids, params, chat, echo="", usage=False):
         first = True
         try:
+            if echo:
+                yield f"data: {json.dumps(openai_api.completion_chunk(rid, self.model_name, echo, None))}\n\n"
             async for out in self._run(rid, ids, params):
                 reason = openai_api.openai_finish_reason(out.finish_reason) if out.finished else None
                 chunk = openai_api.chat_chunk(rid, self.model_name, out.new_text, reason, first) if chat \
                     else openai_api.completion_chunk(rid, self.model_name, out.new_text, reason)
                 first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
+                if out.finished and usage:
+                    last = openai_api.usage_chunk(rid, self.model_name, chat, len(ids), out.num_output_tokens)
+                    yield f"data: {json.dumps(last)}\n\n"
         except Exception as e:  # an error event: the OpenAI client raises it, never a normal "stop"
             yield f"data: {json.dumps(openai_api.error_body(e)[1])}\n\n"
         yield "data: [DONE]\n\n"

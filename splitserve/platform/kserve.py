@@ -11,7 +11,10 @@ Conventions of Triton's vLLM backend, which LLM clients of this protocol expect:
     index of the delta's first token and how many it holds (no gap, no repeat, even when the
     request moved between workers)
     request parameter triton_enable_empty_final_response -> the last streamed response carries
-    the parameter triton_final_response = true
+    the parameter triton_final_response = true; any other request parameter (sequence_*, priority,
+    timeout, ...) is refused, as are sampling_parameters keys outside SAMPLING_KEYS
+    request id: the client's label, echoed on every response (requests may share one: the front
+    door gives each its own internal id)
 
 A BYTES tensor element on the wire: 4-byte little-endian length, then the bytes.
 Bad input raises ``InvalidRequestError`` naming the input, an unknown model
@@ -39,11 +42,13 @@ def pb():
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative")
 KNOWN_INPUTS = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output")
+KNOWN_OUTPUTS = ("text_output", "finish_reason")
+KNOWN_PARAMETERS = ("triton_enable_empty_final_response",)
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    request_id: str
+    client_id: str  # the request's id as the client sent it ("" when none): a label, never a key
     prompt: str
     params: SamplingParams
     stream: bool
@@ -103,9 +108,23 @@ def _single(req, index, tensor, datatype: str):
     return values[0]
 
 
-def parse_infer_request(req, model_name: str, default_id: str) -> ParsedRequest:
+def parse_infer_request(req, model_name: str) -> ParsedRequest:
     if req.model_name != model_name:
         raise UnknownModelError(f"unknown model '{req.model_name}'; this server serves '{model_name}'")
+    if req.model_version not in ("", "1"):
+        raise _invalid(f"model '{model_name}' has only version 1, got version '{req.model_version}'",
+                       "model_version")
+    unknown = sorted(set(req.parameters) - set(KNOWN_PARAMETERS))
+    if unknown:
+        raise _invalid(f"request parameters {unknown} are not supported (no sequence batching, priorities or "
+                       f"server-side timeouts: use the client's deadline); allowed: {list(KNOWN_PARAMETERS)}",
+                       "parameters")
+    for out in req.outputs:
+        if out.name not in KNOWN_OUTPUTS:
+            raise _invalid(f"unknown output '{out.name}'; outputs: {', '.join(KNOWN_OUTPUTS)}", "outputs")
+        if len(out.parameters):
+            raise _invalid(f"output '{out.name}' has parameters {sorted(out.parameters)}; none are supported "
+                           f"(no classification, no shared memory)", "outputs")
     found = {}
     for i, t in enumerate(req.inputs):
         if t.name not in KNOWN_INPUTS:
@@ -139,7 +158,7 @@ def parse_infer_request(req, model_name: str, default_id: str) -> ParsedRequest:
         raise _invalid(str(e), f"sampling_parameters.{e.field}") from None
     want_final = req.parameters["triton_enable_empty_final_response"].bool_param \
         if "triton_enable_empty_final_response" in req.parameters else False
-    return ParsedRequest(req.id or default_id, prompt, params, stream, exclude, want_final)
+    return ParsedRequest(req.id, prompt, params, stream, exclude, want_final)
 
 
 def infer_response(model_name: str, request_id: str, text: str, finish_reason: str | None,
