@@ -4,6 +4,7 @@ decode actors on the real SmolLM2, and the real clients (tritonclient, openai).
 The server runs in fp32 so that its greedy text can be compared exactly with
 the single-process engine (``real_engine``)."""
 
+import os
 import queue
 import time
 
@@ -30,17 +31,15 @@ def server(real_model_path):
                       prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
                       decode=PoolConfig(threads=1, kv_cache_memory_mb=96))
     assert not ray.is_initialized(), "an earlier test left Ray initialized (its resources would be used)"
-    # Ray started here, with its Prometheus endpoint on a free port and metrics reported every 0.5 s
-    metrics_port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500})
+    # every Ray process of this module reports its metrics each 0.5 s (Ray reads RAY_<setting> at start)
+    os.environ["RAY_metrics_report_interval_ms"] = "500"
     try:
-        srv = start_server(cfg, log=lambda m: None)
-        srv.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        srv = start_server(cfg, num_cpus=4, log=lambda m: None)
+        srv.metrics_url = f"http://127.0.0.1:{ray._private.worker._global_node.metrics_export_port}/metrics"
         yield srv
         srv.shutdown()
     finally:
-        ray.shutdown()
+        os.environ.pop("RAY_metrics_report_interval_ms", None)
     assert not ray.is_initialized()
 
 
