@@ -2,12 +2,14 @@
 
     python benchmarks/sim_cluster.py [--duration 1200] [--long-duration 3600] [--rate 6] [--cv 4] [--seed 1]
 
+(``--long-duration`` > 0 adds the two long traces; their static search takes tens of minutes)
+
 Instance types: ``local`` is this machine as profiled and calibrated (``calibrate_sim.py``: the
 catalog with its fitted corrections folded in); ``cpu-16`` and ``gpu-l4`` are DECLARED types
 (assumed speeds and prices, written below: no GPU was lent to measure one), there to give the
 policy a real choice. Traces (same seeds for every system): bursty (gamma gaps, CV ``--cv``: bursts of
 seconds), bursts of minutes (a two-state MMPP: rate/3 for ~5 min, 3 x rate for ~1.5 min), and a diurnal
-ramp over ``--duration``; and two over ``--long-duration``, at the time scale an autoscaler acts on (load
+ramp over ``--duration``; with ``--long-duration``, two more at the time scale an autoscaler acts on (load
 that stays up for longer than an instance takes to start): surges of ~10 minutes (MMPP: rate/3 for ~20 min,
 2 x rate for ~10 min) and a diurnal cycle of one hour; mixed lengths (log-normal prompts median 300, outputs
 median 100).
@@ -125,7 +127,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=1200.0)
-    ap.add_argument("--long-duration", type=float, default=3600.0)
+    ap.add_argument("--long-duration", type=float, default=0.0, help="> 0: also the two long traces (slow)")
     ap.add_argument("--rate", type=float, default=6.0)
     ap.add_argument("--cv", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=1)
@@ -137,15 +139,17 @@ def main() -> int:
               "bursts of minutes": mmpp(args.rate / 3, args.rate * 3, 300.0, 90.0, args.duration, prompt=PROMPT,
                                         output=OUTPUT, seed=args.seed),
               "diurnal": diurnal(args.rate / 4, args.rate * 1.75, args.duration, args.duration, prompt=PROMPT,
-                                 output=OUTPUT, seed=args.seed),
+                                 output=OUTPUT, seed=args.seed)}
+    if args.long_duration > 0:
+        traces.update({
               "surges of 10 minutes": mmpp(args.rate / 3, args.rate * 2, 1200.0, 600.0, args.long_duration,
                                            prompt=PROMPT, output=OUTPUT, seed=args.seed),
               "diurnal, one hour": diurnal(args.rate / 4, args.rate * 1.75, args.long_duration, args.long_duration,
-                                           prompt=PROMPT, output=OUTPUT, seed=args.seed)}
+                                           prompt=PROMPT, output=OUTPUT, seed=args.seed)})
     start = {"prefill": {"local": 1}, "decode": {"local": 1}}
     out, rows = {}, []
     for i, (name, trace) in enumerate(traces.items()):
-        log(f"[{i + 1}/{len(traces)}] {name}: {len(trace)} requests over {args.duration:.0f}s ...")
+        log(f"[{i + 1}/{len(traces)}] {name}: {len(trace)} requests over {trace[-1][0]:.0f}s ...")
         auto = run(cat, trace, start, objectives(args.max_instances))
         a = auto.summary(SLO_TTFT, SLO_TPOT)
         budget = a["cost"] / (auto.duration_s / 3600)
