@@ -76,9 +76,10 @@ class NoCapacityError(SplitserveError):
 class WorkerLostError(SplitserveError):
     """A worker died or stopped answering."""
 
-    def __init__(self, worker: str, message: str):
+    def __init__(self, worker: str, message: str, timed_out: bool = False):
         super().__init__(f"worker {worker} was lost: {message}")
         self.worker = worker
+        self.timed_out = timed_out  # it did not answer in time (it may only be busy)
 
 
 class TransferFailedError(SplitserveError):
@@ -123,7 +124,7 @@ STATUS: dict[type, tuple[str, int, str]] = {
     UnknownModelError: ("NOT_FOUND", 404, "not_found_error"),
     UnknownRequestError: ("NOT_FOUND", 404, "not_found_error"),
     RequestStateError: ("FAILED_PRECONDITION", 409, "conflict_error"),
-    NoCapacityError: ("RESOURCE_EXHAUSTED", 503, "overloaded"),
+    NoCapacityError: ("RESOURCE_EXHAUSTED", 429, "rate_limit_error"),  # with Retry-After over HTTP
     WorkerLostError: ("UNAVAILABLE", 503, "server_error"),
     TransferFailedError: ("UNAVAILABLE", 503, "server_error"),
     RequestFailedError: ("INTERNAL", 500, "server_error"),

@@ -12,6 +12,15 @@ import pytest  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the suite's torch threads: an engine made with ``num_threads`` (the profile
+    command's default is 1) sets them for the whole process, and every later test ran on one core."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def real_model_path():
     from splitserve.engine.default_model import default_model_path

@@ -1,14 +1,16 @@
 """Streaming generation: deltas end with a finish reason; a consumer that stops
-early (break or task cancel) aborts its request and frees its blocks."""
+early (break or task cancel) aborts its request and frees its blocks; control
+calls never wait behind a stream of engine steps."""
 
 import asyncio
+import threading
 import time
 
 import pytest
 
 from conftest import assert_no_leaks
 from helpers import make_tiny_model
-from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.async_engine import AsyncEngine, FairLock
 from splitserve.engine.engine import LLMEngine
 from splitserve.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
@@ -27,7 +29,7 @@ def _wait_idle(aengine, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with aengine.lock:
-            if not aengine.engine.has_unfinished():
+            if not aengine.engine.has_unfinished() and not aengine._control:
                 return
         time.sleep(0.01)
     raise AssertionError("engine did not go idle")
@@ -135,3 +137,54 @@ def test_a_reader_that_vanishes_without_closing_is_reported_stalled(aengine):
     del gen
     _wait_idle(aengine)
     assert_no_leaks(aengine.engine)
+
+
+def test_fair_lock_serves_a_waiter_before_a_thread_that_takes_it_back_at_once():
+    """The engine loop's pattern: release after a step, ask again at once. A caller that was
+    already waiting gets the lock first (a plain lock lets the releasing thread win), so it
+    waits one step, not until the loop goes idle."""
+    lock, order = FairLock(), []
+
+    def caller():
+        with lock:
+            order.append("caller")
+
+    lock.acquire()  # the loop thread, in a step
+    t = threading.Thread(target=caller)
+    t.start()
+    while not lock._waiters:  # the caller is now waiting
+        time.sleep(0.001)
+    lock.release()  # the step ends ...
+    with lock:  # ... and the loop asks again at once
+        order.append("loop")
+    t.join()
+    assert order == ["caller", "loop"]
+    assert not lock.locked()
+
+
+def test_an_abort_does_not_wait_for_the_engine_lock(aengine):
+    """A router's abort while a long step holds the lock returns at once; the loop applies it
+    before its next step and the reader gets the final "abort"."""
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def main():
+        gen = aengine.generate("abort me while the lock is held", params)
+        first = await gen.__anext__()
+        aengine.lock.acquire()  # as if the loop thread were in a very long step
+        try:
+            start = time.monotonic()
+            assert aengine.abort_request(first.request_id) is True
+            elapsed = time.monotonic() - start
+        finally:
+            aengine.lock.release()
+        last = first
+        async for out in gen:
+            last = out
+        return elapsed, last
+
+    elapsed, last = asyncio.run(main())
+    assert elapsed < 0.05
+    assert last.finished and last.finish_reason == "abort"
+    _wait_idle(aengine)
+    assert_no_leaks(aengine.engine)
+    assert all(v == 0 for v in aengine.leaks().values()), aengine.leaks()

@@ -3,6 +3,7 @@ the handoff equals single-engine generation; every failure frees its blocks."""
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -194,6 +195,65 @@ def test_prefill_worker_retries_a_failed_transfer(tiny_path):
     assert result["first"].new_token_ids + [t for o in rest for t in o.new_token_ids] == expected
     assert_no_leaks(worker.engine)
     assert_no_leaks(d_eng)
+
+
+def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_send(tiny_path):
+    """Decode room is reserved once the prompt is computed (never while it waits), on the first worker
+    of the list with room; a full queue says "busy"; a request that cannot start in time, or finds no
+    decode room in time, is refused with its reason; every block comes back on every side."""
+    from splitserve.prefill.worker import PrefillWorkerImpl
+
+    prompt, params = list(range(5, 40)), {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    expected = make_engine(tiny_path).generate([prompt], SamplingParams(**params))[0].token_ids
+    d_full, d_ok = make_engine(tiny_path, num_kv_blocks=16), make_engine(tiny_path)
+    worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
+                                    num_kv_blocks=64, max_num_seqs=1), TOKEN, queue_limit=1)
+    real_reserve, reserved_while = worker.sender.reserve, []
+
+    async def reserve(address, rid, n, layout):
+        reserved_while.append(rid in worker.engine.held)  # prefilled and suspended, ready to send
+        return await real_reserve(address, rid, n, layout)
+
+    worker.sender.reserve = reserve
+
+    async def run():
+        async with Harness(d_full) as full, Harness(d_ok) as ok:
+            assert d_full.reserve("squatter", 60) is not None  # 15 of its 16 blocks: no room for 35 tokens
+            sent = await worker.prefill("r1", prompt, params, [full.address, ok.address])
+            refused = await worker.prefill("r2", prompt, params, [full.address], wait_s=0.3)
+            # one sequence at a time: a long request holds the engine, the next waits past its deadline
+            hog = worker.aengine.generate(list(range(3, 9)), SamplingParams(max_tokens=400, ignore_eos=True))
+            await hog.__anext__()
+            late = asyncio.create_task(worker.prefill("r3", prompt, params, [ok.address], wait_s=0.3))
+            await asyncio.sleep(0.05)
+            busy = await worker.prefill("r4", prompt, params, [ok.address])  # r3 fills the queue (limit 1)
+            timed_out = await late
+            await hog.aclose()
+            d_full.cancel_reservation("squatter")
+            await worker.sender.close()
+            assert sent["decode"] == ok.address
+            return sent, refused, busy, timed_out
+
+    try:
+        sent, refused, busy, timed_out = asyncio.run(run())
+        deadline = time.monotonic() + 5
+        while worker.engine.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.aengine.shutdown()
+    assert sent["status"] == "transferred"
+    rest = decode_all(d_ok)
+    assert sent["first"].new_token_ids + [t for o in rest for t in o.new_token_ids] == expected
+    assert reserved_while and all(reserved_while)  # never before the prompt was computed
+    assert refused["status"] == "no_capacity" and "no decode worker had room" in refused["error"]
+    assert refused["first"].finish_reason == "prefilled"  # computed, then refused: nothing was sent
+    assert timed_out["status"] == "queue_timeout" and "did not start within 0.3s" in timed_out["error"]
+    assert busy["status"] == "busy" and "queue_limit" in busy["error"]
+    assert worker.num_refused == {"busy": 1, "queue_timeout": 1, "no_capacity": 1}
+    assert_no_leaks(worker.engine)
+    assert all(v == 0 for v in worker.leaks().values()), worker.leaks()
+    assert_no_leaks(d_ok)
+    assert_no_leaks(d_full)
 
 
 def test_int8_wire_codec_sends_fewer_bytes_and_close_values(tiny_path):

@@ -42,7 +42,7 @@ def assert_idle(*workers):
         assert not any(leaks.values()), (w.name, leaks)
 
 
-async def pair(path, codec="raw", step_s=0.003, **kw):
+async def pair(path, codec="raw", step_s=0.008, **kw):
     """Two decode workers; their steps take at least ``step_s``, as a real model's do (the tiny model's
     take well under a millisecond, so a request would finish before its migration could)."""
     a = DecodeWorkerImpl(engine_kwargs(path, **kw), TOKEN, name="A", kv_codec=codec)

@@ -49,9 +49,14 @@ def triton(server):
 
 
 def expected(real_engine, prompt, max_tokens):
+    return expected_all(real_engine, [prompt], max_tokens)[0]
+
+
+def expected_all(real_engine, prompts, max_tokens) -> list[str]:
+    """The undisturbed greedy texts, in one batch (one by one, six 96-token answers took a minute)."""
     from splitserve.engine.sampling_params import SamplingParams
-    return real_engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                         ignore_eos=True))[0].text
+    outs = real_engine.generate(list(prompts), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return [o.text for o in outs]
 
 
 def _inputs(prompt, max_tokens):
@@ -168,8 +173,8 @@ def test_killed_decode_worker_costs_a_pause_not_a_stream(server, triton, real_en
     victim, survivor = decodes
     admin(server, "POST", f"/admin/workers/{survivor}/drain")  # all six streams land on the victim
     streams = Streams(server)
-    for i, p in enumerate(PROMPTS):
-        streams.send(f"k{i}", p, 32)
+    for i, p in enumerate(PROMPTS):  # long enough that none ends before the kill, whatever the load
+        streams.send(f"k{i}", p, 96)
     wait_until(lambda: all(streams.tokens(f"k{i}") >= 3 for i in range(6)), what="six running streams")
     on_victim = admin(server, "GET", "/admin/requests")[1]["requests"]
     assert len(on_victim) == 6 and {r["worker"] for r in on_victim.values()} == {victim}
@@ -178,8 +183,8 @@ def test_killed_decode_worker_costs_a_pause_not_a_stream(server, triton, real_en
     os.kill(server.pools.all_stats()[victim]["pid"], signal.SIGKILL)  # a crash, not a clean stop
     assert triton.is_server_ready()  # the survivor serves: the server stays ready
     streams.wait()
-    for i, p in enumerate(PROMPTS):
-        assert streams.got[f"k{i}"]["text"] == expected(real_engine, p, 32), i
+    for i, want in enumerate(expected_all(real_engine, PROMPTS, 96)):
+        assert streams.got[f"k{i}"]["text"] == want, i
         assert streams.pause(f"k{i}") < 30
     # Ray restarts the actor; the controller registers the new process, which takes traffic again
     new = wait_until(lambda: (m := server.pools.view().get(victim)) and m.state.value == "up"
@@ -224,8 +229,9 @@ def test_decode_workers_added_and_removed_under_load(server, triton, real_engine
     status, removed = admin(server, "DELETE", f"/admin/workers/{busiest}")  # drains it by live migration
     assert status == 200 and removed["remaining"] == 0, removed
     streams.wait()
+    want = dict(zip(PROMPTS, expected_all(real_engine, PROMPTS, 40)))
     for rid, p in jobs:
-        assert streams.got[rid]["text"] == expected(real_engine, p, 40), rid
+        assert streams.got[rid]["text"] == want[p], rid
     assert busiest not in {m.name for m in server.pools.view().members}
     assert admin(server, "DELETE", "/admin/workers/no-such-worker")[0] == 404
     assert_no_leaks(server)

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from splitserve.platform.router import DecodeLoad, PrefillLoad, pick_decode, pick_prefill
+from splitserve.platform.router import DecodeLoad, PrefillLoad, pick_prefill, rank_decodes
 
 
 def test_prefill_goes_to_the_fewest_queued_prompt_tokens():
@@ -12,12 +12,12 @@ def test_prefill_goes_to_the_fewest_queued_prompt_tokens():
     assert pick_prefill([]) is None
 
 
-def test_decode_goes_to_the_most_free_blocks_that_fit():
+def test_decode_workers_are_ranked_by_free_blocks_among_those_that_fit():
     loads = [DecodeLoad("d0", 10, 1, 16), DecodeLoad("d1", 50, 9, 16), DecodeLoad("d2", 50, 2, 16)]
-    assert pick_decode(loads, 100) == "d2"  # tie on free blocks: the smaller running batch
-    assert pick_decode(loads, 100, exclude={"d2"}) == "d1"  # d2 just refused
-    assert pick_decode(loads, 900) is None  # nobody has 900 tokens of room: wait, then RESOURCE_EXHAUSTED
-    assert pick_decode(loads, 160, exclude={"d1", "d2"}) == "d0"
+    assert rank_decodes(loads, 161) == ["d2", "d1"]  # tie on free blocks: the smaller running batch first
+    assert rank_decodes(loads, 161, exclude={"d2"}) == ["d1"]  # d2 just refused
+    assert rank_decodes(loads, 900) == []  # nobody has 900 tokens of room: wait, then RESOURCE_EXHAUSTED
+    assert rank_decodes(loads, 160) == ["d2", "d1", "d0"]  # all fit: the prefill worker tries them in order
 
 
 def test_serve_config_from_yaml(tmp_path):
@@ -66,4 +66,4 @@ def test_colocated_baseline_through_ray(tmp_path, chunked):
         assert all(s["num_free_kv_blocks"] == s["num_kv_blocks"] for s in stats.values())
         pools.shutdown()
     finally:
-        ray.shutdown()
+        ray.shutdown(wait_for_processes=True)

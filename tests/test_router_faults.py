@@ -99,23 +99,30 @@ class FakeDecode:
 
 class FakePrefill:
     def __init__(self, name):
-        self.name, self.dead, self.calls = name, False, []
+        self.name, self.dead, self.busy, self.calls, self.offered = name, False, False, [], []
 
-    async def prefill(self, wid, prompt, params, decode_address, resume=None):
+    async def prefill(self, wid, prompt, params, decodes, resume=None, wait_s=30.0):
         self.calls.append((wid, resume))
+        self.offered.append(list(decodes))
         if self.dead:
             raise WorkerLostError(self.name, "actor died")
-        d = next(w for w in CLUSTER.workers.values() if getattr(w, "address", None) == decode_address)
-        if d.dead:
-            return {"status": "decode_failed", "code": "UNAVAILABLE", "error": "reserve failed"}
-        if d.free_blocks == 0:
+        if self.busy:
+            return {"status": "busy", "error": f"{self.name} is full"}
+        by_address = {getattr(w, "address", None): w for w in CLUSTER.workers.values()}
+        alive = [by_address[a] for a in decodes if not by_address[a].dead]
+        failed = {a: "UNAVAILABLE" for a in decodes if by_address[a].dead}
+        if not alive:
+            return {"status": "decode_failed", "code": "UNAVAILABLE", "failed": failed, "error": "reserve failed"}
+        d = next((w for w in alive if w.free_blocks > 0), None)
+        if d is None:
             return {"status": "no_capacity", "error": "no room"}
         done = RequestSnapshot.from_dict(resume).output_token_ids if resume else []
         assert done == expected(prompt)[:len(done)]  # the snapshot holds exactly what the client has
         i = len(done)
         d.requests[wid] = [prompt, i + 1]
         first = RequestOutput(wid, [token(prompt, i)], f"<{token(prompt, i)}>", True, "prefilled", len(prompt), i + 1)
-        return {"status": "transferred", "first": first, "pid": 0, "kv_bytes": 0}
+        return {"status": "transferred", "decode": d.address, "failed": failed, "first": first, "pid": 0,
+                "kv_bytes": 0}
 
     def abort(self, wid):
         pass
@@ -302,3 +309,48 @@ def test_membership_generations_ignore_stale_reports_and_draining_takes_nothing(
         m.add("d0", "decode")
     with pytest.raises(ValueError, match="pool must be one of"):
         m.add("x", "gpu")
+
+
+def test_admission_is_bounded_in_time_and_refuses_before_any_output():
+    """A full prefill worker ("busy") sends the request to another; all full, or every slot of the front
+    door taken, or a worker that could not start it in time: refused within max_wait_s, no output."""
+    cluster, router = make(prefills=2)
+    cluster.workers["p0"].busy = True
+    check_stream(asyncio.run(collect(router, "a", [2])), [2])
+    assert cluster.workers["p1"].calls and router.tracks == {}
+    # each call offers every decode worker that fits, the emptiest first
+    assert cluster.workers["p1"].offered[-1] == ["kv://d0", "kv://d1"]
+
+    cluster.workers["p1"].busy = True
+    outs = []
+
+    async def refused():
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(NoCapacityError, match="every prefill worker was full"):
+            async for out in router.generate("b", [3], {"max_tokens": MAX_TOKENS}):
+                outs.append(out)
+        return asyncio.get_running_loop().time() - start
+    waited = asyncio.run(refused())
+    assert outs == [] and 0.5 <= waited < 2.0 and router.tracks == {}
+
+    cluster, router = make()
+    router = Router(cluster, block_size=16, max_wait_s=0.3, max_inflight=1)
+
+    async def one_slot():
+        hold = router.generate("first", [4], {"max_tokens": MAX_TOKENS})
+        await hold.__anext__()  # it holds the only slot
+        with pytest.raises(NoCapacityError, match="max_queued_requests"):
+            await collect(router, "second", [5])
+        rest = [o async for o in hold]
+        assert rest[-1].finished
+        check_stream(await collect(router, "third", [6]), [6])  # the slot came back
+    asyncio.run(one_slot())
+
+    cluster, router = make()
+
+    async def timed_out(wid, prompt, params, decodes, resume=None, wait_s=30.0):
+        return {"status": "queue_timeout", "error": f"it did not start within {wait_s:.1f}s on p0"}
+    cluster.workers["p0"].prefill = timed_out
+    with pytest.raises(NoCapacityError, match="did not start within"):
+        asyncio.run(collect(router, "c", [7]))
+    assert router.tracks == {}

@@ -299,20 +299,21 @@ def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, server):
 
 def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
     """With the only decode worker draining, nothing can take a request: after the bounded wait each
-    protocol reports the failure with its reason (an SSE error event, a gRPC status, an HTTP 503),
-    never a normal "stop"."""
+    protocol reports the failure with its reason (a 429 with Retry-After before any byte, streamed
+    or not; a gRPC status; a KServe stream error), never a normal "stop"."""
     import openai
     (decode,) = [m.name for m in server.pools.view().members if m.pool == "decode"]
     before = _metrics_steady(server)
     assert admin(server, "POST", f"/admin/workers/{decode}/drain")[0] == 200
     try:
         assert not triton.is_server_ready()  # no decode worker takes traffic
-        with pytest.raises(openai.APIError, match="no decode worker is up"):
-            for _ in oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, stream=True):
-                pass
-        with pytest.raises(openai.InternalServerError) as info:  # 503
-            oai.with_options(max_retries=0).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4)
-        assert info.value.status_code == 503 and "no decode worker is up" in str(info.value)
+        for stream in (True, False):  # refused before any byte: the stream never starts
+            with pytest.raises(openai.RateLimitError) as info:
+                oai.with_options(max_retries=0).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4,
+                                                                   stream=stream)
+            assert info.value.status_code == 429 and "no decode worker is up" in str(info.value)
+            assert info.value.response.headers["retry-after"] == str(server.cfg.retry_after_s)
+            assert info.value.body["type"] == "rate_limit_error"
         results: queue.Queue = queue.Queue()
         triton.start_stream(callback=lambda result, error: results.put((result, error)))
         triton.async_stream_infer(MODEL, _inputs(PROMPTS[0], {"max_tokens": 4}, stream=True), request_id="f")
@@ -436,3 +437,37 @@ def test_openai_fields_are_honoured_or_refused_by_name(oai, server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert "".join(c.choices[0].text for c in chunks[:-1]) == echoed.choices[0].text[len(PROMPTS[0]):]
     _wait_idle(server)
+
+
+def test_overload_is_refused_before_any_output_and_leaves_nothing_behind(oai, real_engine, server):
+    """Three times as many long requests at once as the decode pool holds, on one prefill thread and a
+    3 s wait: each request either completes with the undisturbed text, or is refused with a 429, its
+    Retry-After and the reason, before the stream gives any output. None hangs; nothing leaks."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    prompt, n = "The history of science " * 225, 24  # ~900 tokens: the decode pool holds two at once
+    from splitserve.engine.sampling_params import SamplingParams
+    want = real_engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].text
+    client = oai.with_options(max_retries=0, timeout=120)
+
+    def one(_):
+        try:
+            stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+        except openai.RateLimitError as e:  # refused before the stream started
+            return "refused", e
+        text = "".join(chunk.choices[0].text for chunk in stream)
+        return "completed", text
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    completed = [r for kind, r in results if kind == "completed"]
+    refused = [r for kind, r in results if kind == "refused"]
+    assert completed and refused, results  # overloaded: some served, some refused
+    assert all(text == want for text in completed)
+    for e in refused:
+        assert e.status_code == 429 and e.response.headers["retry-after"] == str(server.cfg.retry_after_s)
+        assert any(why in e.message for why in ("did not start within", "had room", "max_queued_requests")), e.message
+    _wait_idle(server, timeout=60)
+    leaks = server.pools.leaks()
+    assert all(not any(v.values()) for v in leaks.values()), leaks

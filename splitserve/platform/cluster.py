@@ -50,15 +50,21 @@ class RayWorker:
             ref = getattr(self.handle, method).remote(*args)
             return await (asyncio.wait_for(ref, timeout) if timeout else ref)
         except asyncio.TimeoutError:
-            raise WorkerLostError(self.name, f"{method} did not answer within {timeout}s") from None
+            raise WorkerLostError(self.name, f"{method} did not answer within {timeout}s", timed_out=True) from None
         except Exception as e:
             raise _unwrap(self.name, e) from None
 
-    async def prefill(self, wid, prompt_token_ids, params, decode_address, resume=None) -> dict:
-        return await self._call("prefill", wid, prompt_token_ids, params, decode_address, resume)
+    async def prefill(self, wid, prompt_token_ids, params, decodes, resume=None, wait_s=30.0) -> dict:
+        return await self._call("prefill", wid, prompt_token_ids, params, decodes, resume, wait_s)
 
-    async def stats(self) -> dict:
-        return await self._call("stats", timeout=STATS_TIMEOUT_S)
+    async def stats(self) -> dict | None:
+        """None when it does not answer in time: busy, not lost (a lost actor raises WorkerLostError)."""
+        try:
+            return await self._call("stats", timeout=STATS_TIMEOUT_S)
+        except WorkerLostError as e:
+            if e.timed_out:
+                return None
+            raise
 
     async def migrate(self, wid: str, target_name: str, target_address: str) -> dict:
         return await self._call("migrate", wid, target_name, target_address)

@@ -105,7 +105,9 @@ class ServeConfig:
     cluster_token: str = field(default_factory=lambda: os.environ.get("SPLITSERVE_CLUSTER_TOKEN")
                                or secrets.token_hex(16))
     max_queue_wait_s: float = 30.0  # a request waits this long for capacity, then RESOURCE_EXHAUSTED
-    max_queued_requests: int = 256
+    max_queued_requests: int = 256  # requests the front door holds at once (waiting, prefilling or decoding)
+    prefill_queue_limit: int = 32  # requests one prefill worker holds at once; more: it says busy
+    retry_after_s: int = 2  # the Retry-After a refused (429) request is given
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
@@ -137,6 +139,11 @@ class ServeConfig:
             raise ValueError("autoscale sizes the prefill and decode pools: it needs mode 'disaggregated'")
         if self.kv_wire_codec not in KV_CODECS:
             raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
+        for name in ("max_queued_requests", "prefill_queue_limit", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 seconds, got {self.max_queue_wait_s}")
         object.__setattr__(self, "kv_port", checked_port(self.kv_port))
         object.__setattr__(self, "kv_tls", checked_tls(self.kv_tls))
         object.__setattr__(self, "api_keys", check_keys(self.api_keys))

@@ -9,10 +9,13 @@ whichever worker holds the request through the router.
 Errors: every failure is a ``splitserve.errors`` type, turned into a gRPC
 status / HTTP status by the one table there (bad input -> INVALID_ARGUMENT /
 400 naming the field; unknown model -> NOT_FOUND / 404; no capacity within
-the wait limit -> RESOURCE_EXHAUSTED / 503; worker lost beyond recovery ->
-UNAVAILABLE / 503). A stream that fails says so: an ``error_message`` on the
-KServe stream, an error event (``data: {"error": ...}``) over SSE; a failed
-request never ends like a normal one.
+the wait limit -> RESOURCE_EXHAUSTED / 429 with Retry-After; worker lost beyond
+recovery -> UNAVAILABLE / 503), with a JSON body on every non-2xx HTTP answer.
+An SSE stream starts only with the request's first output, so a refusal is a
+plain 429 before any byte is streamed. A stream that fails later says so: an
+``error_message`` on the KServe stream, an error event (``data: {"error":
+...}``) over SSE; a failed request never ends like a normal one. Long prompts
+are tokenized off the event loop.
 
 API keys (optional, ``ServeConfig.api_keys``; ``auth.py``): when the server has keys, every KServe
 and OpenAI call must present one (``authorization: Bearer <key>`` or ``x-api-key: <key>``, as an
@@ -38,6 +41,7 @@ import hmac
 import json
 import time
 import uuid
+from contextlib import aclosing
 
 import grpc
 import ray
@@ -96,9 +100,23 @@ def _failed(out) -> Exception | None:
     return None
 
 
-def _error_response(e: Exception) -> JSONResponse:
+def _error_response(e: Exception, retry_after_s: int | None = None) -> JSONResponse:
+    """The OpenAI error object for ``e``, with its status; a 429 says when to try again."""
     status, body = openai_api.error_body(e)
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(retry_after_s)} if status == 429 and retry_after_s else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+INLINE_TOKENIZE_CHARS = 16 << 10  # longer texts are tokenized in a helper thread, not on the event loop
+
+
+async def _with_first(first, rest):
+    """``first``, then the outputs of ``rest`` (closed with this generator: a client that leaves
+    aborts the request at once, not when the garbage collector finds it)."""
+    async with aclosing(rest):
+        yield first
+        async for out in rest:
+            yield out
 
 
 async def _unwrapped(ref):
@@ -107,6 +125,12 @@ async def _unwrapped(ref):
         return await ref
     except ray.exceptions.RayTaskError as e:
         raise e.cause if isinstance(e.cause, Exception) else e from None
+
+
+@app.exception_handler(Exception)
+async def _any_error(request: Request, e: Exception) -> JSONResponse:
+    """Whatever an endpoint did not catch still answers with the OpenAI error object (a JSON 500)."""
+    return _error_response(e)
 
 
 # Helpers sit above the deployment: @serve.deployment serializes the class when it is defined.
@@ -124,6 +148,7 @@ class FrontDoor:
         self.controller = handles["controller"]
         self.autoscaler = handles.get("autoscaler")
         self.token = handles["cluster_token"]
+        self.retry_after_s = handles.get("retry_after_s", 2)
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_path)
         self.max_model_len = min(s["max_model_len"] for s in ray.get(self.controller.stats.remote()).values())
@@ -141,6 +166,13 @@ class FrontDoor:
             raise InvalidRequestError("prompt", f"prompt has {len(ids)} tokens but the model allows at most "
                                                 f"{self.max_model_len - 1} prompt tokens")
         return ids
+
+    async def _tokenize(self, prompt: str | None = None, messages: list | None = None) -> list[int]:
+        """``_tokens``, in a helper thread for long inputs (a 2 MB prompt would stall every other client)."""
+        size = len(prompt or "") if messages is None else sum(len(str(m)) for m in messages)
+        if size <= INLINE_TOKENIZE_CHARS:
+            return self._tokens(prompt, messages)
+        return await asyncio.to_thread(self._tokens, prompt, messages)
 
     async def _ready(self) -> bool:
         """Requests can be served: a live worker in each pool (the membership says so within 5 s)."""
@@ -200,7 +232,7 @@ class FrontDoor:
             if req.stream:
                 raise InvalidRequestError("stream", "input 'stream' is true, but ModelInfer answers once: stream "
                                                     "over ModelStreamInfer, or send stream false")
-            ids = self._tokens(req.prompt)
+            ids = await self._tokenize(req.prompt)
             text, reason = "", None
             # our own unique id for the request; the client's id is only a label, echoed on the response
             async for out in self._run(uuid.uuid4().hex, ids, req.params, req.client_id or None):
@@ -229,7 +261,7 @@ class FrontDoor:
         async def serve_one(request):
             try:
                 req = kserve.parse_infer_request(request, self.model_name)
-                ids = self._tokens(req.prompt)
+                ids = await self._tokenize(req.prompt)
                 text = ""
                 # our own unique id: requests on one stream (or many) may share a client id
                 async for out in self._run(uuid.uuid4().hex, ids, req.params, req.client_id or None):
@@ -327,6 +359,9 @@ class FrontDoor:
             return _error_response(e)
         return None
 
+    def _refusal(self, e: Exception) -> JSONResponse:
+        return _error_response(e, self.retry_after_s)
+
     @app.get("/v1/models")
     async def models(self, request: Request):
         if (denied := self._authenticate_http(request)) is not None:
@@ -352,45 +387,51 @@ class FrontDoor:
         try:
             try:
                 body = await request.json()
-            except json.JSONDecodeError as e:
-                raise InvalidRequestError("body", f"the request body is not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise InvalidRequestError("body", "the request body must be a JSON object")
-            openai_api.check_model(body, self.model_name)
-            params = openai_api.sampling_params(body, chat)
-            prompt = None if chat else openai_api.completion_prompt(body)
-            ids = self._tokens(messages=openai_api.chat_messages(body)) if chat else self._tokens(prompt=prompt)
-        except SplitserveError as e:
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise InvalidRequestError("body", f"the request body is not valid JSON in UTF-8: {e}") from None
+            params, prompt, messages = openai_api.parse_request(body, chat, self.model_name)
+            ids = await self._tokenize(prompt, messages)
+        except Exception as e:  # bad input: 400 naming the field; anything else: a JSON 500, never plain text
             return _error_response(e)
         rid = openai_api.new_id("chatcmpl" if chat else "cmpl")
         echo = prompt if body.get("echo") else ""  # completions: the prompt before the completion
+        outs = self._run(rid, ids, params)
+        try:  # admitted or refused before any byte goes out: a refusal is a plain 429, not a broken stream
+            first = await outs.__anext__()
+        except asyncio.CancelledError:  # the client left while it waited: stop the request now
+            await outs.aclose()
+            raise
+        except Exception as e:
+            return self._refusal(e)
         if body.get("stream"):
-            return StreamingResponse(self._sse(rid, ids, params, chat, echo, openai_api.include_usage(body)),
+            return StreamingResponse(self._sse(rid, first, outs, len(ids), chat, echo, openai_api.include_usage(body)),
                                      media_type="text/event-stream")
         text, reason, n_out = echo, None, 0
         try:
-            async for out in self._run(rid, ids, params):
+            async for out in _with_first(first, outs):
                 text += out.new_text
                 n_out = out.num_output_tokens or n_out
                 reason = out.finish_reason
         except Exception as e:
-            return _error_response(e)
+            return self._refusal(e)
         shape = openai_api.chat_body if chat else openai_api.completion_body
         return shape(rid, self.model_name, text, openai_api.openai_finish_reason(reason), len(ids), n_out)
 
-    async def _sse(self, rid, ids, params, chat, echo="", usage=False):
+    async def _sse(self, rid, first_out, outs, num_prompt_tokens, chat, echo="", usage=False):
+        """Server-sent events of a request whose first output has come (``first_out``; ``outs``: the rest)."""
         first = True
         try:
             if echo:
                 yield f"data: {json.dumps(openai_api.completion_chunk(rid, self.model_name, echo, None))}\n\n"
-            async for out in self._run(rid, ids, params):
+            async for out in _with_first(first_out, outs):
                 reason = openai_api.openai_finish_reason(out.finish_reason) if out.finished else None
                 chunk = openai_api.chat_chunk(rid, self.model_name, out.new_text, reason, first) if chat \
                     else openai_api.completion_chunk(rid, self.model_name, out.new_text, reason)
                 first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if out.finished and usage:
-                    last = openai_api.usage_chunk(rid, self.model_name, chat, len(ids), out.num_output_tokens)
+                    last = openai_api.usage_chunk(rid, self.model_name, chat, num_prompt_tokens,
+                                                  out.num_output_tokens)
                     yield f"data: {json.dumps(last)}\n\n"
         except Exception as e:  # an error event: the OpenAI client raises it, never a normal "stop"
             yield f"data: {json.dumps(openai_api.error_body(e)[1])}\n\n"

@@ -186,6 +186,18 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
+def parse_request(body, chat: bool, model_name: str) -> tuple[SamplingParams, str | None, list[dict] | None]:
+    """A decoded request body, checked in full: (params, prompt, messages), exactly one of the last two
+    set. Anything wrong raises InvalidRequestError (400, naming the field) or UnknownModelError (404)."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", f"the request body must be a JSON object, got {type(body).__name__}")
+    check_model(body, model_name)
+    params = sampling_params(body, chat)
+    if chat:
+        return params, None, chat_messages(body)
+    return params, completion_prompt(body), None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -89,7 +89,8 @@ def spawn(cfg: ServeConfig, pool: str, name: str, itype=None):
         options["label_selector"] = dict(itype.labels)
     if pool == "prefill":
         return PrefillWorker.options(**options).remote(engine_kwargs(cfg, pc, decodes=False), cfg.cluster_token,
-                                                       cfg.kv_wire_codec, name, kv_tls=cfg.kv_tls)
+                                                       cfg.kv_wire_codec, name, kv_tls=cfg.kv_tls,
+                                                       queue_limit=cfg.prefill_queue_limit)
     if pool == "decode":
         return DecodeWorker.options(**options).remote(engine_kwargs(cfg, pc), cfg.cluster_token, cfg.kv_host, name,
                                                       cfg.kv_wire_codec, kv_port=cfg.kv_port, kv_tls=cfg.kv_tls)
@@ -126,6 +127,7 @@ class Pools:
         """What the front door needs to build its router (the controller handle travels with it)."""
         return {"mode": self.cfg.mode, "controller": self.controller, "block_size": self.cfg.block_size,
                 "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
+                "retry_after_s": self.cfg.retry_after_s,
                 "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler,
                 "model_name": self.cfg.model_name}
 

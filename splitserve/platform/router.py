@@ -1,16 +1,25 @@
 """The router: picks a prefill and a decode worker per request, drives it through them, and follows it.
 
 Policy (pure, no Ray): ``pick_prefill`` takes the prefill worker with the
-fewest queued prompt tokens; ``pick_decode`` the decode worker with the most
-free KV blocks among those that can hold the request (ties: the smaller
-running batch), skipping workers that just refused. Only live members of the
-membership (``cluster.view()``, read on every pick) are candidates.
+fewest queued prompt tokens; ``rank_decodes`` orders the decode workers that
+can hold the request by free KV blocks (ties: the smaller running batch),
+skipping workers that just refused. The prefill worker reserves on the first
+of that list with room once the prompt is computed, so decode blocks are not
+tied up while a prompt waits. Only live members of the membership
+(``cluster.view()``, read on every pick) are candidates.
+
+Admission is bounded in time: a request that has not started within
+``max_wait_s`` of its arrival (a slot among ``max_inflight``, a prefill worker
+that is not full, its first prefill step, then decode room) is refused with
+NoCapacityError (RESOURCE_EXHAUSTED / 429) before the client has any output.
 
 Path of one request through :meth:`Router.generate` (a :class:`Track` holds
 where it is and what the client already has)::
 
-    place   pick P, D -> P.prefill(wid, ..., D's KV address, resume snapshot or None)
-              "no_capacity" / "decode_failed" -> another D (an unreachable D is reported lost)
+    place   pick P, rank Ds -> P.prefill(wid, ..., the Ds' KV addresses, resume snapshot or None, time left)
+              "busy"                        -> another P, or wait for one
+              "queue_timeout", "no_capacity" -> refused (the time is up)
+              "decode_failed"               -> the unreachable Ds reported lost, placed again
               P lost                        -> reported, another P
               "transfer_failed"             -> its token goes out; placed again from a snapshot
               "finished"                    -> that token ended the request
@@ -64,9 +73,10 @@ def pick_prefill(loads: list[PrefillLoad]) -> str | None:
     return min(loads, key=lambda w: (w.queued_prompt_tokens, w.name)).name if loads else None
 
 
-def pick_decode(loads: list[DecodeLoad], num_tokens: int, exclude: set[str] = frozenset()) -> str | None:
+def rank_decodes(loads: list[DecodeLoad], num_tokens: int, exclude: set[str] = frozenset()) -> list[str]:
+    """Decode workers that can hold ``num_tokens``, best first: most free blocks, then the smaller batch."""
     fits = [w for w in loads if w.name not in exclude and w.free_blocks * w.block_size >= num_tokens]
-    return max(fits, key=lambda w: (w.free_blocks, -w.running, w.name)).name if fits else None
+    return [w.name for w in sorted(fits, key=lambda w: (-w.free_blocks, w.running, w.name))]
 
 
 @dataclass
@@ -114,7 +124,7 @@ class Router:
     def __init__(self, cluster, block_size: int, max_wait_s: float = 30.0, max_inflight: int = 256,
                  max_recoveries: int = 3, model_name: str = "default"):
         self.cluster, self.block_size, self.model_name = cluster, block_size, model_name
-        self.max_wait_s, self.max_recoveries = max_wait_s, max_recoveries
+        self.max_wait_s, self.max_recoveries, self.max_inflight = max_wait_s, max_recoveries, max_inflight
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
         self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
@@ -136,7 +146,7 @@ class Router:
         for m, s in zip(members, stats):
             if isinstance(s, WorkerLostError):
                 await self.cluster.report_lost(m)
-            elif isinstance(s, dict):
+            elif isinstance(s, dict):  # None: it did not answer in time (busy, not lost): not a candidate now
                 loads.append(DecodeLoad(m.name, s["num_free_kv_blocks"], s["num_running"], self.block_size))
         return loads
 
@@ -144,25 +154,40 @@ class Router:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict,
                        label: str | None = None) -> AsyncIterator[RequestOutput]:
-        async with self._inflight:
-            track = Track(request_id, list(prompt_token_ids), params, label)
-            self.tracks[request_id] = track
-            finished = False
-            try:
-                async with aclosing(request_metrics().observe(self.model_name, len(prompt_token_ids),
-                                                              self._run(track))) as outs:
-                    async for out in outs:
-                        finished = out.finished
-                        yield out
-            finally:
-                self.tracks.pop(request_id, None)
-                if not finished and track.decode is not None:
-                    track.decode.handle.abort(track.wid)
+        track = Track(request_id, list(prompt_token_ids), params, label)
+        finished = False
+        try:
+            async with aclosing(request_metrics().observe(self.model_name, len(prompt_token_ids),
+                                                          self._admit(track))) as outs:
+                async for out in outs:
+                    finished = out.finished
+                    yield out
+        finally:
+            self.tracks.pop(request_id, None)
+            if not finished and track.decode is not None:
+                track.decode.handle.abort(track.wid)
 
-    async def _run(self, track: Track):
+    async def _admit(self, track: Track):
+        """A slot among ``max_inflight`` within the wait (else refused), then the request's run."""
+        deadline = time.monotonic() + self.max_wait_s
+        try:
+            await asyncio.wait_for(self._inflight.acquire(), self.max_wait_s)
+        except asyncio.TimeoutError:
+            raise NoCapacityError(f"the server holds {self.max_inflight} requests (max_queued_requests) and none "
+                                  f"finished within {self.max_wait_s:.0f}s") from None
+        self.tracks[track.request_id] = track
+        try:
+            async with aclosing(self._run(track, deadline)) as outs:
+                async for out in outs:
+                    yield out
+        finally:
+            self._inflight.release()
+
+    async def _run(self, track: Track, deadline: float):
         recoveries = 0
         while True:
-            result, d = await self._place(track)
+            result, d = await self._place(track, deadline)
+            deadline = None  # a placement after a loss (or a failed transfer) may wait as long again
             first = result["first"]
             if result["status"] == "finished":  # the first token ended it
                 yield track.accept(first)
@@ -228,53 +253,69 @@ class Router:
             raise WorkerLostError(name, "the request moved to a worker this router does not know")
         return m
 
-    async def _place(self, track: Track):
-        """Prefill the request (again, from a snapshot, after a loss) and hand it to a decode worker.
-        Returns (prefill result, decode member)."""
-        deadline = time.monotonic() + self.max_wait_s
-        refused: set[str] = set()
+    async def _place(self, track: Track, deadline: float | None):
+        """Prefill the request (again, from a snapshot, after a loss) and hand it to a decode worker by
+        ``deadline`` (None: ``max_wait_s`` from now). Returns (prefill result, decode member)."""
+        deadline = deadline if deadline is not None else time.monotonic() + self.max_wait_s
+        refused: set[str] = set()  # workers that just said no (busy, unreachable): skipped for a round
         while True:
             view = await self.cluster.view()
             prefills, decodes = view.live("prefill"), view.live("decode")
-            loads = await self._decode_loads(decodes)
-            d_name = pick_decode(loads, track.num_tokens, refused)
-            p_name = pick_prefill([PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0)) for m in prefills])
-            if d_name is None or p_name is None:
-                if time.monotonic() > deadline:
-                    raise NoCapacityError(self._why_not(view, track.num_tokens, d_name is None))
+            ranked = rank_decodes(await self._decode_loads(decodes), track.num_tokens, refused)
+            p_name = pick_prefill([PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0))
+                                   for m in prefills if m.name not in refused])
+            left = deadline - time.monotonic()
+            if not ranked or p_name is None:
+                if left <= 0:
+                    raise NoCapacityError(self._why_not(view, track.num_tokens, not ranked))
                 await asyncio.sleep(0.05)
                 refused.clear()
                 continue
-            d, p = view.get(d_name), view.get(p_name)
+            p, ds = view.get(p_name), [view.get(name) for name in ranked]
             resume = track.next_placement()
             n = track.num_tokens
             self._prefill_tokens[p.name] = self._prefill_tokens.get(p.name, 0) + n
             try:
-                result = await p.handle.prefill(track.wid, track.prompt_token_ids, track.params, d.kv_address, resume)
+                result = await p.handle.prefill(track.wid, track.prompt_token_ids, track.params,
+                                                [d.kv_address for d in ds], resume, max(left, 0.1))
             except WorkerLostError:
                 await self.cluster.report_lost(p)
                 continue
-            except asyncio.CancelledError:  # client gone during prefill or transfer: stop it on both sides
+            except asyncio.CancelledError:  # client gone during prefill or transfer: stop it everywhere
                 p.handle.abort(track.wid)
-                d.handle.abort(track.wid)
+                for d in ds:
+                    d.handle.abort(track.wid)
                 raise
             finally:
                 self._prefill_tokens[p.name] -= n
             status = result["status"]
-            if status in ("transferred", "finished", "transfer_failed"):
-                if status == "transfer_failed":
+            for d in ds:  # decode workers the prefill worker could not reach on the KV plane
+                if d.kv_address in result.get("failed", {}):
                     refused.add(d.name)
+                    if result["failed"][d.kv_address] in UNREACHABLE:
+                        await self.cluster.report_lost(d)
+            if status in ("transferred", "finished", "transfer_failed"):
+                d = next((d for d in ds if d.kv_address == result.get("decode")), None)
+                if status == "transferred" and d is None:
+                    raise RequestFailedError(f"{p.name} sent the request to {result.get('decode')!r}, "
+                                             f"a decode worker it was not offered")
+                if status == "transfer_failed":
+                    refused.add(result.get("decode"))
                 return result, d
+            if status in ("queue_timeout", "no_capacity"):
+                raise NoCapacityError(result["error"])
             if status == "error":
                 raise RequestFailedError(result["error"])
-            refused.add(d.name)  # no_capacity, decode_failed: another decode worker
-            if status == "decode_failed" and result.get("code") in UNREACHABLE:
-                await self.cluster.report_lost(d)
+            if status == "busy":
+                refused.add(p.name)
+            # "decode_failed": none of the decode workers it was given could be reached; placed again
 
     def _why_not(self, view, num_tokens: int, no_decode: bool) -> str:
         pool = "decode" if no_decode else "prefill"
         if not view.live(pool):
             return f"no {pool} worker is up (waited {self.max_wait_s:.0f}s for one to come back)"
+        if not no_decode:
+            return f"every prefill worker was full (prefill_queue_limit) for {self.max_wait_s:.0f}s"
         return f"no decode worker had room for {num_tokens} tokens within {self.max_wait_s:.0f}s"
 
     # -- moving requests -------------------------------------------------------------------

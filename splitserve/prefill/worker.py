@@ -2,23 +2,29 @@
 
 A request passes through::
 
-    reserve on the chosen decode worker ("no_capacity": the router picks another;
-                                         "decode_failed": unreachable or refused, likewise)
+    admitted if fewer than ``queue_limit`` requests are on this worker ("busy": the router tries
+      another prefill worker, or waits)
+      -> waits for its first prefill step at most ``wait_s`` ("queue_timeout": refused, nothing was
+         computed or sent)
       -> prefill (chunked, batched with other prompts) -> next token sampled, request suspended (held)
-      -> KV and snapshot streamed to the decode worker until it commits
+      -> a reservation on the first decode worker of the router's list with room, tried in order
+         and again until ``wait_s`` has passed ("no_capacity"; every one unreachable:
+         "decode_failed"): decode blocks are taken only now, when the KV is about to move
+      -> KV and snapshot streamed to that decode worker until it commits
        (a failed transfer is retried once with a new reservation; then "transfer_failed": the
         router places the request again, with the token sampled here)
-      -> local blocks released -> the token goes back to the router
+      -> local blocks released -> the token goes back to the router, with the decode worker's address
 
 A request recovering from a lost decode worker comes with a snapshot
 (``resume``): its prompt and the tokens the client already has are
 recomputed here, and the next token is sampled exactly as it would have been.
 If the sampled token already ends the request (EOS, stop string, max_tokens)
-the reservation is given back and the request completes here.
+it completes here and no decode worker is asked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -34,8 +40,10 @@ from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
 
 class PrefillWorkerImpl:
+    RESERVE_RETRY_S = (0.02, 0.5)  # waiting for decode room: first and longest pause between rounds
+
     def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw", name: str = "prefill",
-                 kv_tls=None):
+                 kv_tls=None, queue_limit: int = 32):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         from splitserve.kvtransfer.client import KVSender
@@ -48,8 +56,11 @@ class PrefillWorkerImpl:
         self.layout = fingerprint(self.engine.model_config, self.engine.kv_spec)
         self.name = name
         self.incarnation = uuid.uuid4().hex[:12]
+        self.queue_limit = queue_limit  # requests on this worker at once (waiting, prefilling or sending)
+        self.num_inflight = 0
         self.queued_prompt_tokens = 0
         self.num_prefills = 0
+        self.num_refused = {"busy": 0, "queue_timeout": 0, "no_capacity": 0}
         self.num_transfer_retries = 0
         self.recorder = Recorder()
         self.engine.on_step = step_recorder(self.recorder, "prefill")
@@ -61,34 +72,43 @@ class PrefillWorkerImpl:
         return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
                 "node_id": ray_node_id()}
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, decode_address: str,
-                      resume: dict | None = None) -> dict:
-        """Returns {"status": "transferred" | "finished" | "no_capacity" | "decode_failed" | "transfer_failed"
-        | "error", ...}; ``resume``: a RequestSnapshot (as a dict) to continue by recompute."""
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, decodes,
+                      resume: dict | None = None, wait_s: float = 30.0) -> dict:
+        """Returns {"status": ..., ...}: "transferred" (with "decode": the address that took it), "finished",
+        "busy", "queue_timeout", "no_capacity", "decode_failed", "transfer_failed" or "error"; once the
+        prompt is computed, also "failed": {address: gRPC code} of decode workers it could not reach.
+        ``decodes``: decode workers' KV addresses, the router's preference
+        first (or one address); ``resume``: a RequestSnapshot (as a dict) to continue by recompute;
+        ``wait_s``: how long it may wait to start, and then for decode room."""
+        decodes = [decodes] if isinstance(decodes, str) else list(decodes)
         snapshot = RequestSnapshot.from_dict(resume) if resume is not None else None
         if snapshot is not None and snapshot.request_id != request_id:
             return {"status": "error", "error": f"the snapshot is for {snapshot.request_id!r}, not {request_id!r}"}
+        if self.num_inflight >= self.queue_limit:
+            self.num_refused["busy"] += 1
+            return {"status": "busy", "error": f"{self.name} already has {self.num_inflight} requests "
+                                               f"(its queue_limit)"}
         n = snapshot.num_tokens if snapshot is not None else len(prompt_token_ids)
-        try:
-            await self.sender.reserve(decode_address, request_id, n, self.layout)
-        except NoCapacityError as e:
-            return {"status": "no_capacity", "error": str(e)}
-        except TransferFailedError as e:
-            status = "error" if e.code == "INVALID_ARGUMENT" else "decode_failed"  # can never fit / try another
-            return {"status": status, "code": e.code, "error": f"reserve failed: {e}"}
+        self.num_inflight += 1
         self.queued_prompt_tokens += n
         self.recorder.record("arrival", n)
         start = time.perf_counter()
-        first = None
+        first, expired = None, []
+        watchdog = asyncio.get_running_loop().call_later(wait_s, self._expire_unstarted, request_id, expired)
         try:
             run = self.aengine.generate(snapshot=snapshot, hold_kv=True) if snapshot is not None else \
                 self.aengine.generate(prompt_token_ids, SamplingParams(**params), request_id=request_id, hold_kv=True)
             async for out in run:
                 first = out
         finally:
+            watchdog.cancel()
             self.queued_prompt_tokens -= n
             if first is None or first.finish_reason != "prefilled":
-                await self._give_back(decode_address, request_id)
+                self.num_inflight -= 1
+        if expired and first.finish_reason == "abort":
+            self.num_refused["queue_timeout"] += 1
+            return {"status": "queue_timeout", "error": f"it did not start within {wait_s:.1f}s on {self.name} "
+                                                        f"(requests ahead of it: {self.num_inflight})"}
         prefilled = time.perf_counter()
         result = {"first": first, "prefill_s": prefilled - start, "pid": os.getpid()}
         if first.finish_reason != "prefilled":
@@ -99,22 +119,82 @@ class PrefillWorkerImpl:
             self.metrics.queued(max(0.0, held.scheduled_at - start))
             self.recorder.record("prefill_s", prefilled - max(start, held.scheduled_at))
         try:
-            ack = await self._send_with_retry(decode_address, request_id, n)
+            return await self._hand_off(request_id, n, decodes, wait_s, prefilled, start, result)
+        finally:
+            self.num_inflight -= 1
+            self.port.release(request_id)
+
+    def _expire_unstarted(self, request_id: str, expired: list) -> None:
+        """The admission deadline: a request still waiting for its first step is aborted (refused)."""
+        req = self.engine.requests.get(request_id)  # lock-free reads: a stale answer only delays this
+        if req is not None and req.scheduled_at is None:
+            expired.append(True)
+            self.aengine.abort_request(request_id)
+
+    async def _hand_off(self, request_id: str, n: int, decodes: list[str], wait_s: float, prefilled: float,
+                        start: float, result: dict) -> dict:
+        """Reserve on a decode worker with room, then stream the KV there."""
+        failed: dict[str, str | None] = {}  # decode workers whose KV plane failed -> the gRPC code
+        result["failed"] = failed
+        try:
+            address = await self._reserve_any(decodes, request_id, n, wait_s, failed)
+        except NoCapacityError as e:
+            self.num_refused["no_capacity"] += 1
+            return {"status": "no_capacity", "error": str(e), **result}
+        except TransferFailedError as e:
+            if e.code == "INVALID_ARGUMENT":  # can never fit there, or a layout mismatch
+                return {"status": "error", "code": e.code, "error": f"reserve failed: {e}", **result}
+            return {"status": "decode_failed", "code": e.code,
+                    "error": f"reserve failed on every decode worker asked: {e}", **result}
+        try:
+            ack = await self._send_with_retry(address, request_id, n)
         except (NoCapacityError, TransferFailedError) as e:
             self.metrics.transfer_failed(getattr(e, "code", None) or type(e).__name__)
+            await self._give_back(address, request_id)
             return {"status": "transfer_failed", "error": f"KV transfer failed: {describe(e)}", **result}
-        finally:
-            self.port.release(request_id)
         done = time.perf_counter()
         self.metrics.transferred(done - prefilled, ack.num_bytes)
         self.recorder.record("transfer_s", done - prefilled)
         self.recorder.record("ttft_s", done - start)
         self.num_prefills += 1
-        return {"status": "transferred", "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks, **result}
+        return {"status": "transferred", "decode": address, "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks,
+                **result}
+
+    async def _reserve_any(self, decodes: list[str], request_id: str, n: int, wait_s: float,
+                           failed: dict) -> str:
+        """The first decode worker of ``decodes`` that reserves room for ``n`` tokens; rounds over the
+        list, pausing longer each time, until ``wait_s`` has passed (then NoCapacityError). A worker
+        whose KV plane fails is dropped (into ``failed``: address -> code); all of them failing raises
+        the last TransferFailedError."""
+        if not decodes:
+            raise NoCapacityError("no decode worker was offered to take the request")
+        deadline = time.monotonic() + wait_s
+        pause = self.RESERVE_RETRY_S[0]
+        alive, last_failure = list(decodes), None
+        while True:
+            for address in list(alive):
+                try:
+                    await self.sender.reserve(address, request_id, n, self.layout)
+                    return address
+                except NoCapacityError:
+                    continue
+                except TransferFailedError as e:
+                    if e.code == "INVALID_ARGUMENT":
+                        raise
+                    alive.remove(address)
+                    failed[address] = e.code
+                    last_failure = e
+            if not alive:
+                raise last_failure
+            if time.monotonic() + pause > deadline:
+                raise NoCapacityError(f"no decode worker had room for {n} tokens within {wait_s:.1f}s "
+                                      f"({len(alive)} asked)")
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, self.RESERVE_RETRY_S[1])
 
     async def _send_with_retry(self, address: str, request_id: str, num_tokens: int, attempts: int = 2):
-        """Stream the KV; a failed transfer (the receiver dropped its reservation) is retried once
-        with a fresh reservation, since the blocks are still held here."""
+        """Stream the KV (already reserved there); a failed transfer (the receiver dropped its reservation)
+        is retried once with a fresh reservation, since the blocks are still held here."""
         for attempt in range(attempts):
             try:
                 if attempt:
@@ -138,6 +218,8 @@ class PrefillWorkerImpl:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
         return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
+                "num_inflight": self.num_inflight, "queue_limit": self.queue_limit,
+                **{f"num_refused_{k}": v for k, v in self.num_refused.items()},
                 "num_transfer_retries": self.num_transfer_retries, "name": self.name, "pid": os.getpid(),
                 **self.engine.stats()}
 
@@ -148,7 +230,7 @@ class PrefillWorkerImpl:
 
     def leaks(self) -> dict:
         """Every per-request structure on this worker, by size: all zero when it is idle."""
-        return {**self.engine.leaks(), **self.aengine.leaks()}
+        return {**self.engine.leaks(), **self.aengine.leaks(), "inflight": self.num_inflight}
 
     async def stop(self) -> None:
         self.metrics.stop_export()

@@ -1,0 +1,475 @@
+"""The fault campaign (issue 14): a real server driven through faults, on both protocols, counted.
+
+    python benchmarks/faults.py [--soak-s 1800] [--cases kill_decode,overload_4x,...] [--fuzz 400]
+
+One server (real Ray, 1 prefill and 2 decode actors of 1 thread each, the real SmolLM2 in fp32 so
+that greedy text compares exactly with the single-process engine), the real clients: ``openai``
+(SSE) and ``tritonclient`` (a KServe bidi stream), half the requests each. Cases:
+
+  kill_decode      SIGKILL a decode worker while 6 streams decode (Ray restarts it)
+  kill_prefill     SIGKILL the prefill worker while 4 long prompts are prefilled
+  kill_mig_target  SIGKILL the target of a live migration while it runs
+  cancel_storm     12 streams, every client leaves after its second token
+  overload_2x/4x   2x / 4x as many long requests at once as the decode pool's KV holds
+  kv_exhaustion    requests that each need most of one decode worker's KV, 6 at once
+  fuzz             hypothesis-generated OpenAI bodies over HTTP (every answer: 2xx, or a JSON 4xx)
+  soak             a steady 2 streams at a time for --soak-s seconds: RSS of every worker, start vs end
+
+Per case: requests sent, completed, refused (429 / RESOURCE_EXHAUSTED, with the reason), failed (any
+other error the client saw, with the reason), hung (no end within the time limit), wrong (a completed
+greedy output that differs from the undisturbed engine's), leaked (per-request structures left on any
+worker, and KV blocks not back), and the time to recover (from the fault until a new request
+completes). Cut or corrupted transfers are injected in tests/test_kvtransfer.py (the wire has the
+hook; the server does not). Writes benchmarks/results/faults.md and faults.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from helpers import admin, free_port, kserve_inputs  # noqa: E402  (the tests' own client helpers)
+MODEL = "smollm2"
+PROMPTS = ["The three primary colors are", "Once upon a time, a small robot", "def add(a, b):",
+           "The capital of France is", "Water boils at", "A haiku about the sea:"]
+LONG = "The history of science is the study of how people came to understand the natural world. "
+HANG_S = 180.0  # a request with no end by then is counted as hung
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Outcome:
+    status: str = "hung"  # completed | refused | failed | hung
+    text: str = ""
+    reason: str = ""
+    tokens: int = 0
+    first_token: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+# -- clients -----------------------------------------------------------------------------------------
+
+
+def openai_stream(base: str, prompt: str, max_tokens: int, out: Outcome, leave_after: int | None = None) -> None:
+    import openai
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=HANG_S)
+    try:
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        with stream:
+            for chunk in stream:
+                out.text += chunk.choices[0].text
+                out.tokens += 1
+                out.first_token.set()
+                if leave_after is not None and out.tokens >= leave_after:
+                    out.status, out.reason = "cancelled", "the client left"
+                    return
+                if chunk.choices[0].finish_reason is not None:
+                    out.status = "completed" if chunk.choices[0].finish_reason == "length" else "failed"
+                    out.reason = chunk.choices[0].finish_reason
+        if out.status == "hung":
+            out.status, out.reason = "failed", "the stream ended without a finish reason"
+    except openai.RateLimitError as e:
+        out.status, out.reason = "refused", f"429 (Retry-After {e.response.headers.get('retry-after')}): {e.message}"
+    except openai.APITimeoutError:
+        out.status = "hung"
+    except Exception as e:  # an SSE error event, or an HTTP error: the client saw a reason
+        out.status, out.reason = "failed", f"{type(e).__name__}: {e}"[:300]
+    finally:
+        out.first_token.set()
+
+
+class KServeStream:
+    """One request on its own tritonclient bidi stream (a stream's error carries no request id, so one
+    request per stream is what lets each error be counted against its request)."""
+
+    def __init__(self, url: str, rid: str, prompt: str, max_tokens: int):
+        import tritonclient.grpc as tg
+        self.out, self.done, self.closed = Outcome(), threading.Event(), False
+        self.client = tg.InferenceServerClient(url)
+        self.client.start_stream(callback=self._on)
+        self.client.async_stream_infer(MODEL, kserve_inputs(prompt, {"max_tokens": max_tokens, "temperature": 0,
+                                                                     "ignore_eos": True}, stream=True),
+                                       request_id=rid, enable_empty_final_response=True)
+
+    def _on(self, result, error):
+        o = self.out
+        if error is not None:
+            message = str(error)
+            o.status = "refused" if "RESOURCE_EXHAUSTED" in message or "had room" in message \
+                or "did not start" in message or "max_queued_requests" in message else "failed"
+            o.reason = message[:300]
+        else:
+            r = result.get_response()
+            o.text += result.as_numpy("text_output")[0].decode()
+            o.tokens += int(r.parameters["num_output_tokens"].int64_param)
+            if not r.parameters["triton_final_response"].bool_param:
+                o.first_token.set()
+                return
+            reason = result.as_numpy("finish_reason")[0].decode()
+            o.status, o.reason = ("completed" if reason == "length" else "failed"), reason
+        o.first_token.set()
+        self.done.set()
+
+    def close(self, cancel: bool = False) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client.stop_stream(cancel_requests=cancel)
+            self.client.close()
+
+
+# -- the campaign -----------------------------------------------------------------------------------
+
+
+class Campaign:
+    def __init__(self, server, reference):
+        self.server, self.reference = server, reference
+        self.base = server.endpoints["openai"]
+        self.results: dict[str, dict] = {}
+
+    # requests of a case: (protocol, prompt, max_tokens); half over each protocol
+    def run(self, name: str, requests: list[tuple[str, int]], fault=None, leave_after: int | None = None) -> dict:
+        log(f"[faults] {name}: {len(requests)} requests ...")
+        outcomes: list[tuple[str, str, int, Outcome]] = []
+        streams: list[KServeStream] = []
+        pool = ThreadPoolExecutor(max_workers=max(1, len(requests)))
+        start = time.monotonic()
+        for i, (prompt, max_tokens) in enumerate(requests):
+            if i % 2 == 0:
+                o = Outcome()
+                pool.submit(openai_stream, self.base, prompt, max_tokens, o, leave_after)
+            else:
+                streams.append(KServeStream(self.server.endpoints["grpc"], f"{name}-{i}", prompt, max_tokens))
+                o = streams[-1].out
+            outcomes.append(("openai" if i % 2 == 0 else "kserve", prompt, max_tokens, o))
+        fault_at = fault(outcomes) if fault is not None else None
+        deadline = time.monotonic() + HANG_S
+        for ks in streams:
+            while not ks.done.wait(0.02) and time.monotonic() < deadline:
+                if leave_after is not None and ks.out.tokens >= leave_after:  # this client leaves
+                    ks.out.status, ks.out.reason = "cancelled", "the client left"
+                    break
+            ks.close(cancel=leave_after is not None or not ks.done.is_set())
+        pool.shutdown(wait=True)
+        elapsed = time.monotonic() - start
+        recover_s = self._recovery(fault_at) if fault_at is not None else None
+        leaked = self._leaks()
+        row = {"sent": len(outcomes), "elapsed_s": round(elapsed, 1), "recover_s": recover_s, "leaked": leaked}
+        for status in ("completed", "refused", "failed", "hung", "cancelled"):
+            row[status] = sum(o.status == status for *_, o in outcomes)
+        row["wrong"] = sum(o.status == "completed" and o.text != self.reference(prompt, max_tokens)
+                           for _, prompt, max_tokens, o in outcomes)
+        row["silent"] = sum(o.status in ("refused", "failed") and not o.reason for *_, o in outcomes)
+        row["reasons"] = sorted({f"{p}: {o.status}: {o.reason[:160]}" for p, _, _, o in outcomes
+                                 if o.status in ("refused", "failed")})[:6]
+        self.results[name] = row
+        log(f"[faults] {name}: " + ", ".join(f"{k} {row[k]}" for k in ("completed", "refused", "failed", "hung",
+                                                                         "wrong", "leaked")))
+        return row
+
+    def _recovery(self, fault_at: float) -> float | None:
+        """From the fault until a new request completes (both protocols' path: OpenAI here)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            o = Outcome()
+            openai_stream(self.base, PROMPTS[0], 4, o)
+            if o.status == "completed":
+                return round(time.monotonic() - fault_at, 2)
+            time.sleep(0.5)
+        return None
+
+    def _leaks(self, timeout: float = 60.0) -> int:
+        """Per-request structures left on every worker once it should be idle (0: none), KV blocks included."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leaks = self.server.pools.leaks()
+            stats = self.server.pools.all_stats()
+            held = sum(s.get("num_kv_blocks", 0) - s.get("num_free_kv_blocks", 0) for s in stats.values())
+            left = sum(v for w in leaks.values() for v in w.values()) + held
+            if left == 0 or time.monotonic() > deadline:
+                if left:
+                    log(f"[faults] leaked: {leaks}")
+                return left
+            time.sleep(0.5)
+
+    def worker_pids(self, pool: str | None = None) -> dict[str, int]:
+        view = self.server.pools.view()
+        stats = self.server.pools.all_stats()
+        return {m.name: stats[m.name]["pid"] for m in view.members
+                if (pool is None or m.pool == pool) and m.state.value == "up" and m.name in stats}
+
+
+def kill_when_decoding(campaign: Campaign, pool: str, tokens: int = 3):
+    def fault(outcomes):
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline and not all(o.tokens >= tokens or o.status != "hung"
+                                                      for *_, o in outcomes):
+            time.sleep(0.02)
+        name, pid = sorted(campaign.worker_pids(pool).items())[0]
+        log(f"[faults]   SIGKILL {name} (pid {pid})")
+        os.kill(pid, signal.SIGKILL)
+        return time.monotonic()
+    return fault
+
+
+def kill_prefill_while_prefilling(campaign: Campaign):
+    def fault(outcomes):
+        time.sleep(0.5)  # the long prompts are being prefilled
+        name, pid = sorted(campaign.worker_pids("prefill").items())[0]
+        log(f"[faults]   SIGKILL {name} (pid {pid}) mid-prefill")
+        os.kill(pid, signal.SIGKILL)
+        return time.monotonic()
+    return fault
+
+
+def kill_migration_target(campaign: Campaign):
+    def fault(outcomes):
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline and not all(o.tokens >= 4 or o.status != "hung" for *_, o in outcomes):
+            time.sleep(0.02)
+        requests = admin(campaign.server, "GET", "/admin/requests")[1]["requests"]
+        pids = campaign.worker_pids("decode")
+        source = next((r["worker"] for r in requests.values() if r["worker"] in pids), None)
+        if source is None or len(pids) < 2:
+            log("[faults]   nothing is decoding on two workers: no migration to break")
+            return time.monotonic()
+        target = next(n for n in pids if n != source)
+        moves = [threading.Thread(target=admin, args=(campaign.server, "POST", f"/admin/requests/{rid}/migrate",
+                                                      {"target": target}))
+                 for rid, r in requests.items() if r["worker"] == source][:2]
+        for t in moves:
+            t.start()
+        time.sleep(0.05)  # the migrations are under way
+        log(f"[faults]   SIGKILL migration target {target} (pid {pids[target]})")
+        os.kill(pids[target], signal.SIGKILL)
+        at = time.monotonic()
+        for t in moves:
+            t.join(120)
+        return at
+    return fault
+
+
+def fuzz(campaign: Campaign, examples: int) -> dict:
+    """Hypothesis-generated bodies (the strategies of tests/test_fuzz_inputs.py) posted over HTTP."""
+    from hypothesis import HealthCheck, given, settings
+    from test_fuzz_inputs import openai_bodies
+    counts = {"2xx": 0, "4xx_json": 0, "5xx": 0, "not_json": 0}
+    bad: list[str] = []
+    url = campaign.server.endpoints["http"]
+
+    def post(chat: bool, body) -> None:
+        if isinstance(body, dict) and body.get("stream") is not True:
+            body = {**body, "max_tokens": 2} if "max_tokens" not in body else body
+        req = urllib.request.Request(url + ("/v1/chat/completions" if chat else "/v1/completions"), method="POST",
+                                     data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=HANG_S) as resp:
+                resp.read()
+                counts["2xx"] += 1
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                ok = "error" in json.loads(raw)
+            except ValueError:
+                ok = False
+            key = "5xx" if e.code >= 500 else ("4xx_json" if ok else "not_json")
+            counts[key] += 1
+            if key != "4xx_json":
+                bad.append(f"{e.code} {raw[:120]!r} for {json.dumps(body)[:120]}")
+
+    for chat in (False, True):
+        given(body=openai_bodies(chat))(settings(max_examples=examples // 2, deadline=None, database=None,
+                                                 suppress_health_check=list(HealthCheck))(
+            lambda body: post(chat, body)))()
+    leaked = campaign._leaks()
+    row = {"sent": sum(counts.values()), **counts, "leaked": leaked, "examples_of_bad": bad[:5]}
+    campaign.results["fuzz"] = row
+    log(f"[faults] fuzz: {row}")
+    return row
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def soak(campaign: Campaign, seconds: float) -> dict:
+    """Two streams at a time (alternating protocols) for ``seconds``; RSS per worker at the start and end."""
+    log(f"[faults] soak: {seconds:.0f}s at 2 streams ...")
+    pids = campaign.worker_pids()
+    warm = Outcome()
+    openai_stream(campaign.base, PROMPTS[1], 32, warm)
+    before = {n: rss_mb(p) for n, p in pids.items()}
+    counts = {"sent": 0, "completed": 0, "refused": 0, "failed": 0, "hung": 0, "wrong": 0}
+    end = time.monotonic() + seconds
+    lock = threading.Lock()
+    next_log = [time.monotonic() + 60]
+
+    def client(k: int) -> None:
+        i = 0
+        while time.monotonic() < end:
+            prompt, n = PROMPTS[(k + i) % len(PROMPTS)], 24 + 8 * ((k + i) % 4)
+            o = Outcome()
+            if (k + i) % 2 == 0:
+                openai_stream(campaign.base, prompt, n, o)
+            else:
+                ks = KServeStream(campaign.server.endpoints["grpc"], f"soak-{k}-{i}", prompt, n)
+                ks.done.wait(HANG_S)
+                ks.close(cancel=not ks.done.is_set())
+                o = ks.out
+            with lock:
+                counts["sent"] += 1
+                counts[o.status if o.status in counts else "failed"] += 1
+                counts["wrong"] += o.status == "completed" and o.text != campaign.reference(prompt, n)
+                if time.monotonic() > next_log[0]:
+                    next_log[0] += 60
+                    log(f"[faults]   soak: {counts['sent']} requests, {end - time.monotonic():.0f}s left")
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = {n: rss_mb(p) for n, p in pids.items()}
+    row = {**counts, "seconds": seconds, "leaked": campaign._leaks(),
+           "rss_mb": {n: [round(before[n] or 0, 1), round(after[n] or 0, 1)] for n in pids}}
+    campaign.results["soak"] = row
+    log(f"[faults] soak: {row}")
+    return row
+
+
+def write(results: dict, command: str, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "faults.json"), "w") as f:
+        json.dump({"command": command, "results": results}, f, indent=1)
+    lines = ["# Fault campaign", "", f"Command: `{command}`", "",
+             "One server: 1 prefill and 2 decode workers (1 thread each), real SmolLM2 fp32, 2 CPU cores; half "
+             "the requests over OpenAI SSE, half over a KServe stream. Target in every case: 0 hung, 0 wrong, "
+             "0 leaked, 0 silent (every refusal and failure reached the client with its reason).", "",
+             "| case | sent | completed | refused | failed | cancelled | hung | wrong | silent | leaked | "
+             "recover s | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name in ("fuzz", "soak"):
+            continue
+        lines.append(f"| {name} | {r['sent']} | {r['completed']} | {r['refused']} | {r['failed']} | "
+                     f"{r['cancelled']} | {r['hung']} | {r['wrong']} | {r['silent']} | {r['leaked']} | "
+                     f"{r['recover_s'] if r['recover_s'] is not None else '-'} | {r['elapsed_s']} |")
+    lines.append("")
+    for name, r in results.items():
+        if r.get("reasons"):
+            lines.append(f"Reasons the clients saw in {name}:")
+            lines += [f"- {x}" for x in r["reasons"]]
+            lines.append("")
+    if "fuzz" in results:
+        r = results["fuzz"]
+        lines += [f"Fuzz: {r['sent']} hypothesis-generated OpenAI bodies over HTTP: {r['2xx']} answered, "
+                  f"{r['4xx_json']} refused with a JSON 4xx, {r['5xx']} 5xx, {r['not_json']} non-JSON errors; "
+                  f"leaked {r['leaked']}.", ""]
+        lines += [f"- {x}" for x in r["examples_of_bad"]]
+    if "soak" in results:
+        r = results["soak"]
+        lines += ["", f"Soak: {r['seconds']:.0f}s, {r['sent']} requests: {r['completed']} completed, {r['refused']} "
+                      f"refused, {r['failed']} failed, {r['hung']} hung, {r['wrong']} wrong; leaked {r['leaked']}.",
+                  "", "| process | RSS MB start | RSS MB end |", "|---|---|---|"]
+        lines += [f"| {n} | {a} | {b} |" for n, (a, b) in r["rss_mb"].items()]
+    with open(os.path.join(out_dir, "faults.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+CASES = ("kill_decode", "kill_prefill", "kill_mig_target", "cancel_storm", "overload_2x", "overload_4x",
+         "kv_exhaustion", "fuzz", "soak")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--soak-s", type=float, default=1800.0)
+    ap.add_argument("--fuzz", type=int, default=400, help="fuzzed bodies over HTTP")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        ap.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
+    command = "python benchmarks/faults.py " + " ".join(sys.argv[1:])
+
+    import ray
+    from splitserve.engine.default_model import default_model_path
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.platform.config import PoolConfig, ServeConfig
+    from splitserve.platform.server import start_server
+
+    model = default_model_path()
+    log("[faults] loading the reference engine ...")
+    engine = LLMEngine(model=model, dtype="float32", show_progress=False, kv_cache_memory=256 << 20)
+    cache: dict = {}
+
+    def reference(prompt: str, max_tokens: int) -> str:
+        if (prompt, max_tokens) not in cache:
+            cache[(prompt, max_tokens)] = engine.generate([prompt], SamplingParams(
+                max_tokens=max_tokens, temperature=0, ignore_eos=True))[0].text
+        return cache[(prompt, max_tokens)]
+
+    cfg = ServeConfig(model=model, model_name=MODEL, dtype="float32", http_port=free_port(), grpc_port=free_port(),
+                      max_queue_wait_s=5.0, prefill_queue_limit=8,
+                      prefill=PoolConfig(threads=1, kv_cache_memory_mb=128, max_num_batched_tokens=256),
+                      decode=PoolConfig(replicas=2, threads=1, kv_cache_memory_mb=96))
+    log("[faults] starting the server ...")
+    server = start_server(cfg, num_cpus=8, log=lambda m: log(f"[faults] {m}"))
+    campaign = Campaign(server, reference)
+    try:
+        decode_tokens = min(s["num_kv_blocks"] * cfg.block_size for n, s in server.pools.all_stats().items()
+                            if n in campaign.worker_pids("decode"))
+        long_prompt = LONG * 40  # ~700 tokens
+        per_request = len(engine.tokenizer.encode(long_prompt)) + 48
+        capacity = max(1, 2 * (decode_tokens // per_request))  # long requests the decode pool holds at once
+        log(f"[faults] the decode pool holds {capacity} long requests at once")
+        runs = {
+            "kill_decode": lambda: campaign.run("kill_decode", [(p, 48) for p in PROMPTS],
+                                                fault=kill_when_decoding(campaign, "decode")),
+            "kill_prefill": lambda: campaign.run("kill_prefill", [(LONG * (10 + 4 * i), 16) for i in range(4)],
+                                                 fault=kill_prefill_while_prefilling(campaign)),
+            "kill_mig_target": lambda: campaign.run("kill_mig_target", [(p, 64) for p in PROMPTS[:4]],
+                                                    fault=kill_migration_target(campaign)),
+            "cancel_storm": lambda: campaign.run("cancel_storm", [(PROMPTS[i % 6], 200) for i in range(12)],
+                                                 leave_after=2),
+            "overload_2x": lambda: campaign.run("overload_2x", [(long_prompt, 48)] * (2 * capacity)),
+            "overload_4x": lambda: campaign.run("overload_4x", [(long_prompt, 48)] * (4 * capacity)),
+            "kv_exhaustion": lambda: campaign.run("kv_exhaustion", [(LONG * int(40 * decode_tokens * 0.75 / per_request
+                                                                                ), 32)] * 6),
+            "fuzz": lambda: fuzz(campaign, args.fuzz),
+            "soak": lambda: soak(campaign, args.soak_s),
+        }
+        for name in cases:
+            runs[name]()
+            write(campaign.results, command, args.out)
+    finally:
+        server.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+    log(f"[faults] wrote {os.path.join(args.out, 'faults.md')}")
+
+
+if __name__ == "__main__":
+    main()
