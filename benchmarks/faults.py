@@ -107,6 +107,8 @@ class KServeStream:
 
     def _on(self, result, error):
         o = self.out
+        if self.closed:  # this client cancelled: what the stream says afterwards is not the server's
+            return
         if error is not None:
             message = str(error)
             o.status = "refused" if "RESOURCE_EXHAUSTED" in message or "had room" in message \
@@ -129,6 +131,29 @@ class KServeStream:
             self.closed = True
             self.client.stop_stream(cancel_requests=cancel)
             self.client.close()
+
+
+class _Recovery:
+    """From the fault until a new request completes: probes (OpenAI, 4 tokens) one after another,
+    started at the fault, alongside the requests the fault hit."""
+
+    def __init__(self, base: str, fault_at: float):
+        self.base, self.fault_at, self.seconds = base, fault_at, None
+        self.thread = threading.Thread(target=self._probe, daemon=True)
+        self.thread.start()
+
+    def _probe(self) -> None:
+        while time.monotonic() < self.fault_at + HANG_S:
+            o = Outcome()
+            openai_stream(self.base, PROMPTS[0], 4, o)
+            if o.status == "completed":
+                self.seconds = round(time.monotonic() - self.fault_at, 2)
+                return
+            time.sleep(0.2)
+
+    def result(self) -> float | None:
+        self.thread.join(HANG_S)
+        return self.seconds
 
 
 # -- the campaign -----------------------------------------------------------------------------------
@@ -156,6 +181,7 @@ class Campaign:
                 o = streams[-1].out
             outcomes.append(("openai" if i % 2 == 0 else "kserve", prompt, max_tokens, o))
         fault_at = fault(outcomes) if fault is not None else None
+        recovery = _Recovery(self.base, fault_at) if fault_at is not None else None
         deadline = time.monotonic() + HANG_S
         for ks in streams:
             while not ks.done.wait(0.02) and time.monotonic() < deadline:
@@ -165,7 +191,7 @@ class Campaign:
             ks.close(cancel=leave_after is not None or not ks.done.is_set())
         pool.shutdown(wait=True)
         elapsed = time.monotonic() - start
-        recover_s = self._recovery(fault_at) if fault_at is not None else None
+        recover_s = recovery.result() if recovery is not None else None
         leaked = self._leaks()
         row = {"sent": len(outcomes), "elapsed_s": round(elapsed, 1), "recover_s": recover_s, "leaked": leaked}
         for status in ("completed", "refused", "failed", "hung", "cancelled"):
@@ -179,17 +205,6 @@ class Campaign:
         log(f"[faults] {name}: " + ", ".join(f"{k} {row[k]}" for k in ("completed", "refused", "failed", "hung",
                                                                          "wrong", "leaked")))
         return row
-
-    def _recovery(self, fault_at: float) -> float | None:
-        """From the fault until a new request completes (both protocols' path: OpenAI here)."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            o = Outcome()
-            openai_stream(self.base, PROMPTS[0], 4, o)
-            if o.status == "completed":
-                return round(time.monotonic() - fault_at, 2)
-            time.sleep(0.5)
-        return None
 
     def _leaks(self, timeout: float = 60.0) -> int:
         """Per-request structures left on every worker once it should be idle (0: none), KV blocks included."""

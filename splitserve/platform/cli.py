@@ -168,13 +168,13 @@ def cmd_serve(args) -> int:
           f"  Ray dashboard  : {ep['dashboard'] or 'not started here (joined an existing cluster)'}"
           f" (token: ~/.ray/auth_token)\nCtrl-C stops it.", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C (SIGINT) and SIGTERM both stop it, also when it was started with SIGINT ignored (a background
+    # job of a non-interactive shell inherits that: a KeyboardInterrupt would then never come)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     shown = 0
-    try:
-        while not stop.wait(0.5):
-            shown = _print_decisions(server, shown)
-    except KeyboardInterrupt:
-        pass
+    while not stop.wait(0.5):
+        shown = _print_decisions(server, shown)
     print("shutting down ...", file=sys.stderr)
     server.shutdown()
     return 0
