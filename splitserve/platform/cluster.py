@@ -9,9 +9,9 @@ its logic runs the same against fakes in unit tests:
     cluster.report_lost(member)           the router saw this worker fail: not picked again until the
                                           controller says it is back (a new generation, or it answered)
 
-    prefill client: prefill(wid, prompt, params, decode_address, resume) -> dict, abort(wid)
-    decode client:  stream(wid, wait_s) -> async iterator of RequestOutput, stats(), migrate(wid, name, address),
-                    abort(wid), cancel_wait(wid)
+    prefill client: prefill(wid, prompt, params, decode addresses, resume, wait_s) -> dict, abort(wid)
+    decode client:  stream(wid, wait_s) -> async iterator of RequestOutput, stats() (None: too slow to answer),
+                    migrate(wid, name, address), abort(wid), cancel_wait(wid)
 
 Every Ray failure of a worker (its process died, it is restarting) surfaces as
 ``WorkerLostError``; an error the worker raised on purpose surfaces as itself.
