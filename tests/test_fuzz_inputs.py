@@ -101,7 +101,9 @@ def _bytes_input(req, name, value: bytes):
 @st.composite
 def infer_requests(draw):
     """A valid request (prompt, maybe sampling parameters), then a few of its parts made anything."""
-    pb = kserve.pb()
+    # tritonclient's messages: the same wire format as ours (kserve.pb()), and one process must not
+    # register both (the suite has imported tritonclient's by the time this runs)
+    from tritonclient.grpc import service_pb2 as pb
     req = pb.ModelInferRequest(model_name=MODEL, id=draw(st.text(max_size=8)))
     _bytes_input(req, "text_input", draw(st.text(min_size=1, max_size=60)).encode())
     if draw(st.booleans()):

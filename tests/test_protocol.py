@@ -312,9 +312,9 @@ def _door(monkeypatch):
     tokenizer = types.SimpleNamespace(encode=lambda text: list(text.encode()),
                                       apply_chat_template=lambda messages: [1, 2, 3])
     door = types.SimpleNamespace(router=_Router(), api_keys=ApiKeys(()), model_name="m", tokenizer=tokenizer,
-                                 max_model_len=100)
-    for name in ("_tokens", "_run", "_authenticate", "_authenticate_http", "ModelInfer", "ModelStreamInfer",
-                 "_openai", "_sse"):
+                                 max_model_len=100, retry_after_s=2)
+    for name in ("_tokens", "_tokenize", "_run", "_refusal", "_authenticate", "_authenticate_http", "ModelInfer",
+                 "ModelStreamInfer", "_openai", "_sse"):
         setattr(door, name, types.MethodType(getattr(cls, name), door))
     return door
 

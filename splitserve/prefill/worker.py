@@ -8,7 +8,7 @@ A request passes through::
          computed or sent)
       -> prefill (chunked, batched with other prompts) -> next token sampled, request suspended (held)
       -> a reservation on the first decode worker of the router's list with room, tried in order
-         and again until ``wait_s`` has passed ("no_capacity"; every one unreachable:
+         and again until the same deadline, at least once ("no_capacity"; every one unreachable:
          "decode_failed"): decode blocks are taken only now, when the KV is about to move
       -> KV and snapshot streamed to that decode worker until it commits
        (a failed transfer is retried once with a new reservation; then "transfer_failed": the
@@ -79,7 +79,7 @@ class PrefillWorkerImpl:
         prompt is computed, also "failed": {address: gRPC code} of decode workers it could not reach.
         ``decodes``: decode workers' KV addresses, the router's preference
         first (or one address); ``resume``: a RequestSnapshot (as a dict) to continue by recompute;
-        ``wait_s``: how long it may wait to start, and then for decode room."""
+        ``wait_s``: from now, how long it may take to start and then to find decode room."""
         decodes = [decodes] if isinstance(decodes, str) else list(decodes)
         snapshot = RequestSnapshot.from_dict(resume) if resume is not None else None
         if snapshot is not None and snapshot.request_id != request_id:
@@ -92,7 +92,7 @@ class PrefillWorkerImpl:
         self.num_inflight += 1
         self.queued_prompt_tokens += n
         self.recorder.record("arrival", n)
-        start = time.perf_counter()
+        start, deadline = time.perf_counter(), time.monotonic() + wait_s
         first, expired = None, []
         watchdog = asyncio.get_running_loop().call_later(wait_s, self._expire_unstarted, request_id, expired)
         try:
@@ -118,8 +118,9 @@ class PrefillWorkerImpl:
             self.recorder.record("queue_s", max(0.0, held.scheduled_at - start))
             self.metrics.queued(max(0.0, held.scheduled_at - start))
             self.recorder.record("prefill_s", prefilled - max(start, held.scheduled_at))
-        try:
-            return await self._hand_off(request_id, n, decodes, wait_s, prefilled, start, result)
+        try:  # decode room by the same deadline (at least one round of asking)
+            return await self._hand_off(request_id, n, decodes, deadline - time.monotonic(), prefilled, start,
+                                        result)
         finally:
             self.num_inflight -= 1
             self.port.release(request_id)
@@ -168,7 +169,7 @@ class PrefillWorkerImpl:
         the last TransferFailedError."""
         if not decodes:
             raise NoCapacityError("no decode worker was offered to take the request")
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + max(wait_s, 0.0)
         pause = self.RESERVE_RETRY_S[0]
         alive, last_failure = list(decodes), None
         while True:
@@ -187,7 +188,7 @@ class PrefillWorkerImpl:
             if not alive:
                 raise last_failure
             if time.monotonic() + pause > deadline:
-                raise NoCapacityError(f"no decode worker had room for {n} tokens within {wait_s:.1f}s "
+                raise NoCapacityError(f"no decode worker had room for {n} tokens by the request's deadline "
                                       f"({len(alive)} asked)")
             await asyncio.sleep(pause)
             pause = min(2 * pause, self.RESERVE_RETRY_S[1])
