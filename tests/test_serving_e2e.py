@@ -275,26 +275,42 @@ def test_bad_input_is_rejected_with_its_reason(triton, oai, server):
     _wait_idle(server)
 
 
-def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, server):
-    """Fill the decode pool with long requests; one more waits the bounded time, then is refused."""
+def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, real_engine, server):
+    """The decode pool's free blocks all reserved on its KV plane (as prefill workers would, for KV on its
+    way): one more request waits the bounded time, then is refused with RESOURCE_EXHAUSTED; once the
+    room is given back, the same request is served."""
+    import asyncio
     from tritonclient.utils import InferenceServerException
-    results: queue.Queue = queue.Queue()
-    triton.start_stream(callback=lambda result, error: results.put((result, error)))
-    long_prompt = "The history of science " * 225  # ~900 tokens: two fill most of the ~2,180-token decode pool
+    from splitserve.kvtransfer.client import KVSender
+    from splitserve.kvtransfer.wire import fingerprint
+    (decode,) = [m for m in server.pools.view().members if m.pool == "decode"]
+    free = server.pools.all_stats()[decode.name]["num_free_kv_blocks"] * server.cfg.block_size
+    squats = {"squat0": free // 2, "squat1": free - free // 2}  # each under the worker's max_model_len
+    layout = fingerprint(real_engine.model_config, real_engine.kv_spec)  # the same model, dtype and blocks
+
+    async def kv(call):
+        sender = KVSender(server.cfg.cluster_token)
+        try:
+            for rid, n in squats.items():
+                await (sender.reserve(decode.kv_address, rid, n, layout) if call == "reserve"
+                       else sender.release(decode.kv_address, rid))
+        finally:
+            await sender.close()
+
+    prompt = "The history of science " * 50
+    asyncio.run(kv("reserve"))
     try:
-        for i in range(2):  # long enough to outlast the wait, short enough to fit without preemption
-            triton.async_stream_infer(MODEL, _inputs(long_prompt, {"max_tokens": 150, "ignore_eos": True},
-                                                     stream=True), request_id=f"hog{i}")
-        for _ in range(2):
-            results.get(timeout=120)  # both are decoding
+        assert server.pools.all_stats()[decode.name]["num_free_kv_blocks"] == 0
         start = time.monotonic()
         with pytest.raises(InferenceServerException) as info:
-            triton.infer(MODEL, _inputs(long_prompt, {"max_tokens": 4}), client_timeout=60)
-        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
-        assert 2.5 < time.monotonic() - start < 30
+            triton.infer(MODEL, _inputs(prompt, {"max_tokens": 4}), client_timeout=60)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "had room" in info.value.message()
+        assert 2.5 < time.monotonic() - start < 30  # max_queue_wait_s is 3
     finally:
-        triton.stop_stream(cancel_requests=True)
-    _wait_idle(server, timeout=60)  # cancelled, or finished (see the KServe stream note in the cancel test)
+        asyncio.run(kv("release"))
+    served = triton.infer(MODEL, _inputs(prompt, {"max_tokens": 4}), client_timeout=60)
+    assert served.as_numpy("text_output")[0]
+    _wait_idle(server, timeout=60)
 
 
 def test_a_request_that_fails_says_so_on_every_protocol(triton, oai, server):
