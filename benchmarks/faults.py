@@ -45,6 +45,8 @@ PROMPTS = ["The three primary colors are", "Once upon a time, a small robot", "d
            "The capital of France is", "Water boils at", "A haiku about the sea:"]
 LONG = "The history of science is the study of how people came to understand the natural world. "
 HANG_S = 180.0  # a request with no end by then is counted as hung
+# what a NoCapacityError says (router.py, prefill/worker.py): a KServe stream error carries no status code
+REFUSALS = ("RESOURCE_EXHAUSTED", "had room", "did not start", "max_queued_requests", "was full", "is up (waited")
 
 
 def log(msg: str) -> None:
@@ -110,9 +112,8 @@ class KServeStream:
         if self.closed:  # this client cancelled: what the stream says afterwards is not the server's
             return
         if error is not None:
-            message = str(error)
-            o.status = "refused" if "RESOURCE_EXHAUSTED" in message or "had room" in message \
-                or "did not start" in message or "max_queued_requests" in message else "failed"
+            message = str(error)  # a stream's error carries the message only, not the status code
+            o.status = "refused" if any(why in message for why in REFUSALS) else "failed"
             o.reason = message[:300]
         else:
             r = result.get_response()
@@ -227,12 +228,16 @@ class Campaign:
                 if (pool is None or m.pool == pool) and m.state.value == "up" and m.name in stats}
 
 
+def _wait_tokens(outcomes, tokens: int) -> None:
+    """Until every request still running has streamed ``tokens`` tokens (or HANG_S passed)."""
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline and not all(o.tokens >= tokens or o.status != "hung" for *_, o in outcomes):
+        time.sleep(0.02)
+
+
 def kill_when_decoding(campaign: Campaign, pool: str, tokens: int = 3):
     def fault(outcomes):
-        deadline = time.monotonic() + HANG_S
-        while time.monotonic() < deadline and not all(o.tokens >= tokens or o.status != "hung"
-                                                      for *_, o in outcomes):
-            time.sleep(0.02)
+        _wait_tokens(outcomes, tokens)
         name, pid = sorted(campaign.worker_pids(pool).items())[0]
         log(f"[faults]   SIGKILL {name} (pid {pid})")
         os.kill(pid, signal.SIGKILL)
@@ -252,9 +257,7 @@ def kill_prefill_while_prefilling(campaign: Campaign):
 
 def kill_migration_target(campaign: Campaign):
     def fault(outcomes):
-        deadline = time.monotonic() + HANG_S
-        while time.monotonic() < deadline and not all(o.tokens >= 4 or o.status != "hung" for *_, o in outcomes):
-            time.sleep(0.02)
+        _wait_tokens(outcomes, 4)
         requests = admin(campaign.server, "GET", "/admin/requests")[1]["requests"]
         pids = campaign.worker_pids("decode")
         source = next((r["worker"] for r in requests.values() if r["worker"] in pids), None)
