@@ -235,23 +235,24 @@ def _wait_tokens(outcomes, tokens: int) -> None:
         time.sleep(0.02)
 
 
+def _kill(name: str, pid: int, when: str = "") -> float:
+    """SIGKILL one worker (a crash, not a clean stop); the time of the fault."""
+    log(f"[faults]   SIGKILL {name} (pid {pid}){when}")
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
 def kill_when_decoding(campaign: Campaign, pool: str, tokens: int = 3):
     def fault(outcomes):
         _wait_tokens(outcomes, tokens)
-        name, pid = sorted(campaign.worker_pids(pool).items())[0]
-        log(f"[faults]   SIGKILL {name} (pid {pid})")
-        os.kill(pid, signal.SIGKILL)
-        return time.monotonic()
+        return _kill(*sorted(campaign.worker_pids(pool).items())[0])
     return fault
 
 
 def kill_prefill_while_prefilling(campaign: Campaign):
     def fault(outcomes):
         time.sleep(0.5)  # the long prompts are being prefilled
-        name, pid = sorted(campaign.worker_pids("prefill").items())[0]
-        log(f"[faults]   SIGKILL {name} (pid {pid}) mid-prefill")
-        os.kill(pid, signal.SIGKILL)
-        return time.monotonic()
+        return _kill(*sorted(campaign.worker_pids("prefill").items())[0], " mid-prefill")
     return fault
 
 
@@ -271,9 +272,7 @@ def kill_migration_target(campaign: Campaign):
         for t in moves:
             t.start()
         time.sleep(0.05)  # the migrations are under way
-        log(f"[faults]   SIGKILL migration target {target} (pid {pids[target]})")
-        os.kill(pids[target], signal.SIGKILL)
-        at = time.monotonic()
+        at = _kill(target, pids[target], " (the migration target)")
         for t in moves:
             t.join(120)
         return at
