@@ -12,7 +12,7 @@ from conftest import assert_no_leaks
 from helpers import make_tiny_model
 from splitserve.engine.async_engine import AsyncEngine, FairLock
 from splitserve.engine.engine import LLMEngine
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import InvalidRequestError, RequestStateError
 from splitserve.engine.sampling_params import SamplingParams
 
 
@@ -186,5 +186,37 @@ def test_an_abort_does_not_wait_for_the_engine_lock(aengine):
     assert elapsed < 0.05
     assert last.finished and last.finish_reason == "abort"
     _wait_idle(aengine)
+    assert_no_leaks(aengine.engine)
+    assert all(v == 0 for v in aengine.leaks().values()), aengine.leaks()
+
+
+def test_an_abort_queued_before_a_move_stops_the_request_is_not_lost_to_the_move(aengine):
+    """A client's abort is queued for the loop thread; a move's stop (the KV port's ``suspend``)
+    that comes before the loop's next step applies it first and fails, rather than carrying the
+    request away from its abort."""
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def main():
+        gen = aengine.generate("abort me just before I move", params)
+        first = await gen.__anext__()
+        rid = first.request_id
+        port = aengine.kv_port()
+        port.begin_live(rid)
+        aengine._stopped = True  # the loop thread between two steps, for as long as the test needs
+        aengine._wake.set()
+        aengine._thread.join(timeout=10)
+        assert aengine.abort_request(rid) is True and aengine._control
+        with pytest.raises(RequestStateError, match="aborted"):
+            port.suspend(rid)
+        port.end_live(rid)
+        assert rid not in aengine.engine.requests and rid not in aengine.engine.held
+        for out in aengine.engine.step():  # deliver as the loop would
+            aengine._streams.pop(out.request_id)[1].put_nowait(out)
+        last = first
+        async for out in gen:
+            last = out
+        assert last.finished and last.finish_reason == "abort"
+
+    asyncio.run(main())
     assert_no_leaks(aengine.engine)
     assert all(v == 0 for v in aengine.leaks().values()), aengine.leaks()

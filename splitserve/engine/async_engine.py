@@ -128,7 +128,7 @@ class AsyncEngine:
         """The KV plane's view of this engine (``kv_port.EngineKVPort``); ``commit(snapshot)`` replaces
         the default join (e.g. to open the request's output stream with it)."""
         from splitserve.engine.kv_port import EngineKVPort
-        return EngineKVPort(self.engine, self.lock, self.wake, commit)
+        return EngineKVPort(self.engine, self.lock, self.wake, commit, settle=self._settle)
 
     def notify(self, request_id: str, out: RequestOutput) -> None:
         """Put an output on a request's stream from outside the loop (e.g. a migration's notice)."""
@@ -172,8 +172,15 @@ class AsyncEngine:
         self._control.append((request_id, False))
         self._wake.set()
 
+    def _settle(self) -> None:
+        """(A KV port, lock held.) Apply the queued aborts now, not at the next step: a move must not
+        stop a request whose abort came first."""
+        if self._control:
+            self._apply_aborts()
+            self._wake.set()  # the loop delivers their final outputs
+
     def _apply_aborts(self) -> None:
-        """(Loop thread, lock held.) The aborts queued since the last step."""
+        """(Lock held.) The aborts queued since the last step."""
         while self._control:
             request_id, still_read = self._control.popleft()
             if not still_read:

@@ -30,11 +30,13 @@ from splitserve.errors import RequestStateError, UnknownRequestError
 
 class EngineKVPort:
     """``lock``: the engine's (AsyncEngine owns it); ``wake()``: outputs were queued outside a step;
-    ``commit(snapshot)``: replaces the default join (e.g. to open the request's output stream with it)."""
+    ``commit(snapshot)``: replaces the default join (e.g. to open the request's output stream with it);
+    ``settle()``: (lock held) applies the control calls queued outside the lock, e.g. aborts, so that a
+    request aborted before its stop is not moved after all."""
 
-    def __init__(self, engine, lock, wake=lambda: None, commit=None):
+    def __init__(self, engine, lock, wake=lambda: None, commit=None, settle=lambda: None):
         self.engine, self.lock, self._wake = engine, lock, wake
-        self._commit = commit
+        self._commit, self._settle = commit, settle
         self._preemptions: dict[str, int] = {}  # live migrations: preemption count at the start
 
     @property
@@ -133,6 +135,7 @@ class EngineKVPort:
         return set(self._preemptions)
 
     def _check_live(self, rid: str) -> None:
+        self._settle()
         req = self.engine.requests.get(rid)
         if req is None:
             raise RequestStateError(f"request {rid!r} finished or was aborted while it was being moved")
