@@ -2,9 +2,10 @@
 abort, seeds and stop conditions. Every test ends with a leak check."""
 
 import pytest
+import torch
 
 from conftest import assert_no_leaks
-from helpers import make_tiny_model
+from helpers import hf_logits, make_tiny_model
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -12,10 +13,16 @@ PROMPTS = ["a", "hello there", "the quick brown fox jumps over", "x" * 40, "0123
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    """(path, the transformers model saved there: the independent reference)."""
     path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(str(path), "llama", max_position_embeddings=512)
-    return str(path)
+    hf = make_tiny_model(str(path), "llama", max_position_embeddings=512)
+    return str(path), hf
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_model):
+    return tiny_model[0]
 
 
 def engine(path, **kw):
@@ -130,3 +137,68 @@ def test_each_step_reports_what_it_computed_for_the_step_time_models(tiny_path):
     assert pre.step_x == n + 7 and pre.step_y == sum(x.attention for x in loads)
     assert dec.step_x == len(loads) and dec.step_y == sum(x.context for x in loads)
     assert_no_leaks(eng)
+
+
+REPEATING = [1, 5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]  # n-gram drafts find matches: speculation verifies
+
+
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+def test_logprobs_are_the_models_own_at_each_position(tiny_model, speculative):
+    """Each output token's log-probability and its top alternatives equal transformers' log-softmax at
+    that position, for a plain step and for tokens accepted by speculative verification, greedy and
+    seeded sampling alike (logprobs are the raw model's, before temperature)."""
+    path, hf = tiny_model
+    eng = engine(path, speculative=speculative, spec_calibrate=False)
+    params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=16, temperature=0.8, seed=3, ignore_eos=True, logprobs=0),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)]
+    results = eng.generate([REPEATING] * 3, params)
+    if speculative == "ngram":
+        assert eng.spec_stats.accepted > 0  # some tokens did come from verification
+    for result, p in zip(results[:2], params):
+        assert len(result.logprobs) == len(result.token_ids) == 16
+        ref = torch.log_softmax(hf_logits(hf, REPEATING + result.token_ids), dim=-1)  # [T, V]
+        for j, (token, (lp, top)) in enumerate(zip(result.token_ids, result.logprobs)):
+            row = ref[len(REPEATING) - 1 + j]  # the position that predicted output token j
+            assert lp == pytest.approx(row[token].item(), abs=1e-4)
+            assert len(top) == p.logprobs
+            assert [v for _, v in top] == pytest.approx(row.topk(p.logprobs).values.tolist(), abs=1e-4)
+            assert all(v == pytest.approx(row[t].item(), abs=1e-4) for t, v in top)
+            if p.greedy:
+                assert lp == pytest.approx(row.max().item(), abs=1e-4)
+    assert results[2].logprobs is None  # not asked: not computed
+    assert_no_leaks(eng)
+
+
+def test_presence_and_frequency_penalties_follow_a_plain_reference(tiny_model):
+    """Greedy with penalties picks, at each step, the argmax of transformers' logits less
+    presence_penalty once and frequency_penalty per earlier occurrence of each output token; an
+    engine that speculates gives the same tokens (penalized requests do not speculate)."""
+    path, hf = tiny_model
+    presence, frequency = 0.4, 1.5
+    ids, out = list(REPEATING), []
+    for _ in range(20):
+        logits = hf_logits(hf, ids)[-1].clone()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        logits -= frequency * counts + presence * (counts > 0).float()
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    penalized = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, presence_penalty=presence,
+                               frequency_penalty=frequency)
+    for speculative in ("off", "ngram"):
+        eng = engine(path, speculative=speculative, spec_calibrate=False)
+        got, plain = eng.generate([REPEATING, REPEATING], [penalized, greedy(20)])
+        assert got.token_ids == out
+        assert plain.token_ids != out  # the penalty changed the output
+        assert_no_leaks(eng)
+    assert len(set(out)) > len(set(plain.token_ids))  # and spread it over more tokens
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3),
+                                         ("frequency_penalty", float("nan")), ("logprobs", 21),
+                                         ("logprobs", -1), ("logprobs", True)])
+def test_penalty_and_logprobs_bounds_are_refused_with_the_field(field, value):
+    from splitserve.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**{field: value})
+    assert e.value.field == field and field in str(e.value)

@@ -118,7 +118,8 @@ def test_kserve_client_id_is_a_label_and_unsupported_parameters_are_refused():
     for body, field, message in ((b'{"max_tokens": 0}', "sampling_parameters.max_tokens", "max_tokens must be"),
                                  (b'{"stop": 5}', "sampling_parameters.stop", "stop must be a string or a list"),
                                  (b'{"ignore_eos": "yes"}', "sampling_parameters.ignore_eos", "true or false"),
-                                 (b'{"presence_penalty": 0.5}', "inputs", "unknown keys \\['presence_penalty'\\]"),
+                                 (b'{"min_p": 0.1}', "inputs", "unknown keys \\['min_p'\\]"),
+                                 (b'{"presence_penalty": 3}', "sampling_parameters.presence_penalty", "in \\[-2"),
                                  (b'{"logprobs": 1}', "inputs", "unknown keys \\['logprobs'\\]")):
         cases.append((_request([("text_input", "BYTES", b"hi"), ("sampling_parameters", "BYTES", body)]), field,
                       message))
@@ -144,17 +145,20 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     (False, {"n": 2}, "n", r"n must be 1"),
     (True, {"n": 3}, "n", r"n must be 1"),
     (False, {"best_of": 2}, "best_of", r"best_of must be 1"),
-    (False, {"logprobs": 5}, "logprobs", r"logprobs .*not supported yet"),
-    (False, {"logprobs": 0}, "logprobs", r"logprobs .*not supported yet"),  # 0 asks for the chosen tokens'
-    (True, {"logprobs": True}, "logprobs", r"logprobs .*not supported yet"),
-    (True, {"top_logprobs": 2}, "top_logprobs", r"top_logprobs .*not supported yet"),
+    (False, {"logprobs": 21}, "logprobs", r"logprobs must be an integer in \[0, 20\]"),
+    (False, {"logprobs": True}, "logprobs", r"logprobs must be an integer"),
+    (False, {"logprobs": 1, "echo": True}, "logprobs", r"logprobs with echo is not supported"),
+    (True, {"logprobs": 1}, "logprobs", r"logprobs must be true or false"),
+    (True, {"top_logprobs": 2}, "top_logprobs", r"top_logprobs needs logprobs: true"),
+    (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", r"top_logprobs must be an integer in \[0, 20\]"),
+    (False, {"top_logprobs": 2}, "top_logprobs", r"unknown field"),  # chat only
     (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", r"tools .*not supported yet"),
     (True, {"tool_choice": "auto"}, "tool_choice", r"only \"none\""),
     (True, {"functions": [{"name": "f"}]}, "functions", r"not supported yet"),
     (True, {"response_format": {"type": "json_object"}}, "response_format", r"only \{\"type\": \"text\"\}"),
     (True, {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", r"JSON modes"),
-    (False, {"presence_penalty": 0.5}, "presence_penalty", r"presence_penalty is not supported yet; send 0"),
-    (True, {"frequency_penalty": -1}, "frequency_penalty", r"frequency_penalty is not supported yet; send 0"),
+    (False, {"presence_penalty": 2.5}, "presence_penalty", r"presence_penalty must be in \[-2.0, 2.0\], got 2.5"),
+    (True, {"frequency_penalty": "1"}, "frequency_penalty", r"frequency_penalty must be a finite number"),
     (False, {"logit_bias": {"50256": -100}}, "logit_bias", r"logit_bias is not supported yet"),
     (False, {"suffix": "end"}, "suffix", r"suffix .*not supported"),
     (True, {"audio": {"voice": "alloy"}}, "audio", r"audio output is not supported"),
@@ -194,6 +198,12 @@ def test_openai_fields_honoured_reach_sampling_params():
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.ignore_eos, p.speculative) == \
         (9, 0.3, 0.8, 4, 11, ("\n", "END"), True, False)
     assert openai_api.sampling_params({**COMPLETION, "stop": "x"}).stop == ("x",)
+    p = openai_api.sampling_params({**COMPLETION, "presence_penalty": 0.5, "frequency_penalty": -1, "logprobs": 0})
+    assert (p.presence_penalty, p.frequency_penalty, p.logprobs) == (0.5, -1, 0)
+    p = openai_api.sampling_params({**CHAT, "logprobs": True, "top_logprobs": 3}, chat=True)
+    assert p.logprobs == 3
+    assert openai_api.sampling_params({**CHAT, "logprobs": True}, chat=True).logprobs == 0
+    assert openai_api.sampling_params({**CHAT, "logprobs": False}, chat=True).logprobs is None
     assert openai_api.sampling_params(COMPLETION).max_tokens == 16  # the default when none is given
     # max_completion_tokens wins over the deprecated max_tokens; off values of unsupported fields pass
     p = openai_api.sampling_params({**CHAT, "max_tokens": 50, "max_completion_tokens": 7, "n": 1, "logprobs": False,

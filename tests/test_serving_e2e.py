@@ -439,7 +439,7 @@ def test_openai_fields_are_honoured_or_refused_by_name(oai, server):
             ("max_tokens", lambda: oai.completions.create(model=MODEL, prompt="hi", max_tokens=0)),
             ("tools", lambda: oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=[
                 {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])),
-            ("logprobs", lambda: oai.chat.completions.create(model=MODEL, messages=messages, logprobs=True)),
+            ("top_logprobs", lambda: oai.chat.completions.create(model=MODEL, messages=messages, top_logprobs=2)),
             ("min_p", lambda: oai.completions.create(model=MODEL, prompt="hi", extra_body={"min_p": 0.1}))):
         with pytest.raises(openai.BadRequestError) as info:
             call()
@@ -452,6 +452,37 @@ def test_openai_fields_are_honoured_or_refused_by_name(oai, server):
                                              "ignore_eos": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert "".join(c.choices[0].text for c in chunks[:-1]) == echoed.choices[0].text[len(PROMPTS[0]):]
+    _wait_idle(server)
+
+
+def test_logprobs_and_penalties_are_the_engines_across_prefill_and_decode(oai, real_engine, server):
+    """A disaggregated request's log-probabilities (its first token from the prefill worker, the rest from
+    a decode worker) equal the single-process engine's, in the chat shape (streamed and whole) and the
+    completions shape, their token bytes spelling the text; penalties give the engine's tokens."""
+    from splitserve.engine.sampling_params import SamplingParams
+    messages = [{"role": "user", "content": "Name three fruits and a vegetable."}]
+    want = real_engine.generate([messages], SamplingParams(max_tokens=12, temperature=0, logprobs=2,
+                                                           ignore_eos=True), use_chat=True)[0]
+    whole = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True,
+                                        top_logprobs=2, extra_body={"ignore_eos": True})
+    streamed = [c.choices[0].logprobs.content for c in oai.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    for content in (whole.choices[0].logprobs.content, [e for chunk in streamed for e in chunk]):
+        assert len(content) == 12
+        assert [e.logprob for e in content] == pytest.approx([lp for lp, _ in want.logprobs], abs=2e-3)
+        assert [[t.logprob for t in e.top_logprobs] for e in content] == \
+            [pytest.approx([v for _, v in top], abs=2e-3) for _, top in want.logprobs]
+        assert bytes(b for e in content for b in e.bytes).decode() == want.text == whole.choices[0].message.content
+        assert content[0].token == content[0].top_logprobs[0].token  # greedy: the most likely one
+    completion = oai.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3,
+                                        frequency_penalty=1.0, presence_penalty=0.5, extra_body={"ignore_eos": True})
+    want = real_engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3,
+                                                             frequency_penalty=1.0, presence_penalty=0.5))[0]
+    lp = completion.choices[0].logprobs
+    assert completion.choices[0].text == want.text and "".join(lp.tokens) == want.text
+    assert lp.token_logprobs == pytest.approx([v for v, _ in want.logprobs], abs=2e-3)
+    assert all(len(top) == 3 for top in lp.top_logprobs) and lp.text_offset[0] == 0
     _wait_idle(server)
 
 

@@ -35,7 +35,7 @@ from splitserve.engine.output import CompletionResult, RequestOutput, StepLoad, 
 from splitserve.engine.progress import progress
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.runner import ModelRunner, StepSequence
-from splitserve.engine.sampler import position_generator, sample
+from splitserve.engine.sampler import TokenLogprob, apply_penalties, position_generator, sample, token_logprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler, SchedulerOutput
 from splitserve.engine.spec_decode import SpeculativeMixin
@@ -235,15 +235,44 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         sampled = [plan.chunks[i].request for i, _ in plain]
         rows = [row for _, row in plain]
         plain_logits = logits if len(rows) == logits.shape[0] else logits[rows]  # no copy without drafts
-        plain_tokens = sample(plain_logits, [r.params for r in sampled],
-                              [position_generator(r.params, r.num_output_tokens) for r in sampled], self.generator)
+        params = [r.params for r in sampled]
+        if any(p.penalized for p in params):  # (penalized requests never speculate: all are plain rows)
+            plain_logits = apply_penalties(plain_logits, params, [r.output_token_ids for r in sampled])
+        plain_tokens = sample(plain_logits, params, [position_generator(r.params, r.num_output_tokens)
+                                                     for r in sampled], self.generator)
         tokens = {i: [t] for (i, _), t in zip(plain, plain_tokens)}
         for i, row, count in groups:
             if count > 1:
                 tokens[i] = self._verify(plan.chunks[i].request, logits[row:row + count])
+        logprobs = self._logprobs(plan, groups, logits, tokens)
         for i, _, _ in groups:
-            outputs.append(self._post_process(plan.chunks[i].request, tokens[i]))
+            outputs.append(self._post_process(plan.chunks[i].request, tokens[i], logprobs.get(i)))
         return outputs
+
+    @staticmethod
+    def _logprobs(plan: SchedulerOutput, groups: list[tuple[int, int, int]], logits: torch.Tensor,
+                  tokens: dict[int, list[int]]) -> dict[int, list[TokenLogprob]]:
+        """Chunk index -> its new tokens' log-probabilities, for the requests that asked; token j of a
+        chunk came from its row j (a plain sample's one row, or a verification's rows in order)."""
+        rows: list[int] = []
+        chosen: list[int] = []
+        top: list[int] = []
+        spans: list[tuple[int, int]] = []  # (chunk index, tokens)
+        for i, row, _ in groups:
+            k = plan.chunks[i].request.params.logprobs
+            if k is not None:
+                n = len(tokens[i])
+                rows += range(row, row + n)
+                chosen += tokens[i]
+                top += [k] * n
+                spans.append((i, n))
+        if not rows:
+            return {}
+        flat = token_logprobs(logits[rows], chosen, top)
+        out, at = {}, 0
+        for i, n in spans:
+            out[i], at = flat[at:at + n], at + n
+        return out
 
     # -- post-processing ------------------------------------------------------------
 
@@ -258,8 +287,10 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
                              c.start, c.block_table, c.samples, 1 + c.num_draft_tokens)
                 for c in plan.chunks]
 
-    def _post_process(self, req: Request, token_ids: list[int]) -> RequestOutput:
-        """Append the step's new tokens (one, or several after speculation) until one finishes the request."""
+    def _post_process(self, req: Request, token_ids: list[int],
+                      logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        """Append the step's new tokens (one, or several after speculation) until one finishes the request;
+        ``logprobs``: theirs, when the request asked."""
         emitted: list[int] = []
         try:
             status = None
@@ -275,29 +306,31 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
                     status = RequestStatus.FINISHED_LENGTH
                 if status is not None:
                     break
+            logprobs = logprobs[:len(emitted)] if logprobs is not None else None
             if status is not None:
                 self._finish(req, status)
             elif req.hold_kv:  # prefill role: hand the rest to a decode worker
-                return self._hold(req, emitted[-1])
-            return self._output(req, emitted, final=status is not None)
+                return self._hold(req, emitted[-1], logprobs)
+            return self._output(req, emitted, final=status is not None, logprobs=logprobs)
         except Exception as e:  # isolate: only this request fails
             req.error = f"post-processing failed: {type(e).__name__}: {e}"
             self._finish(req, RequestStatus.FINISHED_ERROR)
             return self._output(req, emitted, final=True)
 
-    def _hold(self, req: Request, token_id: int) -> RequestOutput:
+    def _hold(self, req: Request, token_id: int, logprobs: list[TokenLogprob] | None) -> RequestOutput:
         """Prefill role: suspend after the first token; the output says "prefilled" (the text is not
         flushed: the decode side continues it)."""
         self.suspend(req.request_id)
         return RequestOutput(req.request_id, [token_id], req.text.take(final=False), True,
                              RequestStatus.FINISHED_PREFILLED.finish_reason, req.num_prompt_tokens,
-                             req.num_output_tokens)
+                             req.num_output_tokens, logprobs=logprobs)
 
-    def _output(self, req: Request, new_ids: list[int], final: bool) -> RequestOutput:
+    def _output(self, req: Request, new_ids: list[int], final: bool,
+                logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         if final:
             req.text.finish()
         return RequestOutput(req.request_id, new_ids, req.text.take(final), final, req.status.finish_reason,
-                             req.num_prompt_tokens, req.num_output_tokens, req.error)
+                             req.num_prompt_tokens, req.num_output_tokens, req.error, logprobs=logprobs)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)

@@ -24,6 +24,9 @@ class RequestOutput:
     # where the request goes: on the final "migrated" output, the worker that continues it; on an output
     # without tokens that is not final, where it is about to go (a reader may open that stream early)
     moved_to: str | None = None
+    # when the request asked (params.logprobs): per new token, its log-probability and the most likely
+    # tokens at its position [(token id, log-probability)], best first (``sampler.TokenLogprob``)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def index(self) -> int:
@@ -53,8 +56,11 @@ class CompletionResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     error: str | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def add(self, out: RequestOutput) -> None:
+        if out.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + out.logprobs
         self.token_ids.extend(out.new_token_ids)
         self.text += out.new_text
         self.num_prompt_tokens = out.num_prompt_tokens

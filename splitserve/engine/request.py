@@ -158,4 +158,5 @@ class RequestSnapshot:
 def serialize_params(params: SamplingParams) -> dict:
     return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
             "top_p": params.top_p, "seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos,
-            "speculative": params.speculative}
+            "speculative": params.speculative, "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty, "logprobs": params.logprobs}

@@ -6,6 +6,10 @@ with a generator keyed by the request's seed and the output index being
 sampled (``position_generator``), so a seeded request samples the same tokens
 whatever else shares its batch, and on whichever engine it continues (a
 migrated or recovered request needs no RNG state, only its output index).
+
+Before all of it, ``apply_penalties`` lowers the logits of tokens already in a
+request's output (presence / frequency penalties); ``token_logprobs`` reads the
+log-probabilities a request asked for off the raw logits.
 """
 
 from __future__ import annotations
@@ -76,3 +80,31 @@ def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: torch.Tensor) -> to
     remove[:, 0] = False  # always keep the most likely token
     sorted_x = sorted_x.masked_fill(remove, float("-inf"))
     return torch.full_like(x, float("-inf")).scatter(-1, idx, sorted_x)
+
+
+# One token's log-probability, and the most likely tokens at its position (id, log-probability), best first.
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> torch.Tensor:
+    """logits [S, V] fp32 -> a copy where each penalized row r has, for every token t of its output so
+    far, logits[r, t] - presence_penalty - frequency_penalty * (times t occurs)."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for r, (p, ids) in enumerate(zip(params, outputs)):
+        if not p.penalized or not ids:
+            continue
+        counts = torch.bincount(torch.tensor(ids), minlength=vocab)[:vocab].to(logits.dtype)  # [V]
+        logits[r] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
+    """logits [R, V] (raw) and the token chosen from each row -> per row, the chosen token's
+    log-probability and the ``top[r]`` most likely tokens' (best first)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    chosen = lp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()  # [R]
+    k = max(top, default=0)
+    best_lp, best_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [R, k]
+    best_lp, best_ids = best_lp.tolist(), best_ids.tolist()
+    return [(chosen[r], list(zip(best_ids[r][:top[r]], best_lp[r][:top[r]]))) for r in range(len(tokens))]

@@ -37,8 +37,9 @@ class SpeculativeMixin:
             self.spec_stats.skipped_batch += 1
             return
         for req in running:
-            if req.num_computed_tokens != req.num_tokens - 1 or req.hold_kv or not req.params.speculative:
-                continue  # prefilling, prefill role, or opted out
+            if req.num_computed_tokens != req.num_tokens - 1 or req.hold_kv or not req.params.speculative \
+                    or req.params.penalized:
+                continue  # prefilling, prefill role, opted out, or penalized (its logits change per token)
             k = choose_k(req.spec_acceptance, self.spec_config.max_draft_tokens, self.spec_config.draft_cost,
                          self.spec_config.step_costs)
             k = min(k, req.params.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)

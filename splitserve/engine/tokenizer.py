@@ -67,6 +67,23 @@ class ChatTemplate:
             raise InvalidRequestError("messages", f"the model's chat template rejected the messages: {e}") from None
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet: the printable character that stands for each byte -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_alphabet()
+
+
 def _raise_template_error(message: str):
     raise TemplateError(message)
 
@@ -93,6 +110,21 @@ class TextTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character): an added or
+        special token's own text, a byte-level BPE piece through its alphabet, a byte-fallback token's
+        ``<0xNN>``, else its decoded text."""
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self.tok.get_added_tokens_decoder():
+            return piece.encode("utf-8")
+        if type(self.tok.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return self.decode([token_id]).encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if self.chat_template is None:

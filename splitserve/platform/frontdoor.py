@@ -403,30 +403,36 @@ class FrontDoor:
             raise
         except Exception as e:
             return self._refusal(e)
+        logprobs = openai_api.LogprobsShape(chat, self.tokenizer.token_bytes) if params.logprobs is not None else None
         if body.get("stream"):
-            return StreamingResponse(self._sse(rid, first, outs, len(ids), chat, echo, openai_api.include_usage(body)),
-                                     media_type="text/event-stream")
-        text, reason, n_out = echo, None, 0
+            return StreamingResponse(self._sse(rid, first, outs, len(ids), chat, echo, openai_api.include_usage(body),
+                                               logprobs), media_type="text/event-stream")
+        text, reason, n_out, token_ids, entries = echo, None, 0, [], []
         try:
             async for out in _with_first(first, outs):
                 text += out.new_text
                 n_out = out.num_output_tokens or n_out
                 reason = out.finish_reason
+                token_ids += out.new_token_ids
+                entries += out.logprobs or []
         except Exception as e:
             return self._refusal(e)
         shape = openai_api.chat_body if chat else openai_api.completion_body
-        return shape(rid, self.model_name, text, openai_api.openai_finish_reason(reason), len(ids), n_out)
+        return shape(rid, self.model_name, text, openai_api.openai_finish_reason(reason), len(ids), n_out,
+                     logprobs and logprobs(token_ids, entries))
 
-    async def _sse(self, rid, first_out, outs, num_prompt_tokens, chat, echo="", usage=False):
-        """Server-sent events of a request whose first output has come (``first_out``; ``outs``: the rest)."""
+    async def _sse(self, rid, first_out, outs, num_prompt_tokens, chat, echo="", usage=False, logprobs=None):
+        """Server-sent events of a request whose first output has come (``first_out``; ``outs``: the rest);
+        ``logprobs``: an ``openai_api.LogprobsShape`` when the request asked for them."""
         first = True
         try:
             if echo:
                 yield f"data: {json.dumps(openai_api.completion_chunk(rid, self.model_name, echo, None))}\n\n"
             async for out in _with_first(first_out, outs):
                 reason = openai_api.openai_finish_reason(out.finish_reason) if out.finished else None
-                chunk = openai_api.chat_chunk(rid, self.model_name, out.new_text, reason, first) if chat \
-                    else openai_api.completion_chunk(rid, self.model_name, out.new_text, reason)
+                lp = logprobs and logprobs(out.new_token_ids, out.logprobs)
+                chunk = openai_api.chat_chunk(rid, self.model_name, out.new_text, reason, first, lp) if chat \
+                    else openai_api.completion_chunk(rid, self.model_name, out.new_text, reason, lp)
                 first = False
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if out.finished and usage:

@@ -40,7 +40,8 @@ def pb():
     from splitserve.platform import grpc_service_pb2
     return grpc_service_pb2
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "speculative",
+                 "presence_penalty", "frequency_penalty")
 KNOWN_INPUTS = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output")
 KNOWN_OUTPUTS = ("text_output", "finish_reason")
 KNOWN_PARAMETERS = ("triton_enable_empty_final_response",)

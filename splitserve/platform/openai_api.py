@@ -6,7 +6,7 @@ import time
 import uuid
 
 from splitserve.errors import InvalidRequestError, SplitserveError, UnknownModelError, describe, status_of
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def error_body(exc: BaseException) -> tuple[int, dict]:
@@ -19,9 +19,10 @@ def error_body(exc: BaseException) -> tuple[int, dict]:
 # Every field of the two OpenAI request bodies, and what happens to it. A field outside these tables is
 # refused (400 listing the allowed ones): the openai client sends only the fields its caller set.
 HONOURED = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
+            "presence_penalty", "frequency_penalty",
             "top_k", "ignore_eos", "speculative")  # the last three: extensions (top_k, ignore_eos as vLLM's)
-HONOURED_COMPLETIONS = ("prompt", "echo")
-HONOURED_CHAT = ("messages", "max_completion_tokens", "response_format")
+HONOURED_COMPLETIONS = ("prompt", "echo", "logprobs")
+HONOURED_CHAT = ("messages", "max_completion_tokens", "response_format", "logprobs", "top_logprobs")
 IGNORED = ("user",)  # metadata that changes nothing we generate
 IGNORED_CHAT = ("metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
                 "prediction", "parallel_tool_calls")  # caching / latency hints; tool calls are never made
@@ -35,19 +36,13 @@ def _is(*values):
 # field -> (accepted values, what the 400 says): not supported (yet), accepted only when it asks for nothing
 NOT_SUPPORTED = {
     "n": (_is(1), "n must be 1 (one choice per request) or left out"),
-    "presence_penalty": (_is(0, 0.0), "presence_penalty is not supported yet; send 0 or leave it out"),
-    "frequency_penalty": (_is(0, 0.0), "frequency_penalty is not supported yet; send 0 or leave it out"),
     "logit_bias": (_is({}), "logit_bias is not supported yet; send {} or leave it out"),
 }
 NOT_SUPPORTED_COMPLETIONS = {
     "best_of": (_is(1), "best_of must be 1 or left out"),
     "suffix": (_is(""), "suffix (text after the insertion point) is not supported; send \"\" or leave it out"),
-    # 0 too: the completions API answers logprobs 0 with the chosen tokens' log-probabilities
-    "logprobs": (_is(), "logprobs (log-probabilities) are not supported yet; leave logprobs out or send null"),
 }
 NOT_SUPPORTED_CHAT = {
-    "logprobs": (_is(False), "logprobs (log-probabilities) are not supported yet; send false or leave it out"),
-    "top_logprobs": (_is(0), "top_logprobs (log-probabilities) are not supported yet; send 0 or leave it out"),
     "tools": (_is([]), "tools (function calling) are not supported yet; leave tools out or send []"),
     "tool_choice": (_is("none"), "tool_choice: tools are not supported yet; only \"none\" is allowed"),
     "functions": (_is([]), "functions (function calling) are not supported yet; leave functions out"),
@@ -136,7 +131,65 @@ def sampling_params(body: dict, chat: bool = False) -> SamplingParams:
         stop=_stop(body),
         ignore_eos=bool(body.get("ignore_eos", False)),  # extension, as vLLM's server has it
         speculative=body["speculative"] if body.get("speculative") is not None else True,  # extension: opt out
+        presence_penalty=body["presence_penalty"] if body.get("presence_penalty") is not None else 0.0,
+        frequency_penalty=body["frequency_penalty"] if body.get("frequency_penalty") is not None else 0.0,
+        logprobs=logprobs_asked(body, chat),
     )
+
+
+def logprobs_asked(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants with its log-probabilities (None: none).
+    Chat: ``logprobs: true`` and ``top_logprobs`` (0 to 20); completions: ``logprobs`` (0 to 20)."""
+    if not chat:
+        k = body.get("logprobs")
+        if k is not None and body.get("echo"):
+            raise InvalidRequestError("logprobs", "logprobs with echo is not supported (the prompt's "
+                                                  "log-probabilities are not computed); send one of the two")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+            raise InvalidRequestError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the "
+                                                  f"alternatives returned per token) or null, got {k!r}")
+        return k
+    wanted, k = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise InvalidRequestError("logprobs", f"logprobs must be true or false, got {wanted!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+        raise InvalidRequestError("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                                                  f"got {k!r}")
+    if not wanted:
+        if k:
+            raise InvalidRequestError("top_logprobs", "top_logprobs needs logprobs: true")
+        return None
+    return k or 0
+
+
+class LogprobsShape:
+    """An output's log-probabilities in the response's shape, from its token ids and the engine's
+    entries (``RequestOutput.logprobs``); ``token_bytes(id)``: the tokenizer's. Completions number
+    each token's text_offset on from the previous call's (the stream's chunks)."""
+
+    def __init__(self, chat: bool, token_bytes):
+        self.chat, self.token_bytes, self.offset = chat, token_bytes, 0
+
+    def __call__(self, ids: list[int], entries: list | None) -> dict | None:
+        if not ids or not entries:
+            return None
+        if self.chat:
+            return {"content": [{**self._one(t, lp), "top_logprobs": [self._one(a, v) for a, v in top]}
+                                for t, (lp, top) in zip(ids, entries)], "refusal": None}
+        tokens = [self._text(t) for t in ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [{self._text(a): v for a, v in top} for _, top in entries], "text_offset": offsets}
+
+    def _text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def _one(self, token_id: int, logprob: float) -> dict:
+        b = self.token_bytes(token_id)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
 
 
 def include_usage(body: dict) -> bool:
@@ -202,28 +255,28 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(rid, model, text, finish_reason, n_prompt, n_out) -> dict:
+def completion_body(rid, model, text, finish_reason, n_prompt, n_out, logprobs=None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
 
-def chat_body(rid, model, text, finish_reason, n_prompt, n_out) -> dict:
+def chat_body(rid, model, text, finish_reason, n_prompt, n_out, logprobs=None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
+                         "finish_reason": finish_reason, "logprobs": logprobs}],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
 
-def completion_chunk(rid, model, text, finish_reason) -> dict:
+def completion_chunk(rid, model, text, finish_reason, logprobs=None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
-def chat_chunk(rid, model, text, finish_reason, first: bool) -> dict:
+def chat_chunk(rid, model, text, finish_reason, first: bool, logprobs=None) -> dict:
     delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
 
 
 def usage_chunk(rid, model, chat: bool, n_prompt, n_out) -> dict:
