@@ -157,7 +157,7 @@ def make(prefills=1, decodes=2):
     global CLUSTER
     CLUSTER = FakeCluster([FakePrefill(f"p{i}") for i in range(prefills)],
                           [FakeDecode(f"d{i}") for i in range(decodes)])
-    return CLUSTER, Router(CLUSTER, block_size=16, max_wait_s=0.5)
+    return CLUSTER, Router(CLUSTER, block_size=16, max_wait_s=0.5, recovery_wait_s=1.0)
 
 
 async def collect(router, rid, prompt):
@@ -219,6 +219,54 @@ def test_a_prefill_worker_lost_is_retried_on_another():
     cluster.workers["p0"].dead = True
     check_stream(asyncio.run(collect(router, "r", [3])), [3])
     assert cluster.reported == ["p0"] and cluster.workers["p1"].calls
+
+
+def test_a_lost_worker_costs_a_pause_as_long_as_its_restart_not_the_request():
+    """The only prefill worker dies under a request and is back after longer than max_queue_wait_s (a
+    restart): the request waits for it (recovery_wait_s) and completes; so does one whose only decode
+    worker died mid-stream. Without a restart, it fails with the reason after recovery_wait_s."""
+    async def restart(cluster, name, after_s):
+        await asyncio.sleep(after_s)
+        cluster.workers[name].dead = False
+        cluster.workers[name].die_after = None
+        cluster.membership.came_up(name, "inc-1", getattr(cluster.workers[name], "address", None))
+
+    async def run(cluster, router, name, prompt):
+        task = asyncio.create_task(restart(cluster, name, 0.8))  # longer than max_wait_s (0.5 s)
+        try:
+            return await collect(router, "r", prompt)
+        finally:
+            await task
+
+    cluster, router = make(prefills=1, decodes=1)
+    cluster.workers["p0"].dead = True
+    check_stream(asyncio.run(run(cluster, router, "p0", [5])), [5])
+    assert cluster.reported == ["p0"] and router.num_recoveries == 1
+    cluster, router = make(prefills=1, decodes=1)
+    cluster.workers["d0"].die_after = 4
+    check_stream(asyncio.run(run(cluster, router, "d0", [6])), [6])
+    assert cluster.reported == ["d0"] and router.tracks == {}
+    cluster, router = make(prefills=1, decodes=1)
+    cluster.workers["p0"].dead = True
+    with pytest.raises(NoCapacityError, match=r"no prefill worker is up \(waited 1s"):
+        asyncio.run(collect(router, "r", [5]))
+    assert router.tracks == {}
+
+
+def test_a_worker_that_dies_under_every_placement_fails_the_request_after_max_recoveries():
+    cluster, router = make(prefills=4)
+    for w in cluster.workers.values():
+        if isinstance(w, FakePrefill):
+            w.dead = True
+    real_lost = cluster.report_lost
+
+    async def report_lost(member):  # each comes straight back, and dies again on the next call
+        await real_lost(member)
+        cluster.membership.came_up(member.name, f"inc-{len(cluster.reported)}")
+    cluster.report_lost = report_lost
+    with pytest.raises(WorkerLostError):
+        asyncio.run(collect(router, "r", [2]))
+    assert len(cluster.reported) == router.max_recoveries + 1 and router.tracks == {}
 
 
 def test_no_worker_left_fails_with_the_reason():

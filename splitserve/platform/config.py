@@ -108,6 +108,7 @@ class ServeConfig:
     max_queued_requests: int = 256  # requests the front door holds at once (waiting, prefilling or decoding)
     prefill_queue_limit: int = 32  # requests one prefill worker holds at once; more: it says busy
     retry_after_s: int = 2  # the Retry-After a refused (429) request is given
+    recovery_wait_s: float = 60.0  # a request whose worker died waits this long to be placed again (a restart)
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
@@ -142,8 +143,9 @@ class ServeConfig:
         for name in ("max_queued_requests", "prefill_queue_limit", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.max_queue_wait_s > 0:
-            raise ValueError(f"max_queue_wait_s must be > 0 seconds, got {self.max_queue_wait_s}")
+        for name in ("max_queue_wait_s", "recovery_wait_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         object.__setattr__(self, "kv_port", checked_port(self.kv_port))
         object.__setattr__(self, "kv_tls", checked_tls(self.kv_tls))
         object.__setattr__(self, "api_keys", check_keys(self.api_keys))

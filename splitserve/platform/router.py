@@ -122,13 +122,16 @@ class Router:
     """Shell over the policy: reads membership and load, drives requests, follows them as they move."""
 
     def __init__(self, cluster, block_size: int, max_wait_s: float = 30.0, max_inflight: int = 256,
-                 max_recoveries: int = 3, model_name: str = "default"):
+                 max_recoveries: int = 3, model_name: str = "default", recovery_wait_s: float = 60.0):
         self.cluster, self.block_size, self.model_name = cluster, block_size, model_name
         self.max_wait_s, self.max_recoveries, self.max_inflight = max_wait_s, max_recoveries, max_inflight
+        # a request whose worker died (or whose transfer failed) waits this long to be placed again: long
+        # enough for a worker to restart, so that a lost worker costs a pause, not the request
+        self.recovery_wait_s = max(recovery_wait_s, max_wait_s)
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
         self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
-        self.num_recoveries = 0  # requests resumed after their decode worker was lost
+        self.num_recoveries = 0  # placements made again after a worker was lost (prefill or decode)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -187,7 +190,7 @@ class Router:
         recoveries = 0
         while True:
             result, d = await self._place(track, deadline)
-            deadline = None  # a placement after a loss (or a failed transfer) may wait as long again
+            deadline = None  # a placement after a loss (or a failed transfer) may wait recovery_wait_s
             first = result["first"]
             if result["status"] == "finished":  # the first token ended it
                 yield track.accept(first)
@@ -255,9 +258,13 @@ class Router:
 
     async def _place(self, track: Track, deadline: float | None):
         """Prefill the request (again, from a snapshot, after a loss) and hand it to a decode worker by
-        ``deadline`` (None: ``max_wait_s`` from now). Returns (prefill result, decode member)."""
-        deadline = deadline if deadline is not None else time.monotonic() + self.max_wait_s
+        ``deadline`` (None, a request recovering from a loss: ``recovery_wait_s`` from now; a prefill
+        worker lost on the way gives it that long again, up to ``max_recoveries`` times). Returns (prefill
+        result, decode member)."""
+        started = time.monotonic()
+        deadline = deadline if deadline is not None else started + self.recovery_wait_s
         refused: set[str] = set()  # workers that just said no (busy, unreachable): skipped for a round
+        losses = 0
         while True:
             view = await self.cluster.view()
             prefills, decodes = view.live("prefill"), view.live("decode")
@@ -267,7 +274,8 @@ class Router:
             left = deadline - time.monotonic()
             if not ranked or p_name is None:
                 if left <= 0:
-                    raise NoCapacityError(self._why_not(view, track.num_tokens, not ranked))
+                    raise NoCapacityError(self._why_not(view, track.num_tokens, not ranked,
+                                                        time.monotonic() - started))
                 await asyncio.sleep(0.05)
                 refused.clear()
                 continue
@@ -280,6 +288,11 @@ class Router:
                                                 [d.kv_address for d in ds], resume, max(left, 0.1))
             except WorkerLostError:
                 await self.cluster.report_lost(p)
+                losses += 1
+                self.num_recoveries += 1
+                if losses > self.max_recoveries:
+                    raise
+                deadline = max(deadline, time.monotonic() + self.recovery_wait_s)  # wait out its restart
                 continue
             except asyncio.CancelledError:  # client gone during prefill or transfer: stop it everywhere
                 p.handle.abort(track.wid)
@@ -310,13 +323,14 @@ class Router:
                 refused.add(p.name)
             # "decode_failed": none of the decode workers it was given could be reached; placed again
 
-    def _why_not(self, view, num_tokens: int, no_decode: bool) -> str:
+    @staticmethod
+    def _why_not(view, num_tokens: int, no_decode: bool, waited: float) -> str:
         pool = "decode" if no_decode else "prefill"
         if not view.live(pool):
-            return f"no {pool} worker is up (waited {self.max_wait_s:.0f}s for one to come back)"
+            return f"no {pool} worker is up (waited {waited:.0f}s for one to come back)"
         if not no_decode:
-            return f"every prefill worker was full (prefill_queue_limit) for {self.max_wait_s:.0f}s"
-        return f"no decode worker had room for {num_tokens} tokens within {self.max_wait_s:.0f}s"
+            return f"every prefill worker was full (prefill_queue_limit) for {waited:.0f}s"
+        return f"no decode worker had room for {num_tokens} tokens within {waited:.0f}s"
 
     # -- moving requests -------------------------------------------------------------------
 
