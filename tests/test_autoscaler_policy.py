@@ -276,6 +276,32 @@ def test_a_measured_miss_or_kv_pressure_adds_one_and_blocks_scale_down():
     assert not drains(d, "decode")
 
 
+def test_refused_requests_are_demand_the_rates_do_not_show():
+    """Requests a prefill worker refused (its queue full, or not started in time; or no decode worker
+    had room) never ran, so the arrival and token rates miss them: the refusals of the last seconds
+    add one instance to the pool that lacked room, and none when they were counted before that pool's
+    last instances came up. Old refusals (outside RECENT_S) count for nothing."""
+    from splitserve.autoscaler.signals import RECENT_S
+
+    def refusing(series_name, age=1.0):
+        pre, dec = steady(rate=0.2, output=64, running=1, kv_used=40)
+        ex = pre[0][2]
+        ex["series"][series_name] = [(age + i, 3.0) for i in range(5)]  # 3 refusals/s for 5 s
+        return pre, dec
+    quiet = decide(snapshot(*steady(rate=0.2, output=64, running=1, kv_used=40)), CATALOG, OBJ, PolicyState())
+    assert adds(quiet, "prefill") == adds(quiet, "decode") == 0
+    d = decide(snapshot(*refusing("refused")), CATALOG, OBJ, PolicyState())
+    assert adds(d, "prefill") == 1 and adds(d, "decode") == 0
+    assert any(r.startswith("prefill: 1.00 requests/s refused (prefill queues full") for r in d.reasons), d.reasons
+    d = decide(snapshot(*refusing("refused_decode")), CATALOG, OBJ, PolicyState())
+    assert adds(d, "decode") == 1 and adds(d, "prefill") == 0
+    assert any("refused (no decode worker had room)" in r for r in d.reasons)
+    assert adds(decide(snapshot(*refusing("refused", age=RECENT_S + 1)), CATALOG, OBJ, PolicyState()), "prefill") == 0
+    state = PolicyState(settled_at={"prefill": 1000.0 - RECENT_S / 2})  # its last instance came up 7.5 s ago
+    d = decide(snapshot(*refusing("refused")), CATALOG, OBJ, state)
+    assert adds(d, "prefill") == 0 and any("before the last instances came up" in r for r in d.reasons)
+
+
 def test_correction_compares_busy_time_with_the_catalog_for_the_same_steps():
     # prefill: 60 passes of 256 tokens (sum of squares 256^2), each 3x what the catalog says
     small_pass = SMALL.prefill(256, 256 * 256)

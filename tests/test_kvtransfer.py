@@ -250,6 +250,8 @@ def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_se
     assert timed_out["status"] == "queue_timeout" and "did not start within 0.3s" in timed_out["error"]
     assert busy["status"] == "busy" and "queue_limit" in busy["error"]
     assert worker.num_refused == {"busy": 1, "queue_timeout": 1, "no_capacity": 1}
+    series = worker.recorder.export()["series"]  # what the autoscaler reads: demand that never ran
+    assert sum(v for _, v in series["refused"]) == 2 and sum(v for _, v in series["refused_decode"]) == 1
     assert_no_leaks(worker.engine)
     assert all(v == 0 for v in worker.leaks().values()), worker.leaks()
     assert_no_leaks(d_ok)

@@ -16,8 +16,10 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     objective x headroom carries the demand (``capacity.py``),
                                     within min/max: fewer of the instances there when they carry
                                     it, else those plus the cheapest addition; another mix of
-                                    types only when it costs ``switch_saving`` less; an objective missed on the server, or decode
-                                    KV use above ``kv_high``, asks for more capacity than now
+                                    types only when it costs ``switch_saving`` less; an objective missed on the server,
+                                    requests refused for lack of the pool's room (prefill: queue
+                                    full or not started in time; decode: no room for the KV), or
+                                    decode KV use above ``kv_high``, asks for more capacity than now
                                     (a miss measured partly before the pool's last instances came
                                     up is stale: the model alone decides);
                                     zero traffic asks for the minimum
@@ -45,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 
 from splitserve.autoscaler.capacity import cheapest_mix, decode_capacity, prefill_capacity
 from splitserve.autoscaler.catalog import Catalog
-from splitserve.autoscaler.signals import PoolSignals, Snapshot
+from splitserve.autoscaler.signals import RECENT_S, PoolSignals, Snapshot
 
 POOLS = ("prefill", "decode")
 CORRECTION_RANGE = (0.5, 4.0)
@@ -187,6 +189,16 @@ def _observed_miss(pool: str, ps: PoolSignals, obj: Objectives) -> str | None:
     return None
 
 
+def _refusals(pool: str, snapshot: Snapshot) -> str | None:
+    """Requests refused for lack of this pool's room lately (the prefill workers count both kinds)."""
+    pre = snapshot.pool("prefill")
+    rate = pre.refused_rate if pool == "prefill" else pre.decode_refused_rate
+    if rate <= 0:
+        return None
+    why = "prefill queues full or not started in time" if pool == "prefill" else "no decode worker had room"
+    return f"{rate:.2f} requests/s refused ({why})"
+
+
 def _idle(snapshot: Snapshot) -> bool:
     pre, dec = snapshot.pool("prefill"), snapshot.pool("decode")
     return (pre.arrival_rate == 0 and dec.token_rate == 0 and pre.waiting == 0 and dec.running == 0
@@ -227,6 +239,12 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
         reasons.append(f"{pool}: {pressure.split(': ', 1)[1]}, but measured partly before the last instances "
                        f"came up: the model decides")
         pressure = None
+    refused = _refusals(pool, snapshot)
+    if refused and not pressure:
+        if now - (state.settled_at.get(pool, -1e18) or now) < RECENT_S:
+            reasons.append(f"{pool}: {refused}, but partly before the last instances came up: the model decides")
+        else:
+            pressure = f"{pool}: {refused}"
     if pool == "decode" and ps.kv_blocks_total and ps.kv_used_fraction > obj.kv_high:
         pressure = f"decode: KV use {ps.kv_used_fraction:.0%} > {obj.kv_high:.0%}"
     if pressure:

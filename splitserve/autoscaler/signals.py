@@ -5,7 +5,9 @@ samples) and records as it serves::
 
     prefill worker   arrival (prompt tokens) when a prompt comes in; queue_s (in to first scheduled);
                      prefill_s (scheduled to first token); transfer_s (KV handoff); ttft_s (in to
-                     handed off: the first token is on its way to the client)
+                     handed off: the first token is on its way to the client); refused (per second:
+                     requests it refused for lack of prefill room: its queue full, or not started within
+                     the wait) and refused_decode (requests refused because no decode worker had room)
     decode worker    tokens (output tokens, per output); tpot_s (a request's mean time per output
                      token here, when it finishes or moves); output_tokens (when it finishes)
     both, per step   busy_s (seconds), steps, step_x and step_y (the step-time model's inputs:
@@ -140,6 +142,10 @@ class Load:
     token_rate: float = 0.0  # output tokens/s (decode)
     recent_arrival_rate: float = 0.0  # the same over the last RECENT_S only
     recent_token_rate: float = 0.0
+    # requests/s refused over the last RECENT_S (prefill workers count both): for lack of prefill room,
+    # for lack of decode room; demand the rates above do not show (a refused request never ran)
+    refused_rate: float = 0.0
+    decode_refused_rate: float = 0.0
     busy_s: float = 0.0  # engine steps over the window: seconds busy, how many, the models' inputs summed
     steps: int = 0
     step_x: float = 0.0
@@ -193,7 +199,8 @@ class Snapshot:
 
 
 _DISTS = ("ttft_s", "tpot_s", "queue_s", "prefill_s", "transfer_s")
-_RATES = ("arrival_rate", "token_rate", "recent_arrival_rate", "recent_token_rate")
+_RATES = ("arrival_rate", "token_rate", "recent_arrival_rate", "recent_token_rate", "refused_rate",
+          "decode_refused_rate")
 _STEPS = ("busy_s", "steps", "step_x", "step_y")
 _GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "kv_tokens_used", "queued_prompt_tokens")
 
@@ -227,6 +234,9 @@ def worker_signals(member: dict, export: dict | None) -> WorkerSignals:
                          arrival_rate=len(arrivals) / span, token_rate=sum(_values(series, "tokens")) / span,
                          recent_arrival_rate=sum(age <= recent for age, _ in series.get("arrival", ())) / recent,
                          recent_token_rate=sum(v for age, v in series.get("tokens", ()) if age <= recent) / recent,
+                         refused_rate=sum(v for age, v in series.get("refused", ()) if age <= recent) / recent,
+                         decode_refused_rate=sum(v for age, v in series.get("refused_decode", ()) if age <= recent)
+                         / recent,
                          prompt_tokens=Dist.of(arrivals), output_tokens=Dist.of(_values(series, "output_tokens")),
                          **{d: Dist.of(_values(series, d)) for d in _DISTS})
 

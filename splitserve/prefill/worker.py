@@ -86,6 +86,7 @@ class PrefillWorkerImpl:
             return {"status": "error", "error": f"the snapshot is for {snapshot.request_id!r}, not {request_id!r}"}
         if self.num_inflight >= self.queue_limit:
             self.num_refused["busy"] += 1
+            self.recorder.count("refused", 1)
             return {"status": "busy", "error": f"{self.name} already has {self.num_inflight} requests "
                                                f"(its queue_limit)"}
         n = snapshot.num_tokens if snapshot is not None else len(prompt_token_ids)
@@ -107,6 +108,7 @@ class PrefillWorkerImpl:
                 self.num_inflight -= 1
         if expired and first.finish_reason == "abort":
             self.num_refused["queue_timeout"] += 1
+            self.recorder.count("refused", 1)
             return {"status": "queue_timeout", "error": f"it did not start within {wait_s:.1f}s on {self.name} "
                                                         f"(requests ahead of it: {self.num_inflight})"}
         prefilled = time.perf_counter()
@@ -141,6 +143,7 @@ class PrefillWorkerImpl:
             address = await self._reserve_any(decodes, request_id, n, wait_s, failed)
         except NoCapacityError as e:
             self.num_refused["no_capacity"] += 1
+            self.recorder.count("refused_decode", 1)
             return {"status": "no_capacity", "error": str(e), **result}
         except TransferFailedError as e:
             if e.code == "INVALID_ARGUMENT":  # can never fit there, or a layout mismatch
