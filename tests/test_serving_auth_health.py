@@ -210,8 +210,8 @@ def test_health_check_follows_readiness_and_knows_its_services():
 def test_health_watch_sends_the_status_then_each_change(monkeypatch):
     from grpc_health.v1 import health_pb2
 
-    from splitserve.platform import frontdoor
-    monkeypatch.setattr(frontdoor, "HEALTH_POLL_S", 0.01)
+    from splitserve.platform import kserve_front
+    monkeypatch.setattr(kserve_front, "HEALTH_POLL_S", 0.01)
     ready = [True]
     door = _front_door(ready)
 
