@@ -1,6 +1,6 @@
 """The fault campaign (issue 14): a real server driven through faults, on both protocols, counted.
 
-    python benchmarks/faults.py [--soak-s 1800] [--cases kill_decode,overload_4x,...] [--fuzz 400]
+    python benchmarks/faults.py [--soak-s 1800] [--cases kill_decode,overload_4x,...] [--fuzz 400] [--merge]
 
 One server (real Ray, 1 prefill and 2 decode actors of 1 thread each, the real SmolLM2 in fp32 so
 that greedy text compares exactly with the single-process engine), the real clients: ``openai``
@@ -9,6 +9,9 @@ that greedy text compares exactly with the single-process engine), the real clie
   kill_decode      SIGKILL a decode worker while 6 streams decode (Ray restarts it)
   kill_prefill     SIGKILL the prefill worker while 4 long prompts are prefilled
   kill_mig_target  SIGKILL the target of a live migration while it runs
+  transfer_faults  the prefill worker's next transfers fail (a cut stream, then a corrupt chunk and a
+                   cut: one retried there, one placed again by the router), and a live migration whose
+                   stream is cut (the request stays where it was); KVSender.inject is the hook
   cancel_storm     12 streams, every client leaves after its second token
   overload_2x/4x   2x / 4x as many long requests at once as the decode pool's KV holds
   kv_exhaustion    requests that each need most of one decode worker's KV, 6 at once
@@ -19,8 +22,8 @@ Per case: requests sent, completed, refused (429 / RESOURCE_EXHAUSTED, with the 
 other error the client saw, with the reason), hung (no end within the time limit), wrong (a completed
 greedy output that differs from the undisturbed engine's), leaked (per-request structures left on any
 worker, and KV blocks not back), and the time to recover (from the fault until a new request
-completes). Cut or corrupted transfers are injected in tests/test_kvtransfer.py (the wire has the
-hook; the server does not). Writes benchmarks/results/faults.md and faults.json.
+completes). Writes benchmarks/results/faults.md and faults.json; ``--merge`` keeps the cases of an
+earlier run that this one does not run (each row keeps the command that measured it).
 """
 
 from __future__ import annotations
@@ -279,6 +282,45 @@ def kill_migration_target(campaign: Campaign):
     return fault
 
 
+def _worker(campaign: Campaign, name: str):
+    return next(m for m in campaign.server.pools.view().members if m.name == name)
+
+
+def _transfers_failed(campaign: Campaign) -> int:
+    return sum(s.get("transfers_failed") or 0 for s in campaign.server.pools.all_stats().values())
+
+
+def transfer_faults(campaign: Campaign) -> dict:
+    """Transfers that fail on the wire, injected on the senders (``KVSender.inject``): the requests must
+    complete with the undisturbed text, their failed reservations dropped, nothing leaked."""
+    import ray
+    failed_before = _transfers_failed(campaign)
+    prefill = sorted(campaign.worker_pids("prefill"))[0]
+    ray.get(_worker(campaign, prefill).handle.inject_transfer_faults.remote(["cut", "corrupt", "cut"]))
+    log(f"[faults]   {prefill}: its next 3 transfers fail (cut; corrupt, cut)")
+    moved = {}
+
+    def fault(outcomes):  # a live migration whose stream is cut
+        _wait_tokens(outcomes, 4)
+        requests = admin(campaign.server, "GET", "/admin/requests")[1]["requests"]
+        pids = campaign.worker_pids("decode")
+        rid, source = next(((r, v["worker"]) for r, v in requests.items() if v["worker"] in pids), (None, None))
+        if rid is None or len(pids) < 2:
+            log("[faults]   nothing is decoding on two workers: no migration to cut")
+            return time.monotonic()
+        ray.get(_worker(campaign, source).handle.inject_transfer_faults.remote(["cut"]))
+        at = time.monotonic()
+        moved.update(admin(campaign.server, "POST", f"/admin/requests/{rid}/migrate",
+                           {"target": next(n for n in pids if n != source)})[1])
+        log(f"[faults]   migration of {rid} from {source} with its stream cut: {moved}")
+        return at
+
+    row = campaign.run("transfer_faults", [(p, 48) for p in PROMPTS], fault=fault)
+    row["transfers_failed"] = _transfers_failed(campaign) - failed_before  # what the receivers dropped
+    row["migration"] = moved
+    return row
+
+
 def fuzz(campaign: Campaign, examples: int) -> dict:
     """Hypothesis-generated bodies (the strategies of tests/test_fuzz_inputs.py) posted over HTTP."""
     from hypothesis import HealthCheck, given, settings
@@ -375,11 +417,29 @@ def soak(campaign: Campaign, seconds: float) -> dict:
     return row
 
 
-def write(results: dict, command: str, out_dir: str) -> None:
+def earlier_results(out_dir: str) -> dict:
+    """The rows of the last run written to ``out_dir`` (for --merge), each with the command that made it."""
+    try:
+        with open(os.path.join(out_dir, "faults.json")) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return {name: {"command": data.get("command"), **row} for name, row in data["results"].items()}
+
+
+def write(results: dict, out_dir: str) -> None:
+    """results: case -> row (with its "command"), written in the order of CASES."""
     os.makedirs(out_dir, exist_ok=True)
+    results = {name: results[name] for name in CASES if name in results}
+    commands = {}
+    for name, r in results.items():
+        commands.setdefault(r["command"], []).append(name)
     with open(os.path.join(out_dir, "faults.json"), "w") as f:
-        json.dump({"command": command, "results": results}, f, indent=1)
-    lines = ["# Fault campaign", "", f"Command: `{command}`", "",
+        json.dump({"results": results}, f, indent=1)
+    lines = ["# Fault campaign", ""]
+    lines += [f"Command: `{c}`" + (f" (cases: {', '.join(names)})" if len(commands) > 1 else "")
+              for c, names in commands.items()]
+    lines += ["",
              "One server: 1 prefill and 2 decode workers (1 thread each), real SmolLM2 fp32, 2 CPU cores; half "
              "the requests over OpenAI SSE, half over a KServe stream. Target in every case: 0 hung, 0 wrong, "
              "0 leaked, 0 silent (every refusal and failure reached the client with its reason).", "",
@@ -392,6 +452,10 @@ def write(results: dict, command: str, out_dir: str) -> None:
                      f"{r['cancelled']} | {r['hung']} | {r['wrong']} | {r['silent']} | {r['leaked']} | "
                      f"{r['recover_s'] if r['recover_s'] is not None else '-'} | {r['elapsed_s']} |")
     lines.append("")
+    if "transfer_faults" in results:
+        r = results["transfer_faults"]
+        lines += [f"transfer_faults: the receivers dropped {r['transfers_failed']} failed transfers; the migration "
+                  f"with its stream cut answered {r['migration']}.", ""]
     for name, r in results.items():
         if r.get("reasons"):
             lines.append(f"Reasons the clients saw in {name}:")
@@ -413,8 +477,8 @@ def write(results: dict, command: str, out_dir: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-CASES = ("kill_decode", "kill_prefill", "kill_mig_target", "cancel_storm", "overload_2x", "overload_4x",
-         "kv_exhaustion", "fuzz", "soak")
+CASES = ("kill_decode", "kill_prefill", "kill_mig_target", "transfer_faults", "cancel_storm", "overload_2x",
+         "overload_4x", "kv_exhaustion", "fuzz", "soak")
 
 
 def main() -> None:
@@ -423,6 +487,7 @@ def main() -> None:
     ap.add_argument("--fuzz", type=int, default=400, help="fuzzed bodies over HTTP")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--merge", action="store_true", help="keep the other cases of the results already in --out")
     args = ap.parse_args()
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)
@@ -469,6 +534,7 @@ def main() -> None:
                                                  fault=kill_prefill_while_prefilling(campaign)),
             "kill_mig_target": lambda: campaign.run("kill_mig_target", [(p, 64) for p in PROMPTS[:4]],
                                                     fault=kill_migration_target(campaign)),
+            "transfer_faults": lambda: transfer_faults(campaign),
             "cancel_storm": lambda: campaign.run("cancel_storm", [(PROMPTS[i % 6], 200) for i in range(12)],
                                                  leave_after=2),
             "overload_2x": lambda: campaign.run("overload_2x", [(long_prompt, 48)] * (2 * capacity)),
@@ -478,9 +544,11 @@ def main() -> None:
             "fuzz": lambda: fuzz(campaign, args.fuzz),
             "soak": lambda: soak(campaign, args.soak_s),
         }
+        earlier = earlier_results(args.out) if args.merge else {}
         for name in cases:
             runs[name]()
-            write(campaign.results, command, args.out)
+            campaign.results[name]["command"] = command
+            write({**earlier, **campaign.results}, args.out)
     finally:
         server.shutdown()
         if ray.is_initialized():

@@ -162,8 +162,12 @@ async def _header_only(engine):
 
 
 def test_prefill_worker_retries_a_failed_transfer(tiny_path):
-    """The first transfer carries a corrupt chunk: the receiver drops it, the worker re-reserves and
-    resends the still-held KV, and the request completes as if nothing happened."""
+    """Injected transfer faults (the fault campaign's hook): a transfer cut after its first chunk is
+    retried with a fresh reservation and the request completes as if nothing happened; two failures
+    in a row (a corrupt chunk, then a cut) answer "transfer_failed" for the router to place it again;
+    the receiver drops every failed reservation and the next request goes through. An unknown fault
+    is refused."""
+    from splitserve.errors import InvalidRequestError
     from splitserve.prefill.worker import PrefillWorkerImpl
 
     prompt, params = list(range(5, 40)), {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -171,30 +175,32 @@ def test_prefill_worker_retries_a_failed_transfer(tiny_path):
     d_eng = make_engine(tiny_path)
     worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
                                     num_kv_blocks=64), TOKEN)
-    real_send, calls = worker.sender.send, []
-
-    async def flaky_send(address, kv_port, rid, corrupt_chunk=None):
-        calls.append(rid)
-        return await real_send(address, kv_port, rid, corrupt_chunk=1 if len(calls) == 1 else None)
-
-    worker.sender.send = flaky_send
+    with pytest.raises(InvalidRequestError, match="unknown transfer faults \\['drop'\\]"):
+        worker.inject_transfer_faults(["drop"])
 
     async def run():
         async with Harness(d_eng) as h:
-            result = await worker.prefill("r1", prompt, params, h.address)
+            assert worker.inject_transfer_faults(["cut"]) == 1
+            retried = await worker.prefill("r1", prompt, params, h.address)
+            rest = decode_all(d_eng)
+            worker.inject_transfer_faults(["corrupt", "cut"])
+            failed = await worker.prefill("r2", prompt, params, h.address)
+            after = await worker.prefill("r3", prompt, params, h.address)
             await worker.sender.close()
-            return result, h.servicer.num_transfers_failed
+            return retried, rest, failed, after, h.servicer.num_transfers_failed
 
     try:
-        result, failed = asyncio.run(run())
+        retried, rest, failed, after, num_failed = asyncio.run(run())
     finally:
         worker.aengine.shutdown()
-    assert result["status"] == "transferred" and len(calls) == 2 and worker.num_transfer_retries == 1
-    assert failed == 1
-    rest = decode_all(d_eng)
-    assert result["first"].new_token_ids + [t for o in rest for t in o.new_token_ids] == expected
+    assert retried["status"] == "transferred" and worker.num_transfer_retries == 2
+    assert retried["first"].new_token_ids + [t for o in rest for t in o.new_token_ids] == expected
+    assert failed["status"] == "transfer_failed" and "cut after its first chunk" in failed["error"]
+    assert after["status"] == "transferred" and not worker.sender.faults and num_failed == 3
+    assert [t for o in decode_all(d_eng, "r3") for t in o.new_token_ids] == expected[1:]
     assert_no_leaks(worker.engine)
     assert_no_leaks(d_eng)
+    assert all(v == 0 for v in worker.leaks().values()), worker.leaks()
 
 
 def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_send(tiny_path):

@@ -346,6 +346,9 @@ def test_kserve_client_ids_are_labels_the_server_keys_requests_by_its_own(monkey
         async def requests():
             for _ in range(2):
                 yield _request([("text_input", "BYTES", b"yo")])
+            bad = _request([("text_input", "BYTES", b"yo"), ("sampling_parameters", "BYTES", b'{"top_p": 7}')])
+            bad.id = "mine-7"
+            yield bad
         streamed = [r async for r in door.ModelStreamInfer(requests())]
         anonymous = _request([("text_input", "BYTES", b"hi")])
         anonymous.ClearField("id")
@@ -356,8 +359,13 @@ def test_kserve_client_ids_are_labels_the_server_keys_requests_by_its_own(monkey
     unary, streamed, anonymous, ctx = asyncio.run(run())
     assert ctx.code.name == "INVALID_ARGUMENT" and "ModelStreamInfer" in ctx.details  # a unary call cannot stream
     assert [(r.id, _text(r)) for r in unary] == [("r", "hit0t1")] * 3
-    assert [(r.error_message, r.infer_response.id, _text(r.infer_response)) for r in streamed] == \
-        [("", "r", "yot0t1")] * 2
+    failed = [r for r in streamed if r.error_message]
+    assert [(r.error_message, r.infer_response.id, _text(r.infer_response)) for r in streamed if r not in failed] \
+        == [("", "r", "yot0t1")] * 2
+    # tritonclient gives a stream's error to its callback without the response: the message names the
+    # request and the status
+    assert len(failed) == 1 and failed[0].error_message.startswith("[INVALID_ARGUMENT] request 'mine-7': ")
+    assert "top_p must be in (0, 1]" in failed[0].error_message
     assert anonymous.id == "" and _text(anonymous) == "hit0t1"
     ids, labels = zip(*door.router.seen)
     assert len(set(ids)) == 6 and all(len(i) == 32 for i in ids)  # our own: uuid4 hex, never the client's

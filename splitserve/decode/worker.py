@@ -157,6 +157,11 @@ class DecodeWorkerImpl:
         if waiter is not None and not waiter.done():
             waiter.cancel()
 
+    def inject_transfer_faults(self, faults: list[str]) -> int:
+        """The fault campaign: the next transfers this worker sends fail, one fault each ("corrupt",
+        "cut"; ``KVSender.inject``). Returns how many are queued."""
+        return self.sender.inject(faults)
+
     async def migrate(self, request_id: str, target_name: str, target_address: str) -> dict:
         """Move a running request to another decode worker, live. {"status": "migrated", ...} or
         {"status": "failed", "error"} (it goes on here); UnknownRequestError / RequestStateError when

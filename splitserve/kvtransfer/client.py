@@ -25,6 +25,11 @@ finished or was preempted meanwhile), or, before anything happens,
 ``UnknownRequestError`` / ``RequestStateError`` (nothing to move: unknown,
 finished, or already moving).
 
+Injected faults (the fault campaign, ``benchmarks/faults.py``): ``inject(["corrupt", "cut"])``
+queues one fault per coming transfer, in order: "corrupt" flips a byte of the first chunk (the
+receiver's checksum fails: DATA_LOSS), "cut" ends the stream after its first chunk without a
+commit (as a sender that died mid-way). Both fail that transfer only, as a real fault would.
+
 Channels are plaintext, or mutual TLS with ``tls`` (``tls.py``); a receiver
 refusing the handshake only closes the socket, so the error then adds what
 that means (``tls.explain_refusal``).
@@ -33,13 +38,15 @@ that means (``tls.explain_refusal``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass
 
 import grpc
 
 from splitserve.engine.request import RequestStatus
-from splitserve.errors import NoCapacityError, RequestStateError, TransferFailedError, UnknownRequestError
+from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestStateError, TransferFailedError,
+                               UnknownRequestError)
 from splitserve.kvtransfer import kvtransfer_pb2 as pb
 from splitserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from splitserve.kvtransfer.tls import KVTLS, explain_refusal
@@ -57,6 +64,9 @@ class MoveResult:
     resume_index: int = 0  # output index of the first token the receiver produces
 
 
+FAULTS = ("corrupt", "cut")
+
+
 class KVSender:
     def __init__(self, cluster_token: str, timeout_s: float = 30.0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
                  kv_codec: str = "raw", last_stage_blocks: int = 2, max_stages: int = 8, tls: KVTLS | None = None):
@@ -69,6 +79,15 @@ class KVSender:
         self._stubs: dict[str, pb_grpc.KVTransferStub] = {}
         self._channels: list = []
         self.num_bytes_sent = 0
+        self.faults: collections.deque[str] = collections.deque()  # injected, one per coming transfer
+
+    def inject(self, faults: list[str]) -> int:
+        """Queue faults for the coming transfers (module docstring); returns how many are queued."""
+        bad = [f for f in faults if f not in FAULTS]
+        if bad:
+            raise InvalidRequestError("faults", f"unknown transfer faults {bad}; allowed: {list(FAULTS)}")
+        self.faults.extend(faults)
+        return len(self.faults)
 
     def _stub(self, address: str) -> pb_grpc.KVTransferStub:
         if address not in self._stubs:
@@ -172,6 +191,9 @@ class KVSender:
         per_block_layer = spec.bytes_per_block // spec.num_layers
         failure: list[BaseException] = []
         count = {"chunks": 0, "bytes": 0, "last_stage_blocks": 0}
+        fault = self.faults.popleft() if self.faults else None
+        if fault == "corrupt":
+            corrupt_chunk = 0
 
         def encode(block_ids: list[int], at: int, plan) -> pb.TensorChunk:
             data = port.read(block_ids[at:at + plan.num_blocks], plan.layer)  # [n, 2, bs, Hkv, D]
@@ -189,6 +211,9 @@ class KVSender:
                 count["chunks"] += 1
                 count["bytes"] += len(chunk.data)
                 yield pb.TransferMessage(chunk=chunk)
+                if fault == "cut":
+                    raise TransferFailedError("CANCELLED", "the transfer stream was cut after its first chunk "
+                                                           "(an injected fault)")
 
         async def messages():
             try:

@@ -5,7 +5,7 @@ Path of a call here: authenticate (API keys, when the server has them) ->
 -> the front door's shared ``_tokenize`` and ``_run`` -> ``kserve.infer_response``
 messages. ``ModelInfer`` answers once; ``ModelStreamInfer`` runs each request
 of the bidi stream as its own task and sends their deltas as they come (an
-error is that request's ``error_message``; a reader that takes nothing for
+error is that request's ``error_message``: "[CODE] request '<id>': <reason>"; a reader that takes nothing for
 ``STALLED_READER_S`` is abandoned and its requests aborted). Health:
 ``Check`` / ``Watch`` say SERVING while each pool has a live worker.
 
@@ -145,7 +145,11 @@ class KServeFront:
                         await queue.put(pb().ModelStreamInferResponse(infer_response=kserve.infer_response(
                             self.model_name, req.client_id, full, out.finish_reason, flag)))
             except Exception as e:
-                _, message = _grpc_error(e)
+                code, message = _grpc_error(e)
+                # tritonclient hands a stream's error to its callback without the response: the message
+                # names the request, so a client with several on one stream knows which one failed
+                message = f"[{code.name}] request {request.id!r}: {message}" if request.id else \
+                    f"[{code.name}] {message}"
                 await queue.put(pb().ModelStreamInferResponse(
                     error_message=message, infer_response=pb().ModelInferResponse(id=request.id,
                                                                                   model_name=request.model_name)))

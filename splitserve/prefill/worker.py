@@ -218,6 +218,11 @@ class PrefillWorkerImpl:
     def abort(self, request_id: str) -> bool:
         return self.aengine.abort_request(request_id)
 
+    def inject_transfer_faults(self, faults: list[str]) -> int:
+        """The fault campaign: the next transfers this worker sends fail, one fault each ("corrupt",
+        "cut"; ``KVSender.inject``). Returns how many are queued."""
+        return self.sender.inject(faults)
+
     def stats(self) -> dict:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
