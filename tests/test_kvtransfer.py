@@ -185,7 +185,11 @@ def test_prefill_worker_retries_a_failed_transfer(tiny_path):
             rest = decode_all(d_eng)
             worker.inject_transfer_faults(["corrupt", "cut"])
             failed = await worker.prefill("r2", prompt, params, h.address)
-            after = await worker.prefill("r3", prompt, params, h.address)
+            events = [e async for e in worker.prefill_stream("r3", prompt, params, [h.address])]
+            # the router's call: "reserved" (the first token may go out) before the KV has moved
+            assert [e["status"] for e in events] == ["reserved", "transferred"]
+            assert events[0]["decode"] == h.address and events[0]["first"] == events[1]["first"]
+            after = events[1]
             await worker.sender.close()
             return retried, rest, failed, after, h.servicer.num_transfers_failed
 

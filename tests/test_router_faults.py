@@ -100,8 +100,26 @@ class FakeDecode:
 class FakePrefill:
     def __init__(self, name):
         self.name, self.dead, self.busy, self.calls, self.offered = name, False, False, [], []
+        self.reserved = []  # work ids it announced as reserved
+        self.transfer_gate = asyncio.Event()
+        self.transfer_gate.set()
+        self.fail_transfers = 0  # transfers that fail after the reservation
 
     async def prefill(self, wid, prompt, params, decodes, resume=None, wait_s=30.0):
+        """As ``RayWorker.prefill``: a "reserved" event once a decode worker holds room, then the result."""
+        result = await self._prefill(wid, prompt, params, decodes, resume)
+        if result["status"] in ("transferred", "transfer_failed"):
+            self.reserved.append(wid)
+            yield {"status": "reserved", "first": result["first"], "decode": result["decode"]}
+            await self.transfer_gate.wait()  # the KV moves (a test may hold it)
+            if self.fail_transfers:
+                self.fail_transfers -= 1
+                result = {**result, "status": "transfer_failed", "error": "KV transfer failed: DATA_LOSS"}
+                CLUSTER.workers[next(w for w in CLUSTER.workers if getattr(CLUSTER.workers[w], "address", None)
+                                     == result["decode"])].requests.pop(wid, None)
+        yield result
+
+    async def _prefill(self, wid, prompt, params, decodes, resume=None):
         self.calls.append((wid, resume))
         self.offered.append(list(decodes))
         if self.dead:
@@ -269,6 +287,46 @@ def test_a_worker_that_dies_under_every_placement_fails_the_request_after_max_re
     assert len(cluster.reported) == router.max_recoveries + 1 and router.tracks == {}
 
 
+def test_the_first_token_goes_out_while_the_kv_moves_and_a_failed_transfer_repeats_nothing():
+    """Once a decode worker holds room ("reserved"), the first token reaches the client before the
+    transfer ends; a transfer that then fails places the request again from a snapshot holding that
+    token, and the client sees each token once; a client that leaves while the KV moves aborts the
+    request on the prefill worker and on every decode worker offered."""
+    cluster, router = make(decodes=2)
+    p0 = cluster.workers["p0"]
+    p0.transfer_gate.clear()
+
+    async def early():
+        outs = router.generate("r", [3, 4], {"max_tokens": MAX_TOKENS})
+        first = await asyncio.wait_for(outs.__anext__(), 2)  # the gate still holds the transfer
+        assert p0.reserved == ["r@1"] and not first.finished
+        p0.transfer_gate.set()
+        return [first] + [o async for o in outs]
+    check_stream(asyncio.run(early()), [3, 4])
+
+    cluster, router = make(decodes=2)
+    cluster.workers["p0"].fail_transfers = 1
+    outs = asyncio.run(collect(router, "f", [9]))
+    check_stream(outs, [9])
+    wid, resume = cluster.workers["p0"].calls[-1]
+    assert wid == "f@2" and resume["output_token_ids"] == expected([9])[:1]  # the token already out
+    assert router.tracks == {}
+
+    cluster, router = make(decodes=2)
+    p0 = cluster.workers["p0"]
+    p0.transfer_gate.clear()
+    aborted = []
+    p0.abort = aborted.append
+
+    async def leave():
+        outs = router.generate("g", [5], {"max_tokens": MAX_TOKENS})
+        await outs.__anext__()
+        await outs.aclose()  # the client goes while the KV moves
+    asyncio.run(leave())
+    assert aborted == ["g@1"] and all(w.aborted == ["g@1"] for n, w in cluster.workers.items() if n != "p0")
+    assert router.tracks == {}
+
+
 def test_no_worker_left_fails_with_the_reason():
     cluster, router = make(decodes=1)
     cluster.workers["d0"].dead = True
@@ -397,7 +455,7 @@ def test_admission_is_bounded_in_time_and_refuses_before_any_output():
     cluster, router = make()
 
     async def timed_out(wid, prompt, params, decodes, resume=None, wait_s=30.0):
-        return {"status": "queue_timeout", "error": f"it did not start within {wait_s:.1f}s on p0"}
+        yield {"status": "queue_timeout", "error": f"it did not start within {wait_s:.1f}s on p0"}
     cluster.workers["p0"].prefill = timed_out
     with pytest.raises(NoCapacityError, match="did not start within"):
         asyncio.run(collect(router, "c", [7]))

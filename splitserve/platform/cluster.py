@@ -9,7 +9,7 @@ its logic runs the same against fakes in unit tests:
     cluster.report_lost(member)           the router saw this worker fail: not picked again until the
                                           controller says it is back (a new generation, or it answered)
 
-    prefill client: prefill(wid, prompt, params, decode addresses, resume, wait_s) -> dict, abort(wid)
+    prefill client: prefill(wid, prompt, params, decode addresses, resume, wait_s) -> "reserved" event, result;
     decode client:  stream(wid, wait_s) -> async iterator of RequestOutput, stats() (None: too slow to answer),
                     migrate(wid, name, address), abort(wid), cancel_wait(wid)
 
@@ -54,8 +54,15 @@ class RayWorker:
         except Exception as e:
             raise _unwrap(self.name, e) from None
 
-    async def prefill(self, wid, prompt_token_ids, params, decodes, resume=None, wait_s=30.0) -> dict:
-        return await self._call("prefill", wid, prompt_token_ids, params, decodes, resume, wait_s)
+    async def prefill(self, wid, prompt_token_ids, params, decodes, resume=None, wait_s=30.0):
+        """The prefill worker's ``prefill_stream``: a "reserved" event (the first token may go out), then
+        the result."""
+        try:
+            async for ref in self.handle.prefill_stream.remote(wid, prompt_token_ids, params, decodes, resume,
+                                                               wait_s):
+                yield await ref
+        except Exception as e:
+            raise _unwrap(self.name, e) from None
 
     async def stats(self) -> dict | None:
         """None when it does not answer in time: busy, not lost (a lost actor raises WorkerLostError)."""

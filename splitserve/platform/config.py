@@ -109,6 +109,9 @@ class ServeConfig:
     prefill_queue_limit: int = 32  # requests one prefill worker holds at once; more: it says busy
     retry_after_s: int = 2  # the Retry-After a refused (429) request is given
     recovery_wait_s: float = 60.0  # a request whose worker died waits this long to be placed again (a restart)
+    # the first token goes to the client once a decode worker holds room for the request, while its KV moves;
+    # False: once the KV has moved (the baseline of benchmarks/bench_first_token.py)
+    early_first_token: bool = True
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)

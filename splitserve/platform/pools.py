@@ -128,6 +128,7 @@ class Pools:
         return {"mode": self.cfg.mode, "controller": self.controller, "block_size": self.cfg.block_size,
                 "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
                 "retry_after_s": self.cfg.retry_after_s, "recovery_wait_s": self.cfg.recovery_wait_s,
+                "early_first_token": self.cfg.early_first_token,
                 "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler,
                 "model_name": self.cfg.model_name}
 
@@ -195,4 +196,5 @@ def make_router(h: dict):
     if h["mode"] == "colocated":
         return ColocatedRouter(cluster, h["max_inflight"], model_name=h.get("model_name", "default"))
     return Router(cluster, h["block_size"], h["max_wait_s"], h["max_inflight"], model_name=h.get("model_name", "default"),
-                  recovery_wait_s=h.get("recovery_wait_s", 60.0))
+                  recovery_wait_s=h.get("recovery_wait_s", 60.0),
+                  early_first_token=h.get("early_first_token", True))

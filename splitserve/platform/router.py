@@ -20,10 +20,13 @@ where it is and what the client already has)::
               "busy"                        -> another P, or wait for one
               "queue_timeout", "no_capacity" -> refused (the time is up)
               "decode_failed"               -> the unreachable Ds reported lost, placed again
-              P lost                        -> reported, another P
-              "transfer_failed"             -> its token goes out; placed again from a snapshot
+              P lost                        -> reported, another P (recovery_wait_s more to wait)
+              "reserved"                    -> a D holds room: the token goes out at once (TTFT)
+                                               while the KV moves; then one of:
+              "transfer_failed"             -> its token goes out (if not yet); placed again from a
+                                               snapshot
               "finished"                    -> that token ended the request
-              "transferred"                 -> the token goes out at once (TTFT), then follow
+              "transferred"                 -> the token goes out (if not yet), then follow
     follow  D.stream(wid) ... "migrated" (moved_to B) -> B.stream(wid) ... until finished
               D lost mid-stream -> reported; placed again from a snapshot of what the client has
               (prompt + tokens sent + text sent, no KV): a prefill worker recomputes it and samples
@@ -122,12 +125,14 @@ class Router:
     """Shell over the policy: reads membership and load, drives requests, follows them as they move."""
 
     def __init__(self, cluster, block_size: int, max_wait_s: float = 30.0, max_inflight: int = 256,
-                 max_recoveries: int = 3, model_name: str = "default", recovery_wait_s: float = 60.0):
+                 max_recoveries: int = 3, model_name: str = "default", recovery_wait_s: float = 60.0,
+                 early_first_token: bool = True):
         self.cluster, self.block_size, self.model_name = cluster, block_size, model_name
         self.max_wait_s, self.max_recoveries, self.max_inflight = max_wait_s, max_recoveries, max_inflight
         # a request whose worker died (or whose transfer failed) waits this long to be placed again: long
         # enough for a worker to restart, so that a lost worker costs a pause, not the request
         self.recovery_wait_s = max(recovery_wait_s, max_wait_s)
+        self.early_first_token = early_first_token  # False: the first token waits for the KV to move
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
         self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
@@ -189,17 +194,24 @@ class Router:
     async def _run(self, track: Track, deadline: float):
         recoveries = 0
         while True:
-            result, d = await self._place(track, deadline)
+            sent = False  # this placement's token already went out (on "reserved")
+            async for first, placed in self._place(track, deadline):
+                if first is not None:
+                    yield track.accept(first, final=False)
+                    sent = True
+            result, d = placed
             deadline = None  # a placement after a loss (or a failed transfer) may wait recovery_wait_s
             first = result["first"]
             if result["status"] == "finished":  # the first token ended it
                 yield track.accept(first)
                 return
             if result["status"] == "transfer_failed":  # the token goes out; placed again from a snapshot
-                yield track.accept(first, final=False)
+                if not sent:
+                    yield track.accept(first, final=False)
                 continue
             track.decode = d  # before the token goes out: a client leaving now aborts it there
-            yield track.accept(first, final=False)
+            if not sent:
+                yield track.accept(first, final=False)
             try:
                 async for out in self._follow(track):
                     yield out
@@ -259,8 +271,9 @@ class Router:
     async def _place(self, track: Track, deadline: float | None):
         """Prefill the request (again, from a snapshot, after a loss) and hand it to a decode worker by
         ``deadline`` (None, a request recovering from a loss: ``recovery_wait_s`` from now; a prefill
-        worker lost on the way gives it that long again, up to ``max_recoveries`` times). Returns (prefill
-        result, decode member)."""
+        worker lost on the way gives it that long again, up to ``max_recoveries`` times). Yields (first
+        token, None) when a decode worker holds room (the token may go out while the KV moves), then
+        (None, (prefill result, decode member))."""
         started = time.monotonic()
         deadline = deadline if deadline is not None else started + self.recovery_wait_s
         refused: set[str] = set()  # workers that just said no (busy, unreachable): skipped for a round
@@ -283,9 +296,18 @@ class Router:
             resume = track.next_placement()
             n = track.num_tokens
             self._prefill_tokens[p.name] = self._prefill_tokens.get(p.name, 0) + n
+            result = None
             try:
-                result = await p.handle.prefill(track.wid, track.prompt_token_ids, track.params,
-                                                [d.kv_address for d in ds], resume, max(left, 0.1))
+                async with aclosing(p.handle.prefill(track.wid, track.prompt_token_ids, track.params,
+                                                     [d.kv_address for d in ds], resume, max(left, 0.1))) as events:
+                    async for event in events:
+                        if event["status"] == "reserved":
+                            if self.early_first_token:
+                                yield event["first"], None
+                        else:
+                            result = event
+                if result is None:
+                    raise WorkerLostError(p.name, "its prefill stream ended without a result")
             except WorkerLostError:
                 await self.cluster.report_lost(p)
                 losses += 1
@@ -294,8 +316,8 @@ class Router:
                     raise
                 deadline = max(deadline, time.monotonic() + self.recovery_wait_s)  # wait out its restart
                 continue
-            except asyncio.CancelledError:  # client gone during prefill or transfer: stop it everywhere
-                p.handle.abort(track.wid)
+            except (asyncio.CancelledError, GeneratorExit):  # client gone during prefill or transfer: stop it
+                p.handle.abort(track.wid)                         # everywhere
                 for d in ds:
                     d.handle.abort(track.wid)
                 raise
@@ -314,7 +336,8 @@ class Router:
                                              f"a decode worker it was not offered")
                 if status == "transfer_failed":
                     refused.add(result.get("decode"))
-                return result, d
+                yield None, (result, d)
+                return
             if status in ("queue_timeout", "no_capacity"):
                 raise NoCapacityError(result["error"])
             if status == "error":

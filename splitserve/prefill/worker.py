@@ -10,6 +10,7 @@ A request passes through::
       -> a reservation on the first decode worker of the router's list with room, tried in order
          and again until the same deadline, at least once ("no_capacity"; every one unreachable:
          "decode_failed"): decode blocks are taken only now, when the KV is about to move
+      -> (``prefill_stream``) "reserved", with the token: it may go to the client now, the KV follows
       -> KV and snapshot streamed to that decode worker until it commits
        (a failed transfer is retried once with a new reservation; then "transfer_failed": the
         router places the request again, with the token sampled here)
@@ -72,14 +73,32 @@ class PrefillWorkerImpl:
         return {"name": self.name, "address": None, "pid": os.getpid(), "incarnation": self.incarnation,
                 "node_id": ray_node_id()}
 
+    async def prefill_stream(self, request_id: str, prompt_token_ids: list[int], params: dict, decodes,
+                             resume: dict | None = None, wait_s: float = 30.0):
+        """``prefill``, streamed (the router's call): {"status": "reserved", "first", "decode"} as soon as
+        a decode worker holds room for the request, so that its first token goes to the client while the
+        KV is still moving; then ``prefill``'s result. Closing the stream stops the request here."""
+        events: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(self.prefill(request_id, prompt_token_ids, params, decodes, resume, wait_s,
+                                                on_reserved=events.put_nowait))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            yield task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: dict, decodes,
-                      resume: dict | None = None, wait_s: float = 30.0) -> dict:
+                      resume: dict | None = None, wait_s: float = 30.0, on_reserved=None) -> dict:
         """Returns {"status": ..., ...}: "transferred" (with "decode": the address that took it), "finished",
         "busy", "queue_timeout", "no_capacity", "decode_failed", "transfer_failed" or "error"; once the
         prompt is computed, also "failed": {address: gRPC code} of decode workers it could not reach.
         ``decodes``: decode workers' KV addresses, the router's preference
         first (or one address); ``resume``: a RequestSnapshot (as a dict) to continue by recompute;
-        ``wait_s``: from now, how long it may take to start and then to find decode room."""
+        ``wait_s``: from now, how long it may take to start and then to find decode room;
+        ``on_reserved(event)``: called with {"status": "reserved", "first", "decode"} once room is held."""
         decodes = [decodes] if isinstance(decodes, str) else list(decodes)
         snapshot = RequestSnapshot.from_dict(resume) if resume is not None else None
         if snapshot is not None and snapshot.request_id != request_id:
@@ -122,7 +141,7 @@ class PrefillWorkerImpl:
             self.recorder.record("prefill_s", prefilled - max(start, held.scheduled_at))
         try:  # decode room by the same deadline (at least one round of asking)
             return await self._hand_off(request_id, n, decodes, deadline - time.monotonic(), prefilled, start,
-                                        result)
+                                        result, on_reserved)
         finally:
             self.num_inflight -= 1
             self.port.release(request_id)
@@ -135,7 +154,7 @@ class PrefillWorkerImpl:
             self.aengine.abort_request(request_id)
 
     async def _hand_off(self, request_id: str, n: int, decodes: list[str], wait_s: float, prefilled: float,
-                        start: float, result: dict) -> dict:
+                        start: float, result: dict, on_reserved=None) -> dict:
         """Reserve on a decode worker with room, then stream the KV there."""
         failed: dict[str, str | None] = {}  # decode workers whose KV plane failed -> the gRPC code
         result["failed"] = failed
@@ -150,6 +169,9 @@ class PrefillWorkerImpl:
                 return {"status": "error", "code": e.code, "error": f"reserve failed: {e}", **result}
             return {"status": "decode_failed", "code": e.code,
                     "error": f"reserve failed on every decode worker asked: {e}", **result}
+        if on_reserved is not None:  # the first token may go out now: the client's TTFT
+            on_reserved({"status": "reserved", "first": result["first"], "decode": address})
+            self.recorder.record("ttft_s", time.perf_counter() - start)
         try:
             ack = await self._send_with_retry(address, request_id, n)
         except (NoCapacityError, TransferFailedError) as e:
@@ -159,7 +181,8 @@ class PrefillWorkerImpl:
         done = time.perf_counter()
         self.metrics.transferred(done - prefilled, ack.num_bytes)
         self.recorder.record("transfer_s", done - prefilled)
-        self.recorder.record("ttft_s", done - start)
+        if on_reserved is None:  # the first token goes out with this answer
+            self.recorder.record("ttft_s", done - start)
         self.num_prefills += 1
         return {"status": "transferred", "decode": address, "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks,
                 **result}
