@@ -209,7 +209,7 @@ class Router:
                 if not sent:
                     yield track.accept(first, final=False)
                 continue
-            track.decode = d  # before the token goes out: a client leaving now aborts it there
+            track.decode = d  # from now on, a client leaving aborts it there
             if not sent:
                 yield track.accept(first, final=False)
             try:
@@ -334,8 +334,6 @@ class Router:
                 if status == "transferred" and d is None:
                     raise RequestFailedError(f"{p.name} sent the request to {result.get('decode')!r}, "
                                              f"a decode worker it was not offered")
-                if status == "transfer_failed":
-                    refused.add(result.get("decode"))
                 yield None, (result, d)
                 return
             if status in ("queue_timeout", "no_capacity"):
