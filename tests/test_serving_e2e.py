@@ -382,8 +382,14 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     outputs = len(expected.token_ids) + sum(u.completion_tokens for u in usage)
     prompts = expected.num_prompt_tokens + sum(u.prompt_tokens for u in usage)
     grew = lambda s, name, **lab: _metric(s, name, **lab) - _metric(before, name, **lab)
+    # each process reports on its own 0.5 s clock: wait until every count below has come in (or 30 s)
     after = _metrics_settle(server, lambda s: grew(s, "ray_splitserve_requests_total", **ok) >= 3
-                            and grew(s, "ray_splitserve_kv_transfer_bytes_total") > 0)
+                            and grew(s, "ray_splitserve_output_tokens_total", model=MODEL) >= outputs
+                            and grew(s, "ray_splitserve_inter_token_latency_seconds_count", model=MODEL) >= outputs - 3
+                            and grew(s, "ray_splitserve_queue_time_seconds_count", pool="prefill") >= 3
+                            and grew(s, "ray_splitserve_kv_transfer_seconds_count", pool="prefill") >= 3
+                            and grew(s, "ray_splitserve_kv_transfer_bytes_total", pool="prefill")
+                            >= received() - bytes_before)
     assert grew(after, "ray_splitserve_requests_total", **ok) == 3
     assert grew(after, "ray_splitserve_output_tokens_total", model=MODEL) == outputs
     assert grew(after, "ray_splitserve_prompt_tokens_total", model=MODEL) == prompts
