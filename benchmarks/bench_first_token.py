@@ -98,7 +98,7 @@ def main() -> int:
     tok = load_tokenizer(None)
     prompts = {int(n): tok.decode(corpus_tokens(tok.encode, int(n))) for n in args.lengths.split(",")}
     runs = {mode: run_mode(mode, prompts, args.repeats) for mode in MODES}
-    command = "python benchmarks/bench_first_token.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/bench_first_token.py", *sys.argv[1:]])
     med = statistics.median
     table = []
     for n in prompts:
