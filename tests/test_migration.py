@@ -124,7 +124,9 @@ def test_live_migration_mid_stream_equals_an_unmigrated_run(tiny_path, params, s
     assert outs_a[-1].finish_reason == "migrated" and outs_a[-1].moved_to == "B"
     assert outs_b and outs_b[0].index == outs_a[-1].num_output_tokens  # B picks up where A stopped
     assert result["num_stages"] >= 2  # blocks were copied while the request kept decoding on A
-    assert result["last_stage_blocks"] <= 3  # the stop-and-copy stage is small
+    # the stop-and-copy stage is small: at most 2 full blocks not sent and the partial one when the last
+    # stage starts, plus what one engine step can add before the stop (1 token; 1 + 4 drafts speculating)
+    assert result["last_stage_blocks"] <= (4 if spec != "off" else 3)
     check_exact(outs_a[:-1] + outs_b, expected)
 
 
