@@ -98,6 +98,8 @@ class TextTokenizer:
         self.bos_token_id = bos_token_id
         self.add_bos = add_bos
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._byte_level: bool | None = None  # token_bytes: the decoder is byte-level BPE (None: not looked yet)
+        self._added_ids: frozenset = frozenset()
         bos = tok.id_to_token(bos_token_id) if bos_token_id is not None else ""
         eos = tok.id_to_token(min(eos_token_ids)) if eos_token_ids else ""
         self.chat_template = ChatTemplate(chat_template, bos or "", eos or "") if chat_template else None
@@ -118,9 +120,12 @@ class TextTokenizer:
         piece = self.tok.id_to_token(token_id)
         if piece is None:
             return b""
-        if token_id in self.tok.get_added_tokens_decoder():
+        if self._byte_level is None:  # once: a logprobs response asks for up to 21 tokens per output token
+            self._added_ids = frozenset(self.tok.get_added_tokens_decoder())
+            self._byte_level = type(self.tok.decoder).__name__ == "ByteLevel"
+        if token_id in self._added_ids:
             return piece.encode("utf-8")
-        if type(self.tok.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF for c in piece):
+        if self._byte_level and all(c in _BYTE_OF for c in piece):
             return bytes(_BYTE_OF[c] for c in piece)
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             return bytes([int(piece[3:5], 16)])

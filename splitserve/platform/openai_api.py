@@ -140,21 +140,21 @@ def sampling_params(body: dict, chat: bool = False) -> SamplingParams:
 def logprobs_asked(body: dict, chat: bool) -> int | None:
     """How many alternatives per token the request wants with its log-probabilities (None: none).
     Chat: ``logprobs: true`` and ``top_logprobs`` (0 to 20); completions: ``logprobs`` (0 to 20)."""
+    def count(name: str) -> int | None:  # the alternatives per token a field asks for
+        k = body.get(name)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+            raise InvalidRequestError(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}] (the alternatives "
+                                            f"returned per token) or null, got {k!r}")
+        return k
+
     if not chat:
-        k = body.get("logprobs")
-        if k is not None and body.get("echo"):
+        if body.get("logprobs") is not None and body.get("echo"):
             raise InvalidRequestError("logprobs", "logprobs with echo is not supported (the prompt's "
                                                   "log-probabilities are not computed); send one of the two")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
-            raise InvalidRequestError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the "
-                                                  f"alternatives returned per token) or null, got {k!r}")
-        return k
-    wanted, k = body.get("logprobs"), body.get("top_logprobs")
+        return count("logprobs")
+    wanted, k = body.get("logprobs"), count("top_logprobs")
     if wanted is not None and not isinstance(wanted, bool):
         raise InvalidRequestError("logprobs", f"logprobs must be true or false, got {wanted!r}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
-        raise InvalidRequestError("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
-                                                  f"got {k!r}")
     if not wanted:
         if k:
             raise InvalidRequestError("top_logprobs", "top_logprobs needs logprobs: true")
