@@ -43,12 +43,13 @@ def test_colocated_baseline_through_ray(tmp_path, chunked):
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.platform.config import PoolConfig, ServeConfig
     from splitserve.platform.pools import Pools, make_router
+    from splitserve.platform.server import init_ray
 
     make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
     prompt = list(range(3, 60))
     expected = LLMEngine(model=str(tmp_path), dtype="float32", show_progress=False, num_kv_blocks=64).generate(
         [prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].token_ids
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    init_ray(None, num_cpus=2, dashboard=False)  # tried twice: a local Ray sometimes fails to start
     try:
         cfg = ServeConfig(model=str(tmp_path), dtype="float32", mode="colocated",
                           decode=PoolConfig(kv_cache_memory_mb=16, max_num_batched_tokens=16,

@@ -51,14 +51,15 @@ class RunningServer:
                 ray.shutdown(wait_for_processes=True)  # gone before a next server starts one (tests, restarts)
 
 
-def _init_ray(address: str | None, num_cpus: int | None, log):
+def init_ray(address: str | None, num_cpus: int | None, log=lambda m: None, dashboard: bool = True):
     """``ray.init``, tried twice when Ray fails to start a local node: its dashboard process sometimes
-    dies before writing any log (seen in full test-suite runs, right after another Ray had stopped)."""
+    dies before writing any log, or its raylet misses the start-up deadline (both seen in full
+    test-suite runs, right after another Ray had stopped)."""
     for attempt in (1, 2):
         try:
             # an explicit "local": a bare ray.init() would join any cluster `ray start` left on the machine
             return ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
-                            include_dashboard=True if address is None else None, log_to_driver=False)
+                            include_dashboard=dashboard if address is None else None, log_to_driver=False)
         except Exception as e:
             if address is not None or attempt == 2:
                 raise
@@ -70,7 +71,7 @@ def start_server(cfg: ServeConfig, address: str | None = None, num_cpus: int | N
                  log=print) -> RunningServer:
     started_ray, dashboard = False, None
     if not ray.is_initialized():
-        ctx = _init_ray(address, num_cpus, log)
+        ctx = init_ray(address, num_cpus, log)
         dashboard = f"http://{ctx.dashboard_url}" if getattr(ctx, "dashboard_url", None) else None
         started_ray = True
     log(f"starting pools ({cfg.mode}) ...")
