@@ -29,9 +29,10 @@ def real_model_path():
 
 @pytest.fixture(scope="session")
 def real_engine(real_model_path):
-    """Our engine on the real SmolLM2 GGUF in fp32 (the exactness reference setting)."""
+    """Our engine on the real SmolLM2 GGUF in fp32 (the exactness reference setting), without a prefix
+    cache: every request computed cold, whatever came before."""
     from splitserve.engine.engine import LLMEngine
-    return LLMEngine(model=real_model_path, dtype="float32", show_progress=False,
+    return LLMEngine(model=real_model_path, dtype="float32", show_progress=False, prefix_caching=False,
                      kv_cache_memory=256 << 20, max_num_batched_tokens=256)
 
 
@@ -48,6 +49,6 @@ def hf_real(real_model_path):
 def assert_no_leaks(engine):
     """Every KV block back in the pool, every queue empty, nothing tracked."""
     assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
-    assert engine.kv.holders() == []
+    assert engine.kv.holders() == [] and engine.kv.num_tracked() == 0
     assert not engine.scheduler.waiting and not engine.scheduler.running
     assert engine.requests == {}

@@ -92,14 +92,15 @@ def test_worker_counters_grow_by_what_the_cumulative_stats_grew():
         w.counters[k] = Recorded()
     stats = {"num_running": 3, "num_waiting": 1, "num_kv_blocks": 100, "num_free_kv_blocks": 60, "num_held": 2,
              "num_reserved": 5, "num_preemptions": 4, "spec_proposed": 10, "spec_accepted": 6, "migrated_out": 1,
-             "migrations_failed": 0}
+             "migrations_failed": 0, "num_cached_kv_blocks": 7, "prefix_queried_tokens": 90, "prefix_hit_tokens": 64}
     w.update(stats)
     w.update({**stats, "num_preemptions": 6, "spec_proposed": 10, "migrated_out": 3, "migrations_failed": 1})
     assert w.counters["num_preemptions"].values("inc") == [4, 2]
     assert w.counters["spec_proposed"].values("inc") == [10]  # no growth: no increment
     assert [(v, t["outcome"]) for _, v, t in w.migrations.calls] == [(1, "ok"), (2, "ok"), (1, "failed")]
-    blocks = {t["state"]: v for _, v, t in w.blocks.calls[-4:]}
-    assert blocks == {"total": 100, "used": 40, "held": 2, "reserved": 5}
+    assert w.counters["prefix_hit_tokens"].values("inc") == [64]
+    blocks = {t["state"]: v for _, v, t in w.blocks.calls[-5:]}
+    assert blocks == {"total": 100, "used": 40, "held": 2, "reserved": 5, "cached": 7}
     assert w.gauges["num_running"].calls[-1] == ("set", 3, {"pool": "decode", "worker": "decode-0"})
 
 

@@ -4,12 +4,34 @@ import asyncio
 
 import pytest
 
-from splitserve.platform.router import DecodeLoad, PrefillLoad, pick_prefill, rank_decodes
+from splitserve.platform.router import DecodeLoad, PrefillLoad, PrefixIndex, pick_prefill, rank_decodes
 
 
 def test_prefill_goes_to_the_fewest_queued_prompt_tokens():
     assert pick_prefill([PrefillLoad("p0", 900), PrefillLoad("p1", 10), PrefillLoad("p2", 300)]) == "p1"
     assert pick_prefill([]) is None
+
+
+def test_a_prompt_goes_to_the_worker_holding_its_prefix_unless_its_queue_outweighs_the_saving():
+    index = PrefixIndex(block_size=16, capacity=8)
+    system = list(range(100))  # 6 full blocks, then the request's own tokens
+    a, b = system + [500, 501], system + [600]
+    index.record("p0", index.hashes(a))
+    assert index.cached_tokens("p0", index.hashes(b)) == 96 and index.cached_tokens("p1", index.hashes(b)) == 0
+    assert index.cached_tokens("p0", index.hashes([9] + system[1:])) == 0  # the chain breaks at block 0
+    assert index.hashes(system[:17]) == index.hashes(system[:32])[:1]  # the last token's block never counts
+
+    def pick(queued0, queued1):
+        return pick_prefill([PrefillLoad("p0", queued0, index.cached_tokens("p0", index.hashes(b))),
+                             PrefillLoad("p1", queued1, index.cached_tokens("p1", index.hashes(b)))], len(b))
+
+    assert pick(0, 0) == "p0"  # equal queues: the cached prefix decides
+    assert pick(90, 0) == "p0"  # 90 queued tokens ahead < 96 tokens saved
+    assert pick(100, 0) == "p1"  # the queue outweighs the saving
+    index.record("p1", index.hashes(list(range(1000, 1200))))  # 12 blocks: p1 keeps its 8 newest
+    assert index.cached_tokens("p1", index.hashes(list(range(1000, 1200)))) == 0  # its first blocks went first
+    index.retain({"p1"})  # p0 left the pool: its cache is gone with it
+    assert index.cached_tokens("p0", index.hashes(b)) == 0 and len(index) == 1
 
 
 def test_decode_workers_are_ranked_by_free_blocks_among_those_that_fit():

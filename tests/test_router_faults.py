@@ -327,6 +327,35 @@ def test_the_first_token_goes_out_while_the_kv_moves_and_a_failed_transfer_repea
     assert router.tracks == {} and not any(w.requests for n, w in cluster.workers.items() if n != "p0")
 
 
+def test_prompts_sharing_a_prefix_follow_the_prefill_worker_that_computed_it():
+    """KV-aware routing: with p0 busy, the first prompt of a shared prefix goes to p1; later ones follow
+    it to p1 although both queues are empty (by queues alone, the tie would pick p0); a lost p1 is
+    forgotten, and the prefix goes back to the tie."""
+    cluster, router = make(prefills=2, decodes=1)
+    p0, p1 = cluster.workers["p0"], cluster.workers["p1"]
+    system = list(range(1, 40))  # two full blocks of 16 before the last token's block
+
+    async def while_p0_is_busy():
+        p0.transfer_gate.clear()
+        held = asyncio.ensure_future(collect(router, "u", [900, 901]))
+        while not p0.reserved:
+            await asyncio.sleep(0.01)
+        s0 = await collect(router, "s0", system + [50])
+        p0.transfer_gate.set()
+        return await held, s0
+    u, s0 = asyncio.run(while_p0_is_busy())
+    check_stream(u, [900, 901]), check_stream(s0, system + [50])
+    for i in (1, 2):
+        check_stream(asyncio.run(collect(router, f"s{i}", system + [50 + i])), system + [50 + i])
+    assert [w for w, _ in p0.calls] == ["u@1"] and [w for w, _ in p1.calls] == ["s0@1", "s1@1", "s2@1"]
+    check_stream(asyncio.run(collect(router, "v", [700])), [700])  # no prefix anywhere: the tie, p0
+    assert p0.calls[-1][0] == "v@1"
+    cluster.membership.lost("p1", cluster.membership.get("p1").generation)
+    cluster.membership.came_up("p1", "inc-1", None)  # back, with an empty cache
+    check_stream(asyncio.run(collect(router, "s3", system + [53])), system + [53])
+    assert p0.calls[-1][0] == "s3@1" and router.tracks == {}
+
+
 def test_no_worker_left_fails_with_the_reason():
     cluster, router = make(decodes=1)
     cluster.workers["d0"].dead = True

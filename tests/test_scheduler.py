@@ -96,3 +96,40 @@ def test_random_workload_never_drops_and_never_leaks():
     assert all(r.status is RequestStatus.FINISHED_LENGTH and r.num_output_tokens == r.params.max_tokens
                for r in reqs)
     _assert_clean(sched)
+
+
+def test_shared_prefixes_are_reused_never_written_and_never_leak():
+    """Requests with common prompt prefixes under block pressure (preemption, eviction): each admission
+    starts at a cached prefix; no step writes into a cached block; everything is freed at the end."""
+    rng = random.Random(1)
+    kv = KVCacheManager(14, 4, prefix_caching=True)
+    sched = Scheduler(kv, max_num_batched_tokens=16, max_num_seqs=4)
+    system = [[7] * 9, list(range(50, 63))]  # two "system prompts" of 9 and 13 tokens
+    reqs = []
+    for i in range(40):
+        prompt = system[i % 2] + [rng.randint(100, 200) for _ in range(rng.randint(1, 8))]
+        reqs.append(Request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 8), temperature=0), i))
+        sched.add(reqs[-1])
+    writes = 0
+    for _ in range(5000):
+        if not sched.has_work:
+            break
+        plan = sched.schedule()
+        for c in plan.chunks:  # the blocks this chunk writes: those of positions start .. end-1
+            table = kv.block_table(c.request.request_id)
+            for b in {table[p // 4] for p in range(c.start, c.end)}:
+                assert b not in kv.pool._hash_of, f"step writes into cached block {b}"
+                assert kv.pool.ref_count(b) == 1, f"step writes into shared block {b}"
+                writes += 1
+        sched.on_step_finished(plan)
+        for c in plan.chunks:
+            r = c.request
+            if c.samples:
+                r.output_token_ids.append(1000 + r.num_output_tokens)
+                if r.num_output_tokens >= r.params.max_tokens:
+                    sched.finish(r, RequestStatus.FINISHED_LENGTH)
+    assert writes and all(r.status is RequestStatus.FINISHED_LENGTH for r in reqs)
+    assert kv.prefix_hit_tokens >= 4 * 30  # most requests found at least their system prompt's first block
+    assert sched.num_preemptions > 0 and kv.pool.num_evictions > 0  # the pressure was real
+    _assert_clean(sched)
+    assert kv.num_tracked() == 0

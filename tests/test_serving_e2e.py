@@ -192,7 +192,14 @@ def test_kserve_streams_concurrently_on_one_stream_and_across_streams(triton, re
     _wait_idle(server)
 
 
+def _prefix_hits(server) -> int:
+    return sum(s.get("prefix_hit_tokens", 0) for n, s in server.pools.all_stats().items() if "prefill" in n)
+
+
 def test_openai_chat_and_completions(oai, real_engine, server):
+    """Each request is asked twice: the second finds the first's prompt blocks in the prefill worker's
+    prefix cache, and still gives the text of the reference engine, which has no cache."""
+    hits = _prefix_hits(server)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     chat = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     expected_chat = _expected(real_engine, messages=messages)
@@ -210,6 +217,8 @@ def test_openai_chat_and_completions(oai, real_engine, server):
     assert streamed == comp.choices[0].text
     assert [m.id for m in oai.models.list().data] == [MODEL]
     _wait_idle(server)
+    chat_blocks = (expected_chat.num_prompt_tokens - 1) // server.cfg.block_size
+    assert chat_blocks >= 2 and _prefix_hits(server) - hits >= chat_blocks * server.cfg.block_size
 
 
 def test_cancel_mid_stream_frees_every_block(oai, triton, server):
@@ -389,7 +398,9 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
                             and grew(s, "ray_splitserve_queue_time_seconds_count", pool="prefill") >= 3
                             and grew(s, "ray_splitserve_kv_transfer_seconds_count", pool="prefill") >= 3
                             and grew(s, "ray_splitserve_kv_transfer_bytes_total", pool="prefill")
-                            >= received() - bytes_before)
+                            >= received() - bytes_before
+                            and _metric(s, "ray_splitserve_prefix_cache_hit_tokens_total", pool="prefill")
+                            >= _prefix_hits(server))
     assert grew(after, "ray_splitserve_requests_total", **ok) == 3
     assert grew(after, "ray_splitserve_output_tokens_total", model=MODEL) == outputs
     assert grew(after, "ray_splitserve_prompt_tokens_total", model=MODEL) == prompts
@@ -399,6 +410,7 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     assert grew(after, "ray_splitserve_queue_time_seconds_count", pool="prefill") == 3
     assert grew(after, "ray_splitserve_kv_transfer_seconds_count", pool="prefill") == 3
     assert grew(after, "ray_splitserve_kv_transfer_bytes_total", pool="prefill") == received() - bytes_before > 0
+    assert _metric(after, "ray_splitserve_prefix_cache_hit_tokens_total", pool="prefill") == _prefix_hits(server)
     # the worker gauges: every block is free again, the blocks total is the pools'
     stats = _wait_idle(server)
     total = sum(s["num_kv_blocks"] for s in stats.values())

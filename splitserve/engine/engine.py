@@ -54,6 +54,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill size)
     max_num_seqs: int = 64
+    prefix_caching: bool = True  # share the KV of equal prompt prefixes between requests (block_pool.py)
     max_model_len: int | None = None  # default: the model's context, capped by the pool
     num_threads: int | None = None  # torch intra-op threads; default: all cores
     seed: int = 0  # for unseeded sampled requests
@@ -137,7 +138,7 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
             from splitserve.kernels.cpu_linear import use_gemv_dispatch
             use_gemv_dispatch(self.model)
         self.kv_cache = allocate_kv_cache(spec)
-        self.kv = KVCacheManager(spec.num_blocks, spec.block_size)
+        self.kv = KVCacheManager(spec.num_blocks, spec.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -367,7 +368,7 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
                 "pinned": len(self.pinned), "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running), "pending_outputs": len(self._pending),
                 "kv_blocks_in_use": self.kv.num_blocks - self.kv.num_free_blocks,
-                "block_tables": len(self.kv.holders()),
+                "block_tables": self.kv.num_tracked(),
                 "draft_requests": len(getattr(self.proposer, "computed", {})),
                 "draft_blocks_in_use": draft.num_blocks - draft.num_free_blocks if draft is not None else 0}
 
@@ -378,6 +379,9 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
             "num_kv_blocks": self.kv.num_blocks,
             "num_free_kv_blocks": self.kv.num_free_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_cached_kv_blocks": self.kv.pool.num_cached,
+            "prefix_queried_tokens": self.kv.prefix_queried_tokens,
+            "prefix_hit_tokens": self.kv.prefix_hit_tokens,
             "num_held": len(self.held),
             "num_reserved": len(self.reserved),
             "num_pinned": len(self.pinned),

@@ -71,6 +71,7 @@ class Request:
     text: object = None  # output.TextState: detokenizer, stop strings, held-back text
     spec_acceptance: float = 0.6  # moving average of accepted drafts (adaptive k; optimistic start)
     scheduled_at: float | None = None  # time.monotonic() when it first got a step (queueing time ends)
+    block_hashes: list = field(default_factory=list, repr=False)  # chain hashes of its full blocks (prefix cache)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,10 +12,13 @@ budget (``max_num_batched_tokens``):
    until it fits. A request is never dropped.
 2. **Waiting requests**, FCFS, while budget, ``max_num_seqs`` and free blocks
    allow. The head of the queue is never skipped (no starvation): if it does
-   not fit, admission stops for this step.
+   not fit, admission stops for this step. With prefix caching, an admitted
+   request starts from the cached blocks of its longest cached prefix and
+   computes only the rest.
 
 The plan is a :class:`SchedulerOutput`; the engine runs it, then calls
-:meth:`Scheduler.on_step_finished` so computed-token counts move forward.
+:meth:`Scheduler.on_step_finished` so computed-token counts move forward (and
+blocks that became full of computed KV enter the prefix cache).
 Requests leave through :meth:`Scheduler.finish`, which frees their blocks.
 """
 
@@ -26,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from splitserve.engine.block_pool import KVCacheManager
+from splitserve.engine.block_pool import KVCacheManager, block_hashes
 from splitserve.engine.request import Request, RequestStatus
 
 
@@ -138,9 +141,12 @@ class Scheduler:
             req = self.waiting[0]
             if preempted and req.request_id in preempted:
                 break  # do not readmit what we just evicted in the same step
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            cached = self.kv.match_prefix(self._hashes(req, req.num_tokens // self.kv.block_size), req.num_tokens)
+            start = len(cached) * self.kv.block_size
+            n = min(req.num_tokens - start, budget)
+            if not self.kv.allocate_prefixed(req.request_id, cached, start + n, req.num_tokens):
                 break
+            req.num_computed_tokens = start
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             if req.scheduled_at is None:
@@ -152,10 +158,24 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks), tuple(preempted))
 
     def on_step_finished(self, output: SchedulerOutput) -> None:
+        bs = self.kv.block_size
         for c in output.chunks:  # drafts count once verified (the engine adds the accepted ones)
-            c.request.num_computed_tokens = c.end - c.num_draft_tokens
+            req = c.request
+            req.num_computed_tokens = c.end - c.num_draft_tokens
+            full = req.num_computed_tokens // bs
+            if full > self.kv.num_cached_blocks(req.request_id):
+                self.kv.cache_full_blocks(req.request_id, self._hashes(req, full)[:full])
 
     # -- helpers -----------------------------------------------------------
+
+    def _hashes(self, req: Request, num_blocks: int) -> list[bytes]:
+        """The chain hashes of the request's first ``num_blocks`` full blocks (kept on the request: its
+        tokens never change); none without prefix caching."""
+        if not self.kv.prefix_caching:
+            return []
+        if len(req.block_hashes) < num_blocks:
+            block_hashes(req.token_ids(0, num_blocks * self.kv.block_size), self.kv.block_size, req.block_hashes)
+        return req.block_hashes
 
     def _chunk(self, req: Request, n: int, drafts: int = 0) -> ScheduledChunk:
         start = req.num_computed_tokens

@@ -112,6 +112,9 @@ class ServeConfig:
     # the first token goes to the client once a decode worker holds room for the request, while its KV moves;
     # False: once the KV has moved (the baseline of benchmarks/bench_first_token.py)
     early_first_token: bool = True
+    # share the KV of equal prompt prefixes between requests on each worker, and route a prompt to the prefill
+    # worker holding its longest prefix (unless its queue outweighs the saving); False: neither
+    prefix_caching: bool = True
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
@@ -194,4 +197,4 @@ def engine_kwargs(cfg: ServeConfig, pool: PoolConfig, decodes: bool = True) -> d
                 kv_cache_memory=pool.kv_cache_memory_mb << 20,
                 max_num_batched_tokens=pool.max_num_batched_tokens if pool.chunked_prefill else 1 << 20,
                 max_num_seqs=pool.max_num_seqs, quantization=pool.quantization or cfg.quantization,
-                show_progress=False)
+                prefix_caching=cfg.prefix_caching, show_progress=False)

@@ -17,8 +17,10 @@ of process, each made once per process (:func:`request_metrics`,
         kv_transfer_seconds, kv_transfer_bytes_total, kv_transfer_failures_total{reason}
         migration_pause_seconds                              (the stop-and-copy of a live move)
         from its cumulative stats, every ``EXPORT_PERIOD_S`` (:meth:`WorkerMetrics.update`):
-        running/waiting requests, kv_blocks{state=total|used|reserved|held}, preemptions_total,
-        migrations_total{outcome}, spec_proposed_tokens_total, spec_accepted_tokens_total
+        running/waiting requests, kv_blocks{state=total|used|reserved|held|cached}, preemptions_total,
+        migrations_total{outcome}, spec_proposed_tokens_total, spec_accepted_tokens_total,
+        prefix_cache_queried_tokens_total, prefix_cache_hit_tokens_total (hit rate: hit / queried;
+        saved prefill: the hit tokens)
 
 Histogram buckets span CPU and GPU speeds (a millisecond to a minute). Where
 Ray is not initialised (unit tests, a plain engine) every call is a no-op.
@@ -138,7 +140,11 @@ class WorkerMetrics:
                "num_waiting": ("splitserve_waiting_requests", "requests waiting to be scheduled")}
     _COUNTERS = {"num_preemptions": ("splitserve_preemptions_total", "requests preempted for KV room"),
                  "spec_proposed": ("splitserve_spec_proposed_tokens_total", "draft tokens proposed"),
-                 "spec_accepted": ("splitserve_spec_accepted_tokens_total", "draft tokens accepted")}
+                 "spec_accepted": ("splitserve_spec_accepted_tokens_total", "draft tokens accepted"),
+                 "prefix_queried_tokens": ("splitserve_prefix_cache_queried_tokens_total",
+                                           "prompt tokens looked up in the prefix cache"),
+                 "prefix_hit_tokens": ("splitserve_prefix_cache_hit_tokens_total",
+                                       "prompt tokens found cached (their prefill skipped)")}
 
     def __init__(self, pool: str, worker: str):
         self.tags = {"pool": pool, "worker": worker}
@@ -199,7 +205,8 @@ class WorkerMetrics:
         total, free = stats.get("num_kv_blocks", 0), stats.get("num_free_kv_blocks", 0)
         if self.blocks is not None:
             for state, v in (("total", total), ("used", total - free), ("held", stats.get("num_held", 0)),
-                             ("reserved", stats.get("num_reserved", 0))):
+                             ("reserved", stats.get("num_reserved", 0)),
+                             ("cached", stats.get("num_cached_kv_blocks", 0))):
                 self.blocks.set(v, tags={**self.tags, "state": state})
         cumulative = {k: stats.get(k) for k in self._COUNTERS}
         cumulative["migrated"] = stats.get("migrated_out")

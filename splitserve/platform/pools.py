@@ -129,6 +129,7 @@ class Pools:
                 "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
                 "retry_after_s": self.cfg.retry_after_s, "recovery_wait_s": self.cfg.recovery_wait_s,
                 "early_first_token": self.cfg.early_first_token,
+                "prefix_caching": self.cfg.prefix_caching,
                 "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler,
                 "model_name": self.cfg.model_name}
 
@@ -197,4 +198,4 @@ def make_router(h: dict):
         return ColocatedRouter(cluster, h["max_inflight"], model_name=h.get("model_name", "default"))
     return Router(cluster, h["block_size"], h["max_wait_s"], h["max_inflight"], model_name=h.get("model_name", "default"),
                   recovery_wait_s=h.get("recovery_wait_s", 60.0),
-                  early_first_token=h.get("early_first_token", True))
+                  early_first_token=h.get("early_first_token", True), prefix_caching=h.get("prefix_caching", True))

@@ -1,7 +1,11 @@
 """The router: picks a prefill and a decode worker per request, drives it through them, and follows it.
 
-Policy (pure, no Ray): ``pick_prefill`` takes the prefill worker with the
-fewest queued prompt tokens; ``rank_decodes`` orders the decode workers that
+Policy (pure, no Ray): ``pick_prefill`` takes the prefill worker that would
+finish the prompt first: the fewest queued prompt tokens plus the tokens of
+this prompt it must compute, its cached prefix skipped (KV-aware routing:
+:class:`PrefixIndex` remembers the prompt blocks sent to each worker, so a
+worker holding a long shared prefix wins unless its queue outweighs the
+saving); ``rank_decodes`` orders the decode workers that
 can hold the request by free KV blocks (ties: the smaller running batch),
 skipping workers that just refused. The prefill worker reserves on the first
 of that list with room once the prompt is computed, so decode blocks are not
@@ -48,6 +52,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
+from collections import OrderedDict
+
+from splitserve.engine.block_pool import block_hashes
 from splitserve.engine.output import RequestOutput
 from splitserve.engine.request import RequestSnapshot
 from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestFailedError, RequestStateError,
@@ -62,6 +69,7 @@ UNREACHABLE = (None, "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
 class PrefillLoad:
     name: str
     queued_prompt_tokens: int
+    cached_tokens: int = 0  # of this prompt, how many the worker probably holds in its prefix cache
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,60 @@ class DecodeLoad:
     block_size: int
 
 
-def pick_prefill(loads: list[PrefillLoad]) -> str | None:
-    return min(loads, key=lambda w: (w.queued_prompt_tokens, w.name)).name if loads else None
+def pick_prefill(loads: list[PrefillLoad], num_tokens: int = 0) -> str | None:
+    """The worker that would be done first with a prompt of ``num_tokens``: queued tokens + the prompt's
+    uncached tokens (ties: the name)."""
+    return min(loads, key=lambda w: (w.queued_prompt_tokens + num_tokens - w.cached_tokens, w.name)).name \
+        if loads else None
+
+
+class PrefixIndex:
+    """Which prompt blocks each prefill worker probably holds in its prefix cache: the chain hashes
+    (``block_pool.block_hashes``) of the prompts this router sent it, least recently sent forgotten
+    first beyond ``capacity`` blocks per worker. A hint, not a promise: the worker may have evicted
+    them (it then computes them; the output is the same either way)."""
+
+    def __init__(self, block_size: int, capacity: int = 1 << 14):
+        self.block_size, self.capacity = block_size, capacity
+        self._held: dict[str, OrderedDict[bytes, None]] = {}  # worker -> its blocks' hashes, oldest first
+
+    def hashes(self, token_ids: list[int]) -> list[bytes]:
+        """The hashes of a prompt's full blocks but the one holding its last token (never a hit)."""
+        return block_hashes(token_ids[:len(token_ids) - 1], self.block_size)
+
+    def cached_tokens(self, worker: str, hashes: list[bytes]) -> int:
+        held = self._held.get(worker)
+        n = 0
+        while held and n < len(hashes) and hashes[n] in held:
+            n += 1
+        return n * self.block_size
+
+    def record(self, worker: str, hashes: list[bytes]) -> None:
+        held = self._held.setdefault(worker, OrderedDict())
+        for h in hashes:
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > self.capacity:
+            held.popitem(last=False)
+
+    def retain(self, workers: set[str]) -> None:
+        """Forget the workers not in ``workers`` (lost, drained, restarted: their caches are gone)."""
+        for name in [w for w in self._held if w not in workers]:
+            del self._held[name]
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 def rank_decodes(loads: list[DecodeLoad], num_tokens: int, exclude: set[str] = frozenset()) -> list[str]:
     """Decode workers that can hold ``num_tokens``, best first: most free blocks, then the smaller batch."""
     fits = [w for w in loads if w.name not in exclude and w.free_blocks * w.block_size >= num_tokens]
     return [w.name for w in sorted(fits, key=lambda w: (-w.free_blocks, w.running, w.name))]
+
+
+def _incarnation(member) -> str:
+    """A worker's cache lives as long as its process: a restarted worker (a new generation) starts empty."""
+    return f"{member.name}#{member.generation}"
 
 
 @dataclass
@@ -95,6 +149,7 @@ class Track:
     attempt: int = 0
     wid: str = ""  # the work id of the current placement
     decode: object = None  # the Member holding it while it decodes
+    prompt_hashes: list = field(default_factory=list)  # its prompt's blocks (PrefixIndex.hashes)
 
     @property
     def num_tokens(self) -> int:
@@ -126,7 +181,7 @@ class Router:
 
     def __init__(self, cluster, block_size: int, max_wait_s: float = 30.0, max_inflight: int = 256,
                  max_recoveries: int = 3, model_name: str = "default", recovery_wait_s: float = 60.0,
-                 early_first_token: bool = True):
+                 early_first_token: bool = True, prefix_caching: bool = True):
         self.cluster, self.block_size, self.model_name = cluster, block_size, model_name
         self.max_wait_s, self.max_recoveries, self.max_inflight = max_wait_s, max_recoveries, max_inflight
         # a request whose worker died (or whose transfer failed) waits this long to be placed again: long
@@ -135,6 +190,7 @@ class Router:
         self.early_first_token = early_first_token  # False: the first token waits for the KV to move
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
+        self.prefixes = PrefixIndex(block_size) if prefix_caching else None  # None: route by queues alone
         self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
         self.num_recoveries = 0  # placements made again after a worker was lost (prefill or decode)
 
@@ -147,6 +203,14 @@ class Router:
     def requests(self) -> dict:
         return {rid: {"worker": t.decode.name if t.decode is not None else None, "work_id": t.wid,
                       "client_id": t.label, "output_tokens": len(t.token_ids)} for rid, t in self.tracks.items()}
+
+    def _prefill_loads(self, prefills, refused: set[str], track: Track) -> list[PrefillLoad]:
+        if self.prefixes is None:
+            return [PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0)) for m in prefills if m.name not in refused]
+        self.prefixes.retain({_incarnation(m) for m in prefills})
+        return [PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0),
+                            self.prefixes.cached_tokens(_incarnation(m), track.prompt_hashes))
+                for m in prefills if m.name not in refused]
 
     async def _decode_loads(self, members) -> list[DecodeLoad]:
         stats = await asyncio.gather(*(m.handle.stats() for m in members), return_exceptions=True)
@@ -163,6 +227,8 @@ class Router:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict,
                        label: str | None = None) -> AsyncIterator[RequestOutput]:
         track = Track(request_id, list(prompt_token_ids), params, label)
+        if self.prefixes is not None:
+            track.prompt_hashes = self.prefixes.hashes(track.prompt_token_ids)
         finished = False
         try:
             async with aclosing(request_metrics().observe(self.model_name, len(prompt_token_ids),
@@ -282,8 +348,7 @@ class Router:
             view = await self.cluster.view()
             prefills, decodes = view.live("prefill"), view.live("decode")
             ranked = rank_decodes(await self._decode_loads(decodes), track.num_tokens, refused)
-            p_name = pick_prefill([PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0))
-                                   for m in prefills if m.name not in refused])
+            p_name = pick_prefill(self._prefill_loads(prefills, refused, track), track.num_tokens)
             left = deadline - time.monotonic()
             if not ranked or p_name is None:
                 if left <= 0:
@@ -293,6 +358,8 @@ class Router:
                 refused.clear()
                 continue
             p, ds = view.get(p_name), [view.get(name) for name in ranked]
+            if self.prefixes is not None:
+                self.prefixes.record(_incarnation(p), track.prompt_hashes)  # it computes (or has) these now
             resume = track.next_placement()
             n = track.num_tokens
             self._prefill_tokens[p.name] = self._prefill_tokens.get(p.name, 0) + n
