@@ -5,6 +5,8 @@
 * Arrivals: Poisson (exponential gaps) or bursty gamma gaps with a chosen
   coefficient of variation, at a rate; or a fixed concurrency (closed loop).
 * Lengths: fixed, uniform, or log-normal (long-tailed, chat-like), clipped.
+* A shared prefix: every prompt can start with the same ``shared_prefix``
+  tokens (a long system prompt, the case prefix caching is for).
 
 ``Workload.schedule(duration_s, seed)`` returns the requests with their send
 times; prompts are token-exact slices of the corpus, decoded to text.
@@ -91,10 +93,13 @@ class RequestSpec:
 
 @dataclass(frozen=True)
 class Workload:
-    """A mix of request classes: (weight, prompt lengths, output lengths, class name)."""
+    """A mix of request classes: (weight, prompt lengths, output lengths, class name); with
+    ``shared_prefix`` > 0, every prompt starts with the corpus's first ``shared_prefix`` tokens (its own
+    part follows, sampled as the class says)."""
 
     name: str
     classes: tuple = field(default_factory=tuple)
+    shared_prefix: int = 0
 
     def specs(self, n: int, rng: np.random.Generator, tokenizer, corpus_ids: list[int]) -> list[RequestSpec]:
         weights = np.array([c[0] for c in self.classes], dtype=float)
@@ -104,8 +109,8 @@ class Workload:
             _, plen, olen, kind = self.classes[c]
             p = int(plen.sample(rng, 1)[0])
             o = int(olen.sample(rng, 1)[0])
-            start = int(rng.integers(0, max(1, len(corpus_ids) - p)))
-            ids = corpus_ids[start:start + p]
+            start = int(rng.integers(self.shared_prefix, max(self.shared_prefix + 1, len(corpus_ids) - p)))
+            ids = corpus_ids[:self.shared_prefix] + corpus_ids[start:start + p]
             out.append(RequestSpec(i, 0.0, tokenizer.decode(ids), len(ids), o, kind))
         return out
 
@@ -126,5 +131,8 @@ WORKLOADS = {
     "mixed": Workload("mixed", ((0.85, Lengths("lognormal", 100, 0.3, 16, 400),
                                  Lengths("lognormal", 128, 0.3, 8, 256), "chat"),
                                 (0.15, Lengths("uniform", 1024, 2048), Lengths("fixed", 32), "long_prompt"))),
+    # (d) a shared system prompt of 768 tokens before each short question (~64 tokens), short answers
+    "shared_prefix": Workload("shared_prefix", ((1.0, Lengths("lognormal", 64, 0.3, 16, 160),
+                                                 Lengths("lognormal", 48, 0.3, 8, 96), "chat"),), shared_prefix=768),
     # (c) the ramp uses short_chat requests at fixed concurrency 1 -> 32 (see runner.run_concurrency)
 }
