@@ -14,9 +14,7 @@ throughput only). ``disaggregated+int4`` is the disaggregated system with an
 int4 decode pool (``--quantization`` per pool; prefill stays bf16).
 
 Workloads: (a) short chat, (b) mixed (short chats with 1-2k-token prompts among
-them), (d) shared prefix (a 768-token system prompt before each short question:
-``--workloads shared_prefix --systems disaggregated,disaggregated-no-prefix-cache``
-measures prefix caching), at a rate sweep each (goodput under the SLOs, P99 TPOT); (c) a
+them), at a rate sweep each (goodput under the SLOs, P99 TPOT); (c) a
 concurrency ramp 1 -> 32 (served output tokens/s). Writes
 ``benchmarks/results/compare.md``, ``compare.json`` and PNG plots.
 """
@@ -55,11 +53,8 @@ SYSTEMS = {
     "colocated": dict(mode="colocated", decode=dict(threads=2, chunked_prefill=False)),
     "disaggregated+int4": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
                                decode=dict(threads=1, quantization="int4")),
-    # the baseline of the shared-prefix workload: no prefix cache, prompts routed by queue alone
-    "disaggregated-no-prefix-cache": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
-                                          decode=dict(threads=1), serve=dict(prefix_caching=False)),
 }
-NAMES = {"short_chat": "(a) short chat", "mixed": "(b) mixed", "shared_prefix": "(d) shared system prompt"}
+NAMES = {"short_chat": "(a) short chat", "mixed": "(b) mixed"}
 LLAMA_SLOTS = 32  # llama-server --parallel: one slot per stream up to the ramp's top concurrency
 
 
@@ -72,8 +67,7 @@ def run_splitserve(name: str, spec: dict, workloads, args, tokenizer, ids) -> di
     from splitserve.platform.server import start_server
 
     cfg = ServeConfig(mode=spec["mode"], http_port=_free_port(), grpc_port=_free_port(), max_queue_wait_s=60,
-                      prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})),
-                      **spec.get("serve", {}))
+                      prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})))
     log(f"[{name}] starting ...")
     srv = start_server(cfg, num_cpus=2, log=lambda m: None)
     try:

@@ -5,7 +5,9 @@ A request passes through (on this worker)::
     RESERVED (blocks allocated by a sender's Reserve: a prefill worker, or a decode worker migrating)
       -> TRANSFERRING (chunks written into the reserved blocks)
       -> committed: joins the running batch (continuous batching with everything else)
-      -> its outputs wait in a queue until the router calls ``stream`` -> finished: blocks freed
+      -> its outputs wait in a queue until a router claims it (``claim``: its outputs go out in the
+         reader's batches, one message per engine step for all of that reader's requests; see
+         ``outbox.py``; ``stream`` is the same, one request per call) -> finished: blocks freed
          or MIGRATING (``migrate``: its KV goes to another decode worker while it keeps decoding;
          when it stops for the last stage, its stream says where it is going, so the reader can open
          that worker's stream at once (``stream(wait_s=...)`` waits for the commit); then its stream
@@ -18,7 +20,8 @@ an abort during a migration is carried out where the request ends up; and a
 committed request nobody claims within ``unclaimed_ttl_s`` is aborted, so
 nothing is held forever. Output streams are backpressured: a reader that
 stops reading without closing its stream stalls it, and a request stalled for
-``STALLED_READER_S`` is aborted.
+``STALLED_READER_S`` is aborted (a batch reader that takes nothing for that
+long has all its requests aborted).
 
 ``start`` is idempotent and returns the worker's identity (KV address, pid,
 incarnation): the controller calls it to (re)register the worker, after Ray
@@ -36,6 +39,7 @@ import uuid
 import ray
 
 from splitserve.autoscaler.signals import Recorder, engine_gauges, step_recorder
+from splitserve.decode.outbox import Outbox
 from splitserve.platform.metrics import WorkerMetrics
 from splitserve.engine.output import RequestOutput
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
@@ -61,6 +65,10 @@ async def reap_stalled_forever(worker, period_s: float = 1.0) -> None:
         await asyncio.sleep(period_s)
         for rid in worker.aengine.stalled(STALLED_READER_S):
             worker.abort(rid)
+        for reader, outbox in list(getattr(worker, "outboxes", {}).items()):
+            if outbox.stalled(STALLED_READER_S):
+                del worker.outboxes[reader]
+                outbox.close()
 
 
 class DecodeWorkerImpl:
@@ -79,6 +87,7 @@ class DecodeWorkerImpl:
         self.sender = KVSender(cluster_token, kv_codec=kv_codec, tls=kv_tls)
         self.queues: dict = {}  # committed request id -> its output queue, until the router claims it
         self.waiters: dict[str, asyncio.Future] = {}  # request id -> a reader already waiting for its commit
+        self.outboxes: dict[str, Outbox] = {}  # reader id -> the batched outputs of the requests it claimed
         self.address = None
         self.draining = False
         self.unclaimed_ttl_s, self.tombstone_ttl_s = unclaimed_ttl_s, tombstone_ttl_s
@@ -127,6 +136,29 @@ class DecodeWorkerImpl:
     async def stream(self, request_id: str, wait_s: float = 0.0):
         """Yield the request's outputs (RequestOutput deltas) until it finishes or moves. ``wait_s``: a
         request on its way here (a migration in its last stage) may commit within this time."""
+        async for out in self._outputs(request_id, await self._committed(request_id, wait_s)):
+            yield out
+
+    async def claim(self, request_id: str, reader: str, wait_s: float = 0.0) -> None:
+        """As ``stream``, but the outputs go into ``reader``'s batches (``outputs``)."""
+        queue = await self._committed(request_id, wait_s)
+        self.outboxes.setdefault(reader, Outbox()).claim(request_id, self._outputs(request_id, queue))
+
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=STREAM_BACKPRESSURE)
+    async def outputs(self, reader: str):
+        """One reader's batches: [(request id, RequestOutput)], all its requests' outputs since the last."""
+        outbox = self.outboxes.setdefault(reader, Outbox())
+        try:
+            while True:
+                yield await outbox.take()
+        finally:  # the reader closed it (or its process ended): its requests stop
+            if self.outboxes.get(reader) is outbox:
+                del self.outboxes[reader]
+            outbox.close()
+
+    async def _committed(self, request_id: str, wait_s: float):
+        """The output queue of a request committed here (waiting up to ``wait_s`` for the commit); it is
+        then the caller's: KeyError if there is none."""
         if request_id not in self.queues and wait_s > 0 and request_id not in self.waiters:
             self.waiters[request_id] = asyncio.get_running_loop().create_future()
             try:
@@ -138,6 +170,10 @@ class DecodeWorkerImpl:
         queue = self.queues.pop(request_id, None)
         if queue is None:
             raise KeyError(f"request {request_id!r} was not committed to this decode worker")
+        return queue
+
+    async def _outputs(self, request_id: str, queue):
+        """The request's outputs from the engine, recorded for the autoscaler's signals."""
         first_at, tokens = None, 0
         async for out in self.aengine.stream(request_id, queue):
             if out.new_token_ids:
@@ -239,6 +275,8 @@ class DecodeWorkerImpl:
         servicer = getattr(self, "servicer", None)
         return {**self.engine.leaks(), **self.aengine.leaks(), "queues": len(self.queues),
                 "stream_waiters": len(self.waiters),
+                "output_pumps": sum(len(o.pumps) for o in self.outboxes.values()),
+                "outbox_items": sum(len(o.items) for o in self.outboxes.values()),
                 "moving": len(self.port.moving()) if self.address else 0,
                 "abort_after_move": len(self.abort_after_move),
                 "kv_reservations": len(servicer._reservations) if servicer else 0,

@@ -115,6 +115,9 @@ class ServeConfig:
     # share the KV of equal prompt prefixes between requests on each worker, and route a prompt to the prefill
     # worker holding its longest prefix (unless its queue outweighs the saving); False: neither
     prefix_caching: bool = True
+    # a decode worker's outputs reach the front door as one message per engine step for all its requests
+    # (decode/outbox.py); False: one Ray object per token per request (the baseline of bench_output_path.py)
+    batched_outputs: bool = True
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)

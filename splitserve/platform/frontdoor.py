@@ -316,7 +316,8 @@ class FrontDoor(KServeFront):
     @app.get("/admin/requests")
     async def admin_requests(self, request: Request):
         async def call():
-            return {"requests": self.router.requests()}
+            streams = getattr(self.router.cluster, "open_streams", None)  # (the colocated router has none)
+            return {"requests": self.router.requests(), "open_streams": streams() if streams else 0}
         return await self._admin_call(request, call)
 
     @app.post("/admin/requests/{request_id}/migrate")

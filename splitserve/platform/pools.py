@@ -129,7 +129,7 @@ class Pools:
                 "max_wait_s": self.cfg.max_queue_wait_s, "max_inflight": self.cfg.max_queued_requests,
                 "retry_after_s": self.cfg.retry_after_s, "recovery_wait_s": self.cfg.recovery_wait_s,
                 "early_first_token": self.cfg.early_first_token,
-                "prefix_caching": self.cfg.prefix_caching,
+                "prefix_caching": self.cfg.prefix_caching, "batched_outputs": self.cfg.batched_outputs,
                 "cluster_token": self.cfg.cluster_token, "autoscaler": self.autoscaler,
                 "model_name": self.cfg.model_name}
 
@@ -193,7 +193,7 @@ def with_instance_types(cfg: ServeConfig, catalog) -> ServeConfig:
 def make_router(h: dict):
     from splitserve.platform.cluster import RayCluster
     from splitserve.platform.router import ColocatedRouter, Router
-    cluster = RayCluster(h["controller"])
+    cluster = RayCluster(h["controller"], h.get("batched_outputs", True))
     if h["mode"] == "colocated":
         return ColocatedRouter(cluster, h["max_inflight"], model_name=h.get("model_name", "default"))
     return Router(cluster, h["block_size"], h["max_wait_s"], h["max_inflight"], model_name=h.get("model_name", "default"),

@@ -1,0 +1,154 @@
+"""Prefix caching on a shared-system-prompt workload: goodput with the cache and without it, in one run.
+
+    python benchmarks/bench_prefix_cache.py [--rates 0.1,0.2,...] [--duration 40] [--slo-ttft 3] [--slo-tpot 0.15]
+
+Two servers, one after the other on the same 2 cores (real Ray, 1 prefill and 1 decode actor of 1
+thread each, the real SmolLM2 in the machine's default dtype), the same requests sent to each:
+
+  cache       ``prefix_caching: true`` (the default): the prefill worker keeps computed prompt blocks,
+              a prompt that starts with them computes only the rest
+  no cache    ``prefix_caching: false``: every prompt computed whole (the baseline)
+
+Workload ``shared_prefix`` (``splitserve/bench/workload.py``): every prompt is the same 768-token
+system prompt followed by its own question (log-normal, ~64 tokens), outputs ~48 tokens; Poisson
+arrivals, open loop, over the OpenAI SSE API. Each rate runs ``--duration`` s after a warm-up; a
+system's sweep stops after its attainment falls below 50%. Reported per rate: SLO attainment (both
+objectives, and TTFT alone), P50/P99 TTFT, P99 TPOT, and the prefill worker's prefix-cache hit rate
+(hit tokens / looked-up tokens, from its stats); per system its goodput (the highest rate at which it
+and every lower rate reach 90%), and the ratio. Writes benchmarks/results/prefix_cache.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_engine import machine  # noqa: E402
+from bench_migration import free_port  # noqa: E402
+
+SYSTEMS = {"cache": True, "no cache": False}
+
+
+def _fmt(v, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prefill_hits(server) -> tuple[int, int]:
+    """(hit, looked-up) prompt tokens, summed over the prefill workers."""
+    stats = [s for n, s in server.pools.all_stats().items() if "prefill" in n]
+    return sum(s.get("prefix_hit_tokens", 0) for s in stats), sum(s.get("prefix_queried_tokens", 0) for s in stats)
+
+
+def run_system(name: str, args, tokenizer, ids) -> dict:
+    import ray
+    from splitserve.bench import metrics
+    from splitserve.bench.clients import OpenAIClient
+    from splitserve.bench.runner import run_open_loop
+    from splitserve.bench.workload import WORKLOADS
+    from splitserve.platform.config import PoolConfig, ServeConfig
+    from splitserve.platform.server import start_server
+
+    cfg = ServeConfig(model_name="smollm2", http_port=free_port(), grpc_port=free_port(), max_queue_wait_s=60,
+                      prefix_caching=SYSTEMS[name], prefill=PoolConfig(threads=1, max_num_batched_tokens=512),
+                      decode=PoolConfig(threads=1))
+    log(f"[{name}] starting the server (1 prefill, 1 decode actor) ...")
+    server = start_server(cfg, num_cpus=2, log=lambda m: None)
+    rows = {}
+    try:
+        client = OpenAIClient(server.endpoints["openai"], "smollm2")
+
+        async def sweep():
+            for rate in args.rates:
+                specs = WORKLOADS["shared_prefix"].schedule(rate, args.duration + args.warmup, args.seed, tokenizer,
+                                                            ids)
+                hit0, asked0 = prefill_hits(server)
+                started = time.monotonic()
+                recs = await run_open_loop(client, specs, args.warmup, request_timeout_s=180, progress=False)
+                hit, asked = prefill_hits(server)
+                both = metrics.summarize(recs, args.slo_ttft, args.slo_tpot)
+                ttft_only = metrics.summarize(recs, args.slo_ttft, float("inf"))
+                rows[rate] = {"requests": both["num_requests"], "errors": both["num_errors"],
+                              "attainment": both["slo_attainment"], "attainment_ttft": ttft_only["slo_attainment"],
+                              "ttft_p50_s": both["ttft_s"]["p50"], "ttft_p99_s": both["ttft_s"]["p99"],
+                              "tpot_p99_s": both["tpot_s"]["p99"],
+                              "hit_rate": (hit - hit0) / (asked - asked0) if asked > asked0 else 0.0,
+                              "seconds": time.monotonic() - started}
+                r = rows[rate]
+                log(f"[{name}] {rate} req/s: attainment {r['attainment']:.0%} (TTFT alone "
+                    f"{r['attainment_ttft']:.0%}), TTFT P50 {_fmt(r['ttft_p50_s'])} s P99 {_fmt(r['ttft_p99_s'])} s, "
+                    f"TPOT P99 {_fmt(r['tpot_p99_s'], 1e3, 0)} ms, hit rate {r['hit_rate']:.0%}, errors {r['errors']}")
+                if r["attainment"] < 0.5 and r["attainment_ttft"] < 0.5:
+                    break  # far past the knee: higher rates only queue up
+            await client.close()
+
+        asyncio.run(sweep())
+    finally:
+        server.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.8,1,1.25,1.5")
+    ap.add_argument("--duration", type=float, default=40.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--slo-ttft", type=float, default=3.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    args.rates = [float(x) for x in args.rates.split(",")]
+    from splitserve.bench import metrics
+    from splitserve.bench.workload import corpus_text
+    from splitserve.engine.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(None)
+    ids = tokenizer.encode(corpus_text())
+    runs = {name: run_system(name, args, tokenizer, ids) for name in SYSTEMS}
+    goodput = {n: metrics.goodput({r: v["attainment"] for r, v in rows.items()}) for n, rows in runs.items()}
+    goodput_ttft = {n: metrics.goodput({r: v["attainment_ttft"] for r, v in rows.items()}) for n, rows in runs.items()}
+    command = " ".join(["python benchmarks/bench_prefix_cache.py", *sys.argv[1:]])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "prefix_cache.json"), "w") as f:
+        json.dump({"command": command, "machine": machine(), "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+                   "goodput": goodput, "goodput_ttft_only": goodput_ttft, "runs": runs}, f, indent=1)
+
+    def ratio(g: dict) -> str:
+        return f"{g['cache'] / g['no cache']:.1f}x" if g["no cache"] else \
+            ("no cache: 0 (misses at the lowest rate)" if g["cache"] else "-")
+
+    lines = ["# Prefix caching on a shared system prompt", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
+             "Each prompt: the same 768-token system prompt, then its own ~64-token question; ~48 output tokens; "
+             f"Poisson arrivals, {args.duration:.0f} s per rate after {args.warmup:.0f} s of warm-up; 1 prefill and 1 "
+             f"decode actor of 1 thread each. SLOs: TTFT <= {args.slo_ttft} s, TPOT <= {args.slo_tpot} s. Goodput: "
+             "the highest swept rate at which it and every lower rate have >= 90% of requests within the SLOs.", "",
+             "| | goodput (both SLOs) | goodput (TTFT alone) |", "|---|---|---|"]
+    for n in SYSTEMS:
+        lines.append(f"| {n} | {goodput[n]:.2f} req/s | {goodput_ttft[n]:.2f} req/s |")
+    lines += [f"| cache / no cache | {ratio(goodput)} | {ratio(goodput_ttft)} |", "",
+              "| system | rate req/s | requests | attainment | attainment (TTFT alone) | TTFT P50 s | TTFT P99 s | "
+              "TPOT P99 ms | prefix hit rate |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, rows in runs.items():
+        for rate, r in rows.items():
+            lines.append(f"| {n} | {rate} | {r['requests']} | {r['attainment']:.0%} | {r['attainment_ttft']:.0%} | "
+                         f"{_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p99_s'], 1e3, 0)} | "
+                         f"{r['hit_rate']:.0%} |")
+    with open(os.path.join(args.out, "prefix_cache.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
