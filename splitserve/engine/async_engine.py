@@ -7,7 +7,8 @@ The engine loop runs in one background thread; callers use asyncio::
 
 Lifecycle of one call: ``generate`` validates and adds the request (bad input
 raises before anything is queued) -> the loop thread steps the engine and
-pushes each delta to the caller's queue -> the final delta ends the iterator.
+pushes each delta to the caller's queue (a step's deltas for one event loop in
+one callback) -> the final delta ends the iterator.
 If the caller stops early (break, cancel, disconnect), the request is aborted
 and its blocks are freed.
 
@@ -69,6 +70,13 @@ class FairLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _deliver(items: list) -> None:
+    """(In the caller's event loop.) One step's outputs into their queues, in one callback: their
+    readers all wake in the same loop iteration (a batched reader sees the whole step at once)."""
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 class AsyncEngine:
@@ -217,12 +225,15 @@ class AsyncEngine:
                 for o in outputs:
                     if o.finished:
                         self._streams.pop(o.request_id, None)
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}  # a step's outputs reach each loop at once
             for target, out in targets:
                 if target is not None:
-                    loop, queue = target
-                    try:
-                        loop.call_soon_threadsafe(queue.put_nowait, out)
-                    except RuntimeError:  # the caller's event loop is closed: drop its request
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+            for loop, items in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # the caller's event loop is closed: drop its requests
+                    for _, out in items:
                         if not out.finished:
                             self.abort(out.request_id)
             if not busy:
