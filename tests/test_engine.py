@@ -207,8 +207,9 @@ def test_penalty_and_logprobs_bounds_are_refused_with_the_field(field, value):
 @pytest.mark.parametrize("speculative", ["off", "ngram"])
 def test_prefix_cache_hits_give_exactly_the_tokens_of_a_cold_run(tiny_path, speculative):
     """Prompts sharing a 45-token "system prompt": an engine without the cache is the reference; one
-    with it (roomy, and tight enough to evict and preempt) skips the cached blocks and must give the
-    same tokens, greedy and seeded; cached blocks outlive their requests and are all free at the end."""
+    with it (roomy; and tight enough to evict and preempt, with chunked prefill) skips the cached blocks
+    and must give the same tokens, greedy and seeded, speculating or not; cached blocks outlive their
+    requests and are all free at the end."""
     system = [(7 * i) % 250 + 3 for i in range(45)]
     prompts = [system + REPEATING[:k] + [40 + k] for k in range(1, 7)]
     params = [greedy(16) if k % 2 else SamplingParams(max_tokens=16, temperature=0.9, seed=k, ignore_eos=True)
@@ -216,7 +217,8 @@ def test_prefix_cache_hits_give_exactly_the_tokens_of_a_cold_run(tiny_path, spec
     cold = engine(tiny_path, prefix_caching=False, speculative=speculative, spec_calibrate=False)
     expected = [cold.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     assert cold.kv.prefix_hit_tokens == 0
-    for kw in ({}, {"num_kv_blocks": 24, "block_size": 4}):  # tight: 96 slots for 6 x ~68 tokens
+    # tight: 96 slots for 6 x ~68 tokens, prompts in chunks of at most 12 tokens
+    for kw in ({}, {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 12}):
         warm = engine(tiny_path, speculative=speculative, spec_calibrate=False, **kw)
         bs = warm.kv.block_size
         # the first computes the system prompt, the others start from its blocks; then, again, whole

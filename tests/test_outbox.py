@@ -65,10 +65,11 @@ def test_one_message_per_step_carries_every_requests_tokens_in_order(aengine):
     expected = aengine.engine.generate(list(PROMPTS.values()), PARAMS)
     for (wid, outs), want in zip(streams.items(), expected):
         assert [t for o in outs for t in o.new_token_ids] == want.token_ids
-        assert [o.index for o in outs] == list(range(len(outs)))  # in order, no gap, no repeat
+        starts = [sum(len(o.new_token_ids) for o in outs[:i]) for i in range(len(outs))]
+        assert [o.index for o in outs] == starts  # in order, no gap, no repeat
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
     outputs = sum(len(b) for b in batches)
-    assert outputs == sum(len(o) for o in streams.values()) == demux.num_outputs
+    assert outputs == demux.num_outputs == sum(len(want.token_ids) for want in expected)  # a token each
     assert max(len(b) for b in batches) == len(PROMPTS)  # a step of all four: one message
     assert len(batches) <= outputs // 2  # most messages carried several requests' tokens
     for b in batches:  # within a message, each request's outputs keep their order
@@ -141,3 +142,44 @@ def test_a_dead_worker_fails_every_stream_and_a_stalled_reader_loses_its_request
 
 async def _collect(stream):
     return [o async for o in stream]
+
+
+def test_outputs_that_piled_up_go_to_a_busy_consumer_as_one_delta():
+    """Three deltas of one request in one message, read after the consumer was busy: one delta with all
+    three tokens; a notice that the request is about to move and the final output stay apart."""
+    from splitserve.engine.output import RequestOutput
+
+    def out(i, finished=False, moved_to=None, reason=None):
+        return RequestOutput("r", [] if moved_to and not finished else [10 + i], "" if moved_to else f"<{i}>",
+                             finished, reason, 3, i + (0 if moved_to and not finished else 1), moved_to=moved_to)
+
+    message = [("r", out(0)), ("r", out(1)), ("r", out(2)), ("r", out(3, moved_to="d1")),
+               ("r", out(3)), ("r", out(4, finished=True, reason="length"))]
+    sent = asyncio.Event()
+
+    async def open_batches(reader):
+        yield message[:1]
+        await sent.wait()
+        yield message[1:]
+        await asyncio.Event().wait()  # the worker stays up
+
+    async def claim(wid, reader, wait_s):
+        pass
+
+    demux = Demux("decode-0", open_batches, claim, lambda wid: None)
+
+    async def main():
+        got = []
+        async for o in demux.stream("r"):
+            got.append(o)
+            sent.set()
+            await asyncio.sleep(0.05)  # busy: the rest arrives meanwhile
+        demux.close()
+        return got
+
+    got = asyncio.run(main())
+    assert [(o.new_token_ids, o.new_text, o.index, o.moved_to, o.finished) for o in got] == [
+        ([10], "<0>", 0, None, False),
+        ([11, 12], "<1><2>", 1, None, False),  # piled up: one delta
+        ([], "", 3, "d1", False),  # the notice on its own
+        ([13, 14], "<3><4>", 3, None, True)]  # the final output joins the one before it, and stays final

@@ -21,7 +21,8 @@ every stream of that reader with the error. Nothing waits forever: the
 worker drops an outbox whose reader has not taken a batch for ``idle_s``
 (its pumps are cancelled, which aborts their requests), and the reader
 aborts a request whose consumer left ``STALLED_BACKLOG`` outputs unread for
-``STALLED_READER_S``.
+``STALLED_READER_S``. Outputs of one request that piled up while its consumer
+was busy are handed over as one delta (``output.merge_outputs``).
 
 Pure asyncio: the Ray calls are passed in (``decode/worker.py`` and
 ``platform/cluster.py`` are the shells).
@@ -34,6 +35,7 @@ import time
 import uuid
 from typing import AsyncIterator, Awaitable, Callable
 
+from splitserve.engine.output import merge_outputs
 from splitserve.errors import RequestFailedError, WorkerLostError
 
 STALLED_READER_S = 10.0
@@ -117,12 +119,22 @@ class Demux:
         if self._task is None:
             self._task = asyncio.create_task(self._read())
         claimed = finished = False
+        held = None  # an output taken from the queue that could not join the one before it
         try:
             await self._claim(wid, self.reader, wait_s)
             claimed = True
             while not finished:
                 self._read_at[wid] = time.monotonic()
-                item = await queue.get()
+                item, held = (held, None) if held is not None else (await queue.get(), None)
+                # outputs that piled up while the consumer was busy go out as one delta (one chunk for the
+                # front door and the proxy to send, not one per token)
+                while not isinstance(item, BaseException) and not queue.empty():
+                    nxt = queue.get_nowait()
+                    merged = None if isinstance(nxt, BaseException) else merge_outputs(item, nxt)
+                    if merged is None:
+                        held = nxt
+                        break
+                    item = merged
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

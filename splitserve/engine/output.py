@@ -34,6 +34,16 @@ class RequestOutput:
         return self.num_output_tokens - len(self.new_token_ids)
 
 
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput | None:
+    """``a`` then ``b`` (the same request's next delta) as one delta; None when they must stay apart (``a``
+    is final, or either is a notice that the request is about to move)."""
+    if a.finished or (a.moved_to is not None) or (b.moved_to is not None and not b.finished):
+        return None
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return RequestOutput(b.request_id, a.new_token_ids + b.new_token_ids, a.new_text + b.new_text, b.finished,
+                         b.finish_reason, b.num_prompt_tokens, b.num_output_tokens, b.error, b.moved_to, logprobs)
+
+
 @dataclass(frozen=True)
 class StepLoad:
     """What one model step computed and how long it took: the inputs of the step-time models of
