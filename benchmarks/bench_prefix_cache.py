@@ -1,6 +1,6 @@
 """Prefix caching on a shared-system-prompt workload: goodput with the cache and without it, in one run.
 
-    python benchmarks/bench_prefix_cache.py [--rates 0.1,0.2,...] [--duration 40] [--slo-ttft 3] [--slo-tpot 0.15]
+    python benchmarks/bench_prefix_cache.py [--rates 0.05,0.1,...] [--duration 40] [--slo-ttft 3] [--slo-tpot 0.25]
 
 Two servers, one after the other on the same 2 cores (real Ray, 1 prefill and 1 decode actor of 1
 thread each, the real SmolLM2 in the machine's default dtype), the same requests sent to each:
@@ -16,6 +16,11 @@ system's sweep stops after its attainment falls below 50%. Reported per rate: SL
 objectives, and TTFT alone), P50/P99 TTFT, P99 TPOT, and the prefill worker's prefix-cache hit rate
 (hit tokens / looked-up tokens, from its stats); per system its goodput (the highest rate at which it
 and every lower rate reach 90%), and the ratio. Writes benchmarks/results/prefix_cache.md and .json.
+
+The TPOT objective defaults to 250 ms, not compare.py's 150: on these 2 cores a decode step of 3
+sequences with 850-token contexts takes ~120 ms in the engine alone (1 decode thread, bf16: GEMMs of 3
+rows, and the attention's KV gather over long contexts), so a Poisson burst of 3 would miss 150 ms
+with or without the cache; this benchmark is about the prompt.
 """
 
 from __future__ import annotations
@@ -101,11 +106,11 @@ def run_system(name: str, args, tokenizer, ids) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.8,1,1.25,1.5")
+    ap.add_argument("--rates", default="0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.8,1,1.25")
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--slo-ttft", type=float, default=3.0)
-    ap.add_argument("--slo-tpot", type=float, default=0.15)
+    ap.add_argument("--slo-tpot", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()

@@ -1,4 +1,9 @@
-"""Streaming clients for the load generator: each yields once per token as it arrives.
+"""Streaming clients for the load generator: each yields, as a chunk arrives, how many tokens it holds.
+
+A server may hand over several tokens in one chunk (ours does when its reader fell behind): a KServe
+response says how many in its ``num_output_tokens`` parameter (a server without it: one per
+response); an OpenAI stream ends with the usage (``stream_options.include_usage``), and tokens it
+counts beyond the chunks are put at the last chunk's arrival.
 
 * :class:`KServeClient`: KServe v2 gRPC ModelStreamInfer through tritonclient's asyncio client
   (one stream per request, Triton-vLLM conventions: text_input, stream, sampling_parameters).
@@ -43,7 +48,8 @@ class KServeClient:
             response = result.get_response()
             final = response.parameters["triton_final_response"].bool_param \
                 if "triton_final_response" in response.parameters else False
-            yield 1
+            yield response.parameters["num_output_tokens"].int64_param \
+                if "num_output_tokens" in response.parameters else 1
             if final:
                 return
 
@@ -59,10 +65,16 @@ class OpenAIClient:
 
     async def stream(self, request_id: str, prompt: str, max_tokens: int):
         stream = await self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
-                                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
+                                                      temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                                      stream_options={"include_usage": True})
+        chunks = 0
         async for chunk in stream:
             if chunk.choices:
+                chunks += 1
                 yield 1
+            usage = getattr(chunk, "usage", None)
+            if usage is not None and usage.completion_tokens > chunks:
+                yield usage.completion_tokens - chunks
 
     async def close(self) -> None:
         await self.client.close()

@@ -34,8 +34,8 @@ class Progress:
 
 async def _one(client, spec: RequestSpec, record: RequestRecord, timeout_s: float) -> RequestRecord:
     async def consume():
-        async for _ in client.stream(f"bench-{spec.index}", spec.prompt, spec.max_tokens):
-            record.token_times.append(time.monotonic())
+        async for n in client.stream(f"bench-{spec.index}", spec.prompt, spec.max_tokens):
+            record.token_times.extend([time.monotonic()] * n)  # a chunk of n tokens: n arrivals at once
 
     try:
         await asyncio.wait_for(consume(), timeout_s)
