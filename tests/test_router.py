@@ -1,10 +1,10 @@
-"""The router's pure policy, and the colocated baseline through real Ray actors."""
+"""The router's pure policy (routing.py), and the colocated baseline through real Ray actors."""
 
 import asyncio
 
 import pytest
 
-from splitserve.platform.router import DecodeLoad, PrefillLoad, PrefixIndex, pick_prefill, rank_decodes
+from splitserve.platform.routing import DecodeLoad, PrefillLoad, PrefixIndex, pick_prefill, rank_decodes
 
 
 def test_prefill_goes_to_the_fewest_queued_prompt_tokens():
