@@ -68,7 +68,7 @@ def run_mode(mode: str, prompts: dict, repeats: int) -> dict:
     from splitserve.platform.server import start_server
 
     cfg = ServeConfig(model_name="smollm2", http_port=free_port(), grpc_port=free_port(), max_queue_wait_s=120,
-                      early_first_token=MODES[mode],
+                      early_first_token=MODES[mode], prefix_caching=False,  # repeats: each prompt computed
                       prefill=PoolConfig(threads=1, kv_cache_memory_mb=256),
                       decode=PoolConfig(threads=1, kv_cache_memory_mb=256))
     log(f"[{mode}] starting the server (1 prefill, 1 decode actor) ...")

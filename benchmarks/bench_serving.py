@@ -119,7 +119,9 @@ def ttft_comparison(lengths: list[int], repeats: int) -> dict:
     samples = {m: {n: [] for n in lengths} for m in modes}
     for mode, pools in modes.items():  # one server at a time on the same 2 cores
         log(f"starting {mode} server ...")
-        srv = start_server(ServeConfig(mode=mode, http_port=_free_port(), grpc_port=_free_port(), **pools),
+        # prefix_caching off: the same prompts are sent again and again, and each must be computed
+        srv = start_server(ServeConfig(mode=mode, http_port=_free_port(), grpc_port=_free_port(), prefix_caching=False,
+                                       **pools),
                            num_cpus=2, log=lambda m: None)
         try:
             ep = srv.endpoints["openai"]

@@ -391,7 +391,8 @@ def main() -> None:
 
     model = default_model_path()
     log("[faults] loading the reference engine ...")
-    engine = LLMEngine(model=model, dtype="float32", show_progress=False, kv_cache_memory=256 << 20)
+    engine = LLMEngine(model=model, dtype="float32", show_progress=False, kv_cache_memory=256 << 20,
+                       prefix_caching=False)  # the reference: every request computed cold
     cache: dict = {}
 
     def reference(prompt: str, max_tokens: int) -> str:

@@ -158,12 +158,12 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks), tuple(preempted))
 
     def on_step_finished(self, output: SchedulerOutput) -> None:
-        bs = self.kv.block_size
+        bs, caching = self.kv.block_size, self.kv.prefix_caching
         for c in output.chunks:  # drafts count once verified (the engine adds the accepted ones)
             req = c.request
             req.num_computed_tokens = c.end - c.num_draft_tokens
-            full = req.num_computed_tokens // bs
-            if full > self.kv.num_cached_blocks(req.request_id):
+            if caching and req.num_computed_tokens // bs > self.kv.num_cached_blocks(req.request_id):
+                full = req.num_computed_tokens // bs
                 self.kv.cache_full_blocks(req.request_id, self._hashes(req, full)[:full])
 
     # -- helpers -----------------------------------------------------------
