@@ -52,3 +52,16 @@ def assert_no_leaks(engine):
     assert engine.kv.holders() == [] and engine.kv.num_tracked() == 0
     assert not engine.scheduler.waiting and not engine.scheduler.running
     assert engine.requests == {}
+
+
+@pytest.fixture()
+def aengine(tmp_path):
+    """An AsyncEngine over a tiny random model (fp32, 128 blocks); its loop thread is gone afterwards."""
+    from helpers import make_tiny_model
+    from splitserve.engine.async_engine import AsyncEngine
+    from splitserve.engine.engine import LLMEngine
+    make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
+    eng = AsyncEngine(LLMEngine(model=str(tmp_path), dtype="float32", show_progress=False, num_kv_blocks=128))
+    yield eng
+    eng.shutdown()
+    assert not eng._thread.is_alive()

@@ -9,20 +9,9 @@ import time
 import pytest
 
 from conftest import assert_no_leaks
-from helpers import make_tiny_model
-from splitserve.engine.async_engine import AsyncEngine, FairLock
-from splitserve.engine.engine import LLMEngine
+from splitserve.engine.async_engine import FairLock
 from splitserve.errors import InvalidRequestError, RequestStateError
 from splitserve.engine.sampling_params import SamplingParams
-
-
-@pytest.fixture()
-def aengine(tmp_path):
-    make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
-    eng = AsyncEngine(LLMEngine(model=str(tmp_path), dtype="float32", show_progress=False, num_kv_blocks=128))
-    yield eng
-    eng.shutdown()
-    assert not eng._thread.is_alive()
 
 
 def _wait_idle(aengine, timeout=10):

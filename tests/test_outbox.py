@@ -7,23 +7,12 @@ import asyncio
 import pytest
 
 from conftest import assert_no_leaks
-from helpers import make_tiny_model
 from splitserve.decode.outbox import Demux, Outbox
-from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import WorkerLostError
 
 PROMPTS = {"a": "one", "b": "two two", "c": "three three three", "d": "four"}
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture()
-def aengine(tmp_path):
-    make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
-    eng = AsyncEngine(LLMEngine(model=str(tmp_path), dtype="float32", show_progress=False, num_kv_blocks=128))
-    yield eng
-    eng.shutdown()
 
 
 def _worker(aengine, fail_after: int | None = None):

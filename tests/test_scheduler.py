@@ -12,14 +12,16 @@ def _req(rid, n_prompt, max_tokens=4, arrival=0):
     return Request(rid, list(range(n_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0), arrival)
 
 
-def _run(sched: Scheduler, max_steps=500):
-    """Drive the scheduler like the engine does, with a fake sampler; returns the plans."""
+def _run(sched: Scheduler, max_steps=500, inspect=lambda plan: None):
+    """Drive the scheduler like the engine does, with a fake sampler; returns the plans. ``inspect(plan)``
+    sees each plan before the step runs."""
     plans = []
     for _ in range(max_steps):
         if not sched.has_work:
             break
         plan = sched.schedule()
         assert not plan.empty, "work is pending but nothing was scheduled"
+        inspect(plan)
         plans.append(plan)
         sched.on_step_finished(plan)
         for c in plan.chunks:
@@ -110,24 +112,17 @@ def test_shared_prefixes_are_reused_never_written_and_never_leak():
         prompt = system[i % 2] + [rng.randint(100, 200) for _ in range(rng.randint(1, 8))]
         reqs.append(Request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 8), temperature=0), i))
         sched.add(reqs[-1])
-    writes = 0
-    for _ in range(5000):
-        if not sched.has_work:
-            break
-        plan = sched.schedule()
+    writes = []
+
+    def no_write_into_the_cache(plan):
         for c in plan.chunks:  # the blocks this chunk writes: those of positions start .. end-1
             table = kv.block_table(c.request.request_id)
             for b in {table[p // 4] for p in range(c.start, c.end)}:
                 assert b not in kv.pool._hash_of, f"step writes into cached block {b}"
                 assert kv.pool.ref_count(b) == 1, f"step writes into shared block {b}"
-                writes += 1
-        sched.on_step_finished(plan)
-        for c in plan.chunks:
-            r = c.request
-            if c.samples:
-                r.output_token_ids.append(1000 + r.num_output_tokens)
-                if r.num_output_tokens >= r.params.max_tokens:
-                    sched.finish(r, RequestStatus.FINISHED_LENGTH)
+                writes.append(b)
+
+    _run(sched, max_steps=5000, inspect=no_write_into_the_cache)
     assert writes and all(r.status is RequestStatus.FINISHED_LENGTH for r in reqs)
     assert kv.prefix_hit_tokens >= 4 * 30  # most requests found at least their system prompt's first block
     assert sched.num_preemptions > 0 and kv.pool.num_evictions > 0  # the pressure was real
