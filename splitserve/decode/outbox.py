@@ -108,7 +108,7 @@ class Demux:
         self._read_at: dict[str, float] = {}  # request -> when its consumer last took an output
         self._task: asyncio.Task | None = None
         self.error: BaseException | None = None  # set once the batch stream ended: this demux is done
-        self.num_batches = self.num_outputs = 0
+        self.num_outputs = 0  # outputs received (all requests)
 
     async def stream(self, wid: str, wait_s: float = 0.0) -> AsyncIterator:
         """The request's outputs until its last one (``wait_s``: it may still be committing here)."""
@@ -148,7 +148,6 @@ class Demux:
     async def _read(self) -> None:
         try:
             async for batch in self._open(self.reader):
-                self.num_batches += 1
                 self.num_outputs += len(batch)
                 for wid, out in batch:
                     queue = self._queues.get(wid)

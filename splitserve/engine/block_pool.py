@@ -163,7 +163,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}  # request id -> leading blocks of its table already registered
-        self.prefix_queried_tokens = 0  # prompt tokens looked up on admission
+        self.prefix_queried_tokens = 0  # tokens looked up on admission (a request's prompt and any outputs)
         self.prefix_hit_tokens = 0  # of which found cached (their prefill is skipped)
 
     @property
@@ -213,10 +213,10 @@ class KVCacheManager:
             return []
         return self.pool.lookup(hashes[:(num_tokens - 1) // self.block_size])
 
-    def allocate_prefixed(self, request_id: str, cached: list[int], num_tokens: int,
-                          num_prompt_tokens: int) -> bool:
+    def allocate_prefixed(self, request_id: str, cached: list[int], num_tokens: int, num_looked_up: int) -> bool:
         """A request's first allocation: its table starts with the ``cached`` blocks (shared) and grows
-        to ``num_tokens`` tokens. False (and nothing changes) when the pool has too few free blocks."""
+        to ``num_tokens`` tokens; ``num_looked_up``: the request's tokens the lookup covered (the hit
+        rate's denominator). False (and nothing changes) when the pool has too few free blocks."""
         if request_id in self._tables:
             raise RuntimeError(f"request {request_id} already has a block table")
         n = max(0, self.blocks_needed(num_tokens) - len(cached))
@@ -226,7 +226,7 @@ class KVCacheManager:
         self._tables[request_id] = list(cached) + self.pool.allocate(n)
         self._num_cached[request_id] = len(cached)
         if self.prefix_caching:
-            self.prefix_queried_tokens += num_prompt_tokens
+            self.prefix_queried_tokens += num_looked_up
             self.prefix_hit_tokens += len(cached) * self.block_size
         return True
 

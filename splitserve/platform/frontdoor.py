@@ -316,8 +316,7 @@ class FrontDoor(KServeFront):
     @app.get("/admin/requests")
     async def admin_requests(self, request: Request):
         async def call():
-            streams = getattr(self.router.cluster, "open_streams", None)  # (the colocated router has none)
-            return {"requests": self.router.requests(), "open_streams": streams() if streams else 0}
+            return {"requests": self.router.requests(), "open_streams": self.router.cluster.open_streams()}
         return await self._admin_call(request, call)
 
     @app.post("/admin/requests/{request_id}/migrate")
