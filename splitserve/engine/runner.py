@@ -96,13 +96,19 @@ def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype =
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache: torch.Tensor, block_size: int):
+    """``decoder``: a whole-model decode step for steps that are all single-token decodes
+    (``kernels/cpu_decode.py``), or None; every other step runs ``model``."""
+
+    def __init__(self, model, kv_cache: torch.Tensor, block_size: int, decoder=None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
+        self.decoder = decoder
 
     def execute(self, seqs: list[StepSequence]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Run one step. Returns (logits [S, vocab] fp32, index into ``seqs`` of each row)."""
         step = prepare_step(seqs, self.block_size, self.kv_cache.dtype)
+        if self.decoder is not None and step.meta.num_decodes == len(seqs) == len(step.sample_order):
+            return self.decoder(step, self.kv_cache), step.sample_order
         logits = self.model(step.input_ids, self.kv_cache, step.meta, step.logits_indices)
         return logits, step.sample_order
