@@ -63,13 +63,28 @@ def test_rotary_and_kv_store_and_paged_attention_match_the_torch_ops(dtype):
     torch.testing.assert_close(got.float(), ref.float(), **_ulps(dtype))
 
 
-def test_int8_gemv_matches_the_dequantized_product():
+@pytest.mark.skipif(ext is None or not ext.has_vnni, reason="no AVX512-VNNI on this machine")
+@pytest.mark.parametrize("n,k", [(80, 64), (192, 96)])  # a 16-row tail block of torch's int4 layout; a full one
+def test_vnni_gemv_matches_torchs_quantized_kernels(n, k):
+    """int8 activations (one scale per 32) against torch's bf16-activation kernels on the same weights:
+    within the activation rounding (~0.4% of a row's range), for 1-6 rows (the kernel takes 4 at a time)."""
     torch.manual_seed(2)
-    q = torch.randint(-127, 128, (200, 64), dtype=torch.int8)
-    scale = (torch.rand(200) * 0.01).to(torch.bfloat16)
-    x = torch.randn(3, 64).to(torch.bfloat16)
-    ref = x.double() @ (q.double() * scale.double()[:, None]).T
-    torch.testing.assert_close(ext.w8_gemv(x, q, scale).double(), ref, rtol=1e-4, atol=1e-4)
+    values = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed4 = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    assert torch.equal(cpu_decode.torch_int4_values(packed4, k).int(), values)
+    scales_zeros = (torch.rand(k // 32, n, 2) * 0.02).to(torch.bfloat16)
+    tiles4 = cpu_decode.vnni_int4(packed4, scales_zeros)
+    q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale8 = (torch.rand(n) * 0.01).to(torch.bfloat16)
+    tiles8 = cpu_decode.vnni_int8(q8, scale8)
+    for rows in (1, 2, 5, 6):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        for got, ref in ((ext.vnni_gemv(x, *tiles4, 32), torch._weight_int4pack_mm_for_cpu(x, packed4, 32, scales_zeros)),
+                         (ext.vnni_gemv(x, *tiles8, 32), torch._weight_int8pack_mm(x, q8, scale8))):
+            assert got.shape == (rows, n) and got.dtype == x.dtype
+            torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=0.02 * ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ext.vnni_gemv(torch.randn(1, 48), *cpu_decode.vnni_int8(q8[:, :48], scale8), 32)
 
 
 def _decode_logits(engine, prompts):

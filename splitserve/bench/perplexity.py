@@ -54,7 +54,11 @@ def _roundtrip_int8(kv_cache: torch.Tensor, blocks: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def perplexity(model, token_ids: list[int], window: int = 512, block_size: int = 16,
-               kv_codec: str = "raw", progress=None) -> PerplexityResult:
+               kv_codec: str = "raw", progress=None, decoder=None) -> PerplexityResult:
+    """``decoder`` (a ``kernels.cpu_decode.FusedDecoder`` of ``model``): score every position as a
+    decode step through it instead, one token per step, all windows in one batch."""
+    if decoder is not None:
+        return _decode_perplexity(model, decoder, token_ids, window, block_size, progress)
     if window < 2 or window % 2:
         raise ValueError(f"window must be an even number >= 2; got {window}")
     cfg = model.cfg
@@ -79,3 +83,25 @@ def perplexity(model, token_ids: list[int], window: int = 512, block_size: int =
             if lo == 0 and kv_codec == "int8":
                 _roundtrip_int8(kv, torch.tensor(table[:-(-half // block_size)]))
     return PerplexityResult(math.exp(nll / count), count, len(starts), torch.cat(predictions))
+
+
+def _decode_perplexity(model, decoder, token_ids, window, block_size, progress) -> PerplexityResult:
+    cfg = model.cfg
+    starts = list(range(0, len(token_ids) - window, window))
+    if not starts:
+        raise ValueError(f"need more than {window} tokens; got {len(token_ids)}")
+    per_window = -(-window // block_size)
+    kv = allocate_kv_cache(KVCacheSpec(cfg.num_layers, per_window * len(starts), block_size, cfg.num_kv_heads,
+                                       cfg.head_dim, model.dtype))
+    tables = [tuple(range(i * per_window, (i + 1) * per_window)) for i in range(len(starts))]
+    nll, rows = 0.0, []
+    for p in progress(range(window), "decode perplexity") if progress else range(window):
+        step = prepare_step([StepSequence([token_ids[s + p]], p, t, True) for s, t in zip(starts, tables)],
+                            block_size, kv.dtype)
+        logits = decoder(step, kv)  # [W, V] fp32, window order
+        targets = torch.tensor([token_ids[s + p + 1] for s in starts])
+        nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        rows.append(logits.argmax(dim=-1))
+    predictions = torch.stack(rows, dim=1).reshape(-1)  # window by window, as perplexity() orders them
+    count = window * len(starts)
+    return PerplexityResult(math.exp(nll / count), count, len(starts), predictions)
