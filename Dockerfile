@@ -21,6 +21,11 @@ RUN pip install --no-cache-dir . \
 
 # the base image's user "ray" (uid 1000, group users = 100), by number so Kubernetes can check runAsNonRoot
 USER 1000
+# The C++ decode step (splitserve/kernels/csrc), compiled for this build machine's CPU. A node with another
+# CPU compiles its own at first use into the same writable folder; one that cannot decodes with the Python
+# model, and says so in its log.
+ENV SPLITSERVE_EXT_DIR=/home/ray/.cache/splitserve/ext
+RUN python -m splitserve.kernels.cpu_decode || echo "the C++ decode step did not build: decoding runs the Python model"
 # Serve HTTP (OpenAI, admin, /health), Serve gRPC (KServe v2), the KV plane, Ray's metrics,
 # GCS, dashboard, client
 EXPOSE 8000 9000 50051 8080 6379 8265 10001

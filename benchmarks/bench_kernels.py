@@ -2,7 +2,9 @@
 
     python benchmarks/bench_kernels.py [--threads 2] [--repeats 3] [--llamacpp DIR] [--no-accuracy]
 
-For splitserve with ``--quantization none | int8 | int4`` and, when built
+For splitserve with ``--quantization none | int8 | int4``, each with its C++ decode
+step (the default) and without it (``fused_decode=False``: the Python model runs
+every step; the baseline), and, when built
 (``scripts/build_llamacpp.sh``; skipped with a message otherwise), llama.cpp
 on the same model at F16 / Q8_0 / Q4_0 / Q4_1:
 
@@ -15,9 +17,11 @@ systems for ``--repeats`` rounds (these machines drift by +-20%); medians are
 reported. llama.cpp's Q8_0/Q4_0/F16 files are made from the shipped Q4_1 with
 ``llama-quantize --allow-requantize`` (speed anchors, as in ANCHORS.md).
 
-Also written: a profile of one batch-1 int4 decode step (where the time goes)
-and, unless ``--no-accuracy``, the accuracy table (perplexity on 20k corpus
-tokens, top-1 agreement, greedy answer share) of ``tests/test_quantization_accuracy.py``.
+Also written: where a batch-1 int4 decode step's time goes (the C++ forward
+against the whole engine step; a torch profile of the Python path) and, unless
+``--no-accuracy``, the accuracy table (perplexity on 20k corpus tokens, top-1
+agreement, greedy answer share) of ``tests/test_quantization_accuracy.py``, with
+the C++ decode step scored token by token on 2,048 of those tokens.
 Output: ``benchmarks/results/kernels.md`` and ``kernels.json``.
 """
 
@@ -52,14 +56,16 @@ def run_measured(cmd: list[str]) -> tuple[str, float]:
 
 # -- ours (one subprocess per measurement) -------------------------------------------
 
-def worker(mode: str, threads: int) -> None:
+def worker(mode: str, threads: int, fused: bool) -> None:
     import torch
 
     from bench_engine import ours_decode, prompts
     from splitserve.engine.engine import LLMEngine
     from splitserve.kernels.linear import weight_bytes
     torch.set_num_threads(threads)
-    engine = LLMEngine(quantization=mode, num_threads=threads, show_progress=False, kv_cache_memory=256 << 20)
+    engine = LLMEngine(quantization=mode, num_threads=threads, show_progress=False, kv_cache_memory=256 << 20,
+                       fused_decode=fused)
+    assert (engine.runner.decoder is not None) == fused, "the C++ decode step did not build"
     plist = prompts(engine.tokenizer.encode, 32, 16)
     ours_decode(engine, 1, 8, plist)  # warm-up
     b1 = ours_decode(engine, 1, 64, plist)
@@ -67,8 +73,9 @@ def worker(mode: str, threads: int) -> None:
     print(json.dumps({"b1": b1, "agg32": agg, "weights_mb": weight_bytes(engine.model) / 1e6}))
 
 
-def ours(mode: str, threads: int) -> dict:
-    out, rss = run_measured([sys.executable, os.path.abspath(__file__), "--worker", mode, "--threads", str(threads)])
+def ours(mode: str, threads: int, fused: bool) -> dict:
+    out, rss = run_measured([sys.executable, os.path.abspath(__file__), "--worker", mode, "--threads", str(threads)]
+                            + ([] if fused else ["--python-decode"]))
     return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": rss}
 
 
@@ -103,15 +110,38 @@ def llama(bin_dir: str, model: str, threads: int) -> dict:
 # -- profile and accuracy -------------------------------------------------------------
 
 def profile_int4_step(threads: int) -> str:
+    """Where a batch-1 int4 decode step goes: the C++ forward against the whole engine step (timed around
+    the decoder call), then a torch profile of the Python path's step (the C++ one has no ops to show)."""
     import torch
     from torch.profiler import profile
 
     from splitserve.engine.engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
     torch.set_num_threads(threads)
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     engine = LLMEngine(quantization="int4", num_threads=threads, show_progress=False, kv_cache_memory=64 << 20)
-    engine.add_request("Tell me a long story about dragons", SamplingParams(max_tokens=80, temperature=0,
-                                                                             ignore_eos=True))
+    engine.add_request("Tell me a long story about dragons", params)
+    decoder, forward_s = engine.runner.decoder, []
+
+    def timed(step, kv):
+        t = time.perf_counter()
+        out = decoder(step, kv)
+        forward_s.append(time.perf_counter() - t)
+        return out
+    for _ in range(10):
+        engine.step()
+    engine.runner.decoder, steps = timed, 100
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    step_ms, fwd_ms = (time.perf_counter() - start) / steps * 1e3, statistics.mean(forward_s) * 1e3
+    lines = [f"A batch-1 int4 decode step with the C++ decode step: {step_ms:.2f} ms, of which the C++ forward "
+             f"{fwd_ms:.2f} ms and the engine around it (scheduler, step inputs, sampler) {step_ms - fwd_ms:.2f} ms "
+             f"(mean of {steps} steps).", ""]
+
+    engine = LLMEngine(quantization="int4", num_threads=threads, show_progress=False, kv_cache_memory=64 << 20,
+                       fused_decode=False)
+    engine.add_request("Tell me a long story about dragons", params)
     for _ in range(10):
         engine.step()
     steps = 40
@@ -120,9 +150,9 @@ def profile_int4_step(threads: int) -> str:
             engine.step()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    lines = [f"Profile of {steps} batch-1 int4 decode steps (torch profiler, self CPU time; "
-             f"{total / steps / 1000:.2f} ms per step under the profiler):", "",
-             "| op | calls per step | us per call | share |", "|---|---|---|---|"]
+    lines += [f"Profile of {steps} batch-1 int4 decode steps of the Python path (the baseline; torch profiler, "
+              f"self CPU time; {total / steps / 1000:.2f} ms per step under the profiler):", "",
+              "| op | calls per step | us per call | share |", "|---|---|---|---|"]
     for e in rows:
         lines.append(f"| {e.key} | {e.count / steps:.0f} | {e.self_cpu_time_total / e.count:.1f} | "
                      f"{e.self_cpu_time_total / total:.0%} |")
@@ -149,11 +179,21 @@ def accuracy(threads: int) -> dict:
     params = SamplingParams(max_tokens=32, temperature=0)
     answers = {m: e.generate(chats, params) for m, e in engines.items()}
     base = results["none"]
-    return {name: {"perplexity": r.perplexity, "tokens": r.num_tokens,
-                   "vs_float": r.perplexity / base.perplexity - 1, "top1_agreement": r.top1_agreement(base),
-                   "greedy_same": (sum(a.token_ids == b.token_ids for a, b in zip(answers["none"], answers[name]))
-                                   if name in answers else None)}
-            for name, r in results.items()}
+    table = {name: {"perplexity": r.perplexity, "tokens": r.num_tokens,
+                    "vs_float": r.perplexity / base.perplexity - 1, "top1_agreement": r.top1_agreement(base),
+                    "greedy_same": (sum(a.token_ids == b.token_ids for a, b in zip(answers["none"], answers[name]))
+                                    if name in answers else None)}
+             for name, r in results.items()}
+    # the C++ decode step, token by token, on the first 2,048 tokens (against the float Python model on them)
+    sub = corpus[:4 * WINDOW + 1]
+    sub_base = perplexity(engines["none"].model, sub, WINDOW)
+    for m, e in engines.items():
+        if e.runner.decoder is not None:
+            r = perplexity(e.model, sub, WINDOW, decoder=e.runner.decoder, progress=progress)
+            table[f"{m}, C++ decode step (2,048 tokens)"] = {
+                "perplexity": r.perplexity, "tokens": r.num_tokens, "vs_float": r.perplexity / sub_base.perplexity - 1,
+                "top1_agreement": r.top1_agreement(sub_base), "greedy_same": None}
+    return table
 
 
 # -- main -----------------------------------------------------------------------------
@@ -167,15 +207,19 @@ def main() -> int:
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--python-decode", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.threads)
+        worker(args.worker, args.threads, not args.python_decode)
         return 0
 
     from bench_engine import machine
     from splitserve.engine.default_model import default_model_path
     bin_dir = os.path.join(args.llamacpp, "build", "bin")
-    systems: dict[str, object] = {f"splitserve {m}": (lambda m=m: ours(m, args.threads)) for m in MODES}
+    systems: dict[str, object] = {}
+    for m in MODES:
+        systems[f"splitserve {m}"] = lambda m=m: ours(m, args.threads, True)
+        systems[f"splitserve {m}, Python decode"] = lambda m=m: ours(m, args.threads, False)
     if os.path.exists(os.path.join(bin_dir, "llama-batched-bench")):
         models = llama_models(bin_dir, os.path.join(args.llamacpp, "models"), default_model_path())
         systems.update({f"llama.cpp {q}": (lambda q=q: llama(bin_dir, models[q], args.threads)) for q in LLAMA_TYPES})
@@ -205,17 +249,20 @@ def write(out, command, machine_desc, med, samples, prof, acc, repeats) -> None:
     rows = ["| system | batch-1 decode tok/s | aggregate @32 tok/s | weights MB | peak RSS MB |", "|---|---|---|---|---|"]
     for name, m in med.items():
         rows.append(f"| {name} | {m['b1']:.1f} | {m['agg32']:.1f} | {m['weights_mb']:.0f} | {m['peak_rss_mb']:.0f} |")
-    ratios = ["| splitserve vs llama.cpp | batch-1 ratio (target >= 1.0) | @32 ratio (target >= 1.5) |", "|---|---|---|"]
+    ratios = ["| splitserve vs llama.cpp | batch-1 ratio (aim >= 0.9) | @32 ratio | "
+              "C++ / Python decode, batch 1 | C++ / Python decode, @32 |", "|---|---|---|---|---|"]
     for ours_mode, qtype in PAIRS:
         a, b = med.get(f"splitserve {ours_mode}"), med.get(f"llama.cpp {qtype}")
-        if a and b:
-            ratios.append(f"| {ours_mode} vs {qtype} | **{a['b1'] / b['b1']:.2f}x** | **{a['agg32'] / b['agg32']:.2f}x** |")
+        py = med.get(f"splitserve {ours_mode}, Python decode")
+        if a and b and py:
+            ratios.append(f"| {ours_mode} vs {qtype} | **{a['b1'] / b['b1']:.2f}x** | **{a['agg32'] / b['agg32']:.2f}x** "
+                          f"| {a['b1'] / py['b1']:.2f}x | {a['agg32'] / py['agg32']:.2f}x |")
     acc_rows = []
     if acc:
         acc_rows = ["| weights / KV | perplexity | vs float | top-1 agreement | greedy answers equal to float |",
                     "|---|---|---|---|---|"]
         for name, a in acc.items():
-            same = "-" if a["greedy_same"] is None else f"{a['greedy_same']}/16"
+            same = "-" if a["greedy_same"] is None else f"{a['greedy_same']}/16"  # (answers decode in C++)
             acc_rows.append(f"| {name} | {a['perplexity']:.3f} | {a['vs_float']:+.2%} | {a['top1_agreement']:.1%} "
                             f"| {same} |")
     text = "\n".join([
@@ -226,9 +273,13 @@ def write(out, command, machine_desc, med, samples, prof, acc, repeats) -> None:
         "  weights (dequantized), `int8` = per-channel int8, `int4` = the file's Q4_1 blocks as int4 group 32;",
         "  the LM head (tied embedding) is int8 in both quantized modes. llama.cpp: llama-bench tg64 (batch 1) and",
         "  llama-batched-bench (32 sequences x 32 tokens after 16-token prompts); Q8_0/Q4_0/F16 requantized from Q4_1.",
+        "- `splitserve <mode>` decodes with the C++ decode step (the default: splitserve/kernels/cpu_decode.py; its",
+        "  quantized linears take int8 activations, as llama.cpp's do); `<mode>, Python decode` is the same engine with",
+        "  `fused_decode=False` (the Python model runs every step): the baseline of the same run.",
         f"- medians of {repeats} rounds, each measurement a fresh process, systems interleaved round-robin", "",
         *rows, "", *ratios, "", prof, "",
-        *(["## Accuracy (bf16 activations; perplexity on 20,480 tokens of the offline corpus)", "", *acc_rows, ""]
+        *(["## Accuracy (bf16 activations; perplexity on 20,480 tokens of the offline corpus; the C++ decode rows",
+           "on its first 2,048, against the float Python model on those)", "", *acc_rows, ""]
           if acc_rows else []),
         "Raw samples are in `kernels.json`.", "",
     ])

@@ -56,11 +56,14 @@ def test_consumer_that_stops_early_frees_its_blocks(aengine):
                 break  # the generator is closed: the request is aborted
 
     async def cancel_mid_stream():
+        streaming = asyncio.Event()
+
         async def reader():
             async for _ in aengine.generate("cancel me", params):
-                pass
+                streaming.set()
+                await asyncio.Event().wait()  # a slow consumer: cancelled while its stream is open
         task = asyncio.create_task(reader())
-        await asyncio.sleep(0.2)
+        await streaming.wait()  # (not a fixed sleep: 400 tiny-model tokens take well under 0.2 s)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

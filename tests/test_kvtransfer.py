@@ -216,8 +216,10 @@ def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_se
     prompt, params = list(range(5, 40)), {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
     expected = make_engine(tiny_path).generate([prompt], SamplingParams(**params))[0].token_ids
     d_full, d_ok = make_engine(tiny_path, num_kv_blocks=16), make_engine(tiny_path)
+    # the Python decode path: the hog below must outlast r3's 0.3 s deadline (~0.6 s there; the C++
+    # decode step makes its 400 tiny-model tokens in ~0.1 s)
     worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
-                                    num_kv_blocks=64, max_num_seqs=1), TOKEN, queue_limit=1)
+                                    num_kv_blocks=64, max_num_seqs=1, fused_decode=False), TOKEN, queue_limit=1)
     real_reserve, reserved_while = worker.sender.reserve, []
 
     async def reserve(address, rid, n, layout):

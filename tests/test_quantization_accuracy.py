@@ -65,11 +65,12 @@ def test_quantized_perplexity_within_limit(engines, corpus, float_ppl, mode, lim
     assert agree >= 0.93  # measured 95.6% (int8) and 96.9% (int4)
 
 
-@pytest.mark.parametrize("mode,limit,floor", [("none", 0.01, 0.97), ("int8", 0.01, 0.93), ("int4", 0.05, 0.93)])
-def test_the_cpp_decode_step_keeps_the_gate(engines, corpus, mode, limit, floor):
-    """The C++ decode step (int8 activations in its quantized GEMVs) scored token by token as decode steps,
-    on 2,048 of the corpus tokens, against the float Python model on the same windows; measured
-    -0.1% / 98.3% (none), -0.1% / 95.3% (int8), -0.0% / 95.6% (int4)."""
+@pytest.mark.parametrize("mode,limit", [("int8", 0.01), ("int4", 0.05)])
+def test_the_cpp_decode_step_keeps_the_gate(engines, corpus, mode, limit):
+    """The C++ decode step's quantized linears (int8 activations in its VNNI GEMV) scored token by token as
+    decode steps, on 2,048 of the corpus tokens, against the float Python model on the same windows;
+    measured -0.1% / 95.3% (int8), -0.0% / 95.6% (int4). (Its dense path rounds as the Python model's
+    does: tests/test_cpu_decode.py.)"""
     decoder = engines[mode].runner.decoder
     if decoder is None:
         pytest.skip("the C++ decode step is not built here")
@@ -81,7 +82,7 @@ def test_the_cpp_decode_step_keeps_the_gate(engines, corpus, mode, limit, floor)
           f"top-1 agreement {agree:.1%}")
     assert got.num_tokens == base.num_tokens == 4 * WINDOW
     assert abs(rel) <= limit
-    assert agree >= floor
+    assert agree >= 0.93
 
 
 def test_int8_kv_on_the_wire_keeps_perplexity(engines, corpus, float_ppl):

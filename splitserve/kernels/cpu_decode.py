@@ -83,6 +83,8 @@ def extension():
     """The loaded extension, or None (with one warning) when it cannot be built here."""
     global _extension, _failed
     if _extension is None and _failed is None:
+        if not os.path.exists(os.path.join(build_dir(), "splitserve_cpu_decode.so")):
+            log.warning("compiling the C++ decode step for this CPU into %s (once, ~40 s)", build_dir())
         try:
             _extension = build_extension()
         except Exception as e:  # no compiler, no ninja, ...: the Python path still serves
