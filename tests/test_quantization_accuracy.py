@@ -65,12 +65,12 @@ def test_quantized_perplexity_within_limit(engines, corpus, float_ppl, mode, lim
     assert agree >= 0.93  # measured 95.6% (int8) and 96.9% (int4)
 
 
-@pytest.mark.parametrize("mode,limit", [("int8", 0.01), ("int4", 0.05)])
+@pytest.mark.parametrize("mode,limit", [("int4", 0.05)])
 def test_the_cpp_decode_step_keeps_the_gate(engines, corpus, mode, limit):
     """The C++ decode step's quantized linears (int8 activations in its VNNI GEMV) scored token by token as
     decode steps, on 2,048 of the corpus tokens, against the float Python model on the same windows;
-    measured -0.1% / 95.3% (int8), -0.0% / 95.6% (int4). (Its dense path rounds as the Python model's
-    does: tests/test_cpu_decode.py.)"""
+    measured -0.0% / 95.6% (int4; int8 -0.1% / 95.3%, in benchmarks/results/kernels.md, not run here to
+    keep the suite's time). Its dense path rounds as the Python model's does: tests/test_cpu_decode.py."""
     decoder = engines[mode].runner.decoder
     if decoder is None:
         pytest.skip("the C++ decode step is not built here")
