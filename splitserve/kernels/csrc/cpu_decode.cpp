@@ -313,11 +313,10 @@ void vnni_tile(const uint8_t* w, const uint16_t* s4, const uint16_t* z4, const f
         for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], v, bcast4(a.q.data() + (m0 + i) * k + c));
       }
     }
-    const int64_t ag = g;  // weight group == activation group (32)
     if (INT4) {
       const __m512 sc = load_bf16(s4 + (t * groups + g) * 16), zc = load_bf16(z4 + (t * groups + g) * 16);
       for (int i = 0; i < MR; ++i) {
-        const int64_t idx = (m0 + i) * (k / kActGroup) + ag;
+        const int64_t idx = (m0 + i) * groups + g;  // weight group == activation group
         // sum (q - 8) xq: exact in fp32; centring before the scale keeps the activation rounding error
         // proportional to |q - 8| <= 8, not to q <= 15
         const __m512 centred = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(8.0f * a.qsum[idx])),
@@ -328,7 +327,7 @@ void vnni_tile(const uint8_t* w, const uint16_t* s4, const uint16_t* z4, const f
       }
     } else {
       for (int i = 0; i < MR; ++i) {
-        const int64_t idx = (m0 + i) * (k / kActGroup) + ag;
+        const int64_t idx = (m0 + i) * groups + g;  // weight group == activation group
         const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(128.0f * a.qsum[idx]));
         facc[i] = _mm512_fmadd_ps(dot, _mm512_set1_ps(a.dx[idx]), facc[i]);
       }
