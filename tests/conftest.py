@@ -51,7 +51,7 @@ def assert_no_leaks(engine):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks, "KV blocks leaked"
     assert engine.kv.holders() == [] and engine.kv.num_tracked() == 0
     assert not engine.scheduler.waiting and not engine.scheduler.running
-    assert engine.requests == {}
+    assert engine.requests == {} and engine.kv_streams == {}
 
 
 @pytest.fixture()

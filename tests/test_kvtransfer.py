@@ -174,7 +174,7 @@ def test_prefill_worker_retries_a_failed_transfer(tiny_path):
     expected = make_engine(tiny_path).generate([prompt], SamplingParams(**params))[0].token_ids
     d_eng = make_engine(tiny_path)
     worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
-                                    num_kv_blocks=64), TOKEN)
+                                    num_kv_blocks=64), TOKEN, layer_overlap=False)
     with pytest.raises(InvalidRequestError, match="unknown transfer faults \\['drop'\\]"):
         worker.inject_transfer_faults(["drop"])
 
@@ -219,7 +219,8 @@ def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_se
     # the Python decode path: the hog below must outlast r3's 0.3 s deadline (~0.6 s there; the C++
     # decode step makes its 400 tiny-model tokens in ~0.1 s)
     worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
-                                    num_kv_blocks=64, max_num_seqs=1, fused_decode=False), TOKEN, queue_limit=1)
+                                    num_kv_blocks=64, max_num_seqs=1, fused_decode=False), TOKEN, queue_limit=1,
+                               layer_overlap=False)
     real_reserve, reserved_while = worker.sender.reserve, []
 
     async def reserve(address, rid, n, layout):
@@ -313,3 +314,100 @@ def test_int8_wire_codec_sends_fewer_bytes_and_close_values(tiny_path):
         KVSender(TOKEN, kv_codec="fp8")
     assert_no_leaks(p_eng)
     assert_no_leaks(d_eng)
+
+
+def _token_kv(engine, rid, n):
+    """The KV of a request's first n tokens on an engine: [L, 2, n, Hkv, D]."""
+    import torch
+    kv = engine.kv_cache[:, torch.tensor(engine.kv.block_table(rid))]  # [L, nb, 2, bs, Hkv, D]
+    return kv.transpose(1, 2).flatten(2, 3)[:, :, :n].clone()
+
+
+def test_layer_overlapped_transfer_gives_identical_kv_and_output(tiny_path):
+    """The prefill worker's default path: decode room reserved first, each layer's KV sent as each
+    prefill step computes it (chunked prefill, a cached prefix), the rest and the commit once held.
+    The decode side holds exactly the KV of a plain prefill and continues to the reference tokens;
+    chunks arrive while the prompt is still computing. A cut stream falls back to sending the held
+    blocks; a request that ends in its prefill step gives its reservation back. Nothing leaks."""
+    from splitserve.prefill.worker import PrefillWorkerImpl
+
+    engine_kw = dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4, num_kv_blocks=64,
+                     max_num_batched_tokens=12)  # 35 tokens: three prefill steps
+    p1 = list(range(5, 40))
+    p2 = p1[:24] + list(range(60, 75))  # 6 cached blocks, then its own
+    params = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    ref = make_engine(tiny_path, max_num_batched_tokens=12)
+    expected, ref_kv = {}, {}
+    for rid, prompt in (("r1", p1), ("r2", p2)):
+        expected[rid] = make_engine(tiny_path).generate([prompt], SamplingParams(**params))[0].token_ids
+        prefill(ref, prompt, SamplingParams(**params), rid)
+        ref_kv[rid] = _token_kv(ref, rid, len(prompt))
+        ref.release(rid)
+    d_eng = make_engine(tiny_path)
+    worker = PrefillWorkerImpl(engine_kw, TOKEN)
+    step_done = worker.engine.on_step
+    worker.engine.on_step = lambda load: (step_done(load), time.sleep(0.05))  # room to see the overlap
+    written_while_computing = []
+
+    async def run():
+        async with Harness(d_eng) as h:
+            real_write = h.servicer.port.write
+
+            def write(rid, layer, first_block, data):
+                written_while_computing.append(rid in worker.engine.requests)  # not yet held: computing
+                real_write(rid, layer, first_block, data)
+
+            h.servicer.port.write = write
+            got = {}
+            for rid, prompt in (("r1", p1), ("r2", p2)):
+                got[rid] = await worker.prefill(rid, prompt, params, [h.address])
+                got[rid]["kv"] = _token_kv(d_eng, rid, len(prompt))
+                got[rid]["rest"] = decode_all(d_eng, rid)
+            worker.inject_transfer_faults(["cut"])
+            got["cut"] = await worker.prefill("r3", p1, params, [h.address])
+            got["cut"]["rest"] = decode_all(d_eng, "r3")
+            got["short"] = await worker.prefill("r4", p1, {**params, "max_tokens": 1}, [h.address])
+            # cut again, and then no decode worker has room: the token was announced, so the router must
+            # place it again ("transfer_failed"), not refuse a request whose client has output
+            worker.inject_transfer_faults(["cut"])
+            real_reserve, events = worker.sender.reserve, []
+
+            async def reserve_once(*args):
+                if events:
+                    raise NoCapacityError("full")
+                return await real_reserve(*args)
+
+            worker.sender.reserve = reserve_once
+            got["full"] = await worker.prefill("r5", p1, params, [h.address], wait_s=0.3, on_reserved=events.append)
+            got["full"]["events"] = events
+            await worker.sender.close()
+            return got, h.servicer.num_transfers_failed
+
+    try:
+        got, num_failed = asyncio.run(run())
+    finally:
+        worker.aengine.shutdown()
+    layers = worker.engine.kv_spec.num_layers
+    for rid in ("r1", "r2"):
+        r = got[rid]
+        assert r["status"] == "transferred"
+        assert torch_equal(r["kv"], ref_kv[rid]), f"{rid}: the decode side's KV differs from a plain prefill"
+        assert r["first"].new_token_ids + [t for o in r["rest"] for t in o.new_token_ids] == expected[rid]
+    assert got["r1"]["kv_chunks"] == 3 * layers  # one piece per layer per prefill step
+    assert got["r2"]["kv_chunks"] == 2 * layers  # the cached prefix went with its first step's pieces
+    assert any(written_while_computing) and not all(written_while_computing)
+    assert got["cut"]["status"] == "transferred"  # cut: sent again from the held blocks
+    assert got["cut"]["first"].new_token_ids + [t for o in got["cut"]["rest"] for t in o.new_token_ids] == \
+        expected["r1"]
+    assert got["short"]["status"] == "finished"
+    assert got["full"]["status"] == "transfer_failed" and [e["status"] for e in got["full"]["events"]] == ["reserved"]
+    assert num_failed == 3  # the cut streams, the unused reservation
+    assert worker.num_overlapped == 5 and worker.num_overlap_fallbacks == 2
+    assert_no_leaks(worker.engine)
+    assert all(v == 0 for v in worker.leaks().values()), worker.leaks()
+    assert_no_leaks(d_eng)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return a.shape == b.shape and torch.equal(a, b)

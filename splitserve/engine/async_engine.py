@@ -94,9 +94,10 @@ class AsyncEngine:
 
     async def generate(self, prompt=None, params: SamplingParams | None = None, *,
                        messages: list[dict] | None = None, request_id: str | None = None,
-                       hold_kv: bool = False, snapshot=None) -> AsyncIterator[RequestOutput]:
+                       hold_kv: bool = False, snapshot=None, kv_stream=None) -> AsyncIterator[RequestOutput]:
         """Outputs of a new request; or, given a ``snapshot`` (``RequestSnapshot``), of a request that
-        continues here by recompute (its outputs so far are not repeated)."""
+        continues here by recompute (its outputs so far are not repeated). ``kv_stream``
+        (``engine/kv_stream.py``, with ``hold_kv``): its KV is handed out layer by layer as it is computed."""
         if self._stopped:
             raise RuntimeError("the engine is shut down")
         queue: asyncio.Queue = asyncio.Queue()
@@ -105,10 +106,10 @@ class AsyncEngine:
         def add() -> str:  # in a helper thread: waits for the lock (one step at most) and tokenizes
             with self.lock:
                 if snapshot is not None:
-                    rid = self.engine.resume(snapshot, hold_kv=hold_kv)
+                    rid = self.engine.resume(snapshot, hold_kv=hold_kv, kv_stream=kv_stream)
                 else:
                     rid = self.engine.add_request(prompt, params, messages=messages, request_id=request_id,
-                                                  hold_kv=hold_kv)
+                                                  hold_kv=hold_kv, kv_stream=kv_stream)
                 self._streams[rid] = (loop, queue)
             return rid
 

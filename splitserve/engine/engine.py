@@ -29,6 +29,7 @@ import torch
 
 from splitserve.engine.block_pool import KVCacheManager
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
+from splitserve.engine.kv_stream import KVStream, layer_hook
 from splitserve.engine.model import LlamaForCausalLM
 from splitserve.engine.moves import MovesMixin
 from splitserve.engine.output import CompletionResult, RequestOutput, StepLoad, TextState
@@ -154,6 +155,7 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self.held: dict[str, Request] = {}  # suspended: blocks kept while the KV travels (moves.py)
         self.reserved: dict[str, int] = {}  # receiving: request id -> reserved tokens, KV arriving
         self.pinned: dict[str, list[int]] = {}  # live migration: blocks pinned while they are read
+        self.kv_streams: dict[str, KVStream] = {}  # prefilling: KV handed out layer by layer (kv_stream.py)
         self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts, moves)
         self._arrivals = itertools.count()
         self.on_step = None  # called with each model step's StepLoad (in the engine's thread)
@@ -163,8 +165,9 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
 
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
                     messages: list[dict] | None = None, request_id: str | None = None,
-                    hold_kv: bool = False) -> str:
-        """Validate and queue a request; raises InvalidRequestError (nothing queued) on bad input."""
+                    hold_kv: bool = False, kv_stream: KVStream | None = None) -> str:
+        """Validate and queue a request; raises InvalidRequestError (nothing queued) on bad input.
+        ``kv_stream`` (with ``hold_kv``): its KV is handed out layer by layer as it is computed."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"params must be a SamplingParams, got {type(params).__name__}")
@@ -178,9 +181,19 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
             raise PromptTooLongError(len(token_ids), limit, which)
         req = Request(request_id, token_ids, params, next(self._arrivals), hold_kv=hold_kv,
                       text=TextState(self.tokenizer, params.stop))
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+        self._queue(req, kv_stream)
         return request_id
+
+    def _queue(self, req: Request, kv_stream: KVStream | None) -> None:
+        """A checked new request into the queue; with ``kv_stream`` (a request held after its prefill),
+        its KV is handed out layer by layer as it is computed (``kv_stream.py``)."""
+        if kv_stream is not None and not req.hold_kv:
+            raise InvalidRequestError("kv_stream", "only a request held after its prefill (hold_kv) can stream "
+                                                   "its KV")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        if kv_stream is not None:
+            self.kv_streams[req.request_id] = kv_stream
 
     def _prompt_tokens(self, prompt, messages) -> list[int]:
         if (prompt is None) == (messages is None):
@@ -225,8 +238,10 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         if plan.empty:
             return outputs
         started = time.perf_counter()
+        hook = layer_hook(plan.chunks, self.kv_streams, self.kv_cache, self.kv.block_size) if self.kv_streams \
+            else None
         try:
-            logits, order = self.runner.execute(self._step_sequences(plan))
+            logits, order = self.runner.execute(self._step_sequences(plan), hook)
         except Exception as e:  # a failed forward fails the requests in it, with the reason
             return outputs + self._fail_all(plan, f"model step failed: {type(e).__name__}: {e}")
         if self.on_step is not None:
@@ -344,6 +359,9 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self.scheduler.finish(req, status)
         self.requests.pop(req.request_id, None)
         self._end_speculation(req.request_id)
+        stream = self.kv_streams.pop(req.request_id, None)
+        if stream is not None:  # it will never be held: its consumer stops waiting
+            stream.close()
 
     def _fail_all(self, plan: SchedulerOutput, reason: str) -> list[RequestOutput]:
         outs = []
@@ -372,7 +390,8 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         """Every per-request structure by size (blocks: those not back in the pool): all zero when idle."""
         draft = getattr(self.proposer, "kv", None)
         return {"requests": len(self.requests), "held": len(self.held), "reserved": len(self.reserved),
-                "pinned": len(self.pinned), "waiting": len(self.scheduler.waiting),
+                "pinned": len(self.pinned), "kv_streams": len(self.kv_streams),
+                "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running), "pending_outputs": len(self._pending),
                 "kv_blocks_in_use": self.kv.num_blocks - self.kv.num_free_blocks,
                 "block_tables": self.kv.num_tracked(),

@@ -105,11 +105,14 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: torch.Tensor,  # [L, num_blocks, 2, bs, Hkv, D]
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [S]: rows of the batch whose next token is wanted
+        on_layer=None,  # called with i once layer i's KV is written (engine/kv_stream.py)
     ) -> torch.Tensor:  # [S, vocab] fp32
         x, delta = self.embed_tokens(input_ids).float(), None  # [N, hidden] fp32 residual stream
         rope_tables = self.rope.tables(meta.positions)
         for i, layer in enumerate(self.layers):
             x, delta = layer(x, delta, kv_cache[i], meta, rope_tables)
+            if on_layer is not None:
+                on_layer(i)
         _, x = self.norm(x[logits_indices], delta[logits_indices])  # [S, hidden]
         return self.lm_head(x).float()
 

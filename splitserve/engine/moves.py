@@ -57,6 +57,7 @@ class MovesMixin:
         self.scheduler.detach(req, RequestStatus.HELD)
         req.draft_token_ids, req.draft_probs = [], None
         self._end_speculation(request_id)  # the draft model's KV is recomputed wherever it continues
+        self.kv_streams.pop(request_id, None)  # held: its KV is complete (its consumer ends the stream)
         self.requests.pop(request_id)
         self.held[request_id] = req
 
@@ -174,9 +175,10 @@ class MovesMixin:
         self.kv.free(request_id)
         return True
 
-    def resume(self, snap: RequestSnapshot, hold_kv: bool = False) -> str:
+    def resume(self, snap: RequestSnapshot, hold_kv: bool = False, kv_stream=None) -> str:
         """Queue a request from a snapshot without its KV: this engine recomputes it (prompt and the
-        outputs already produced), then samples the next output token."""
+        outputs already produced), then samples the next output token (``kv_stream``: as in
+        ``add_request``)."""
         snap.check()
         self._check_new_id(snap.request_id)
         if snap.num_tokens >= self.max_model_len:
@@ -184,8 +186,7 @@ class MovesMixin:
                                                 f"({self.max_model_len})")
         req = self._request_from(snap, hold_kv=hold_kv)
         req.num_computed_tokens = 0
-        self.requests[req.request_id] = req
-        self.scheduler.add(req)
+        self._queue(req, kv_stream)
         return req.request_id
 
     def _request_from(self, snap: RequestSnapshot, hold_kv: bool = False) -> Request:

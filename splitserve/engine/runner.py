@@ -105,10 +105,12 @@ class ModelRunner:
         self.block_size = block_size
         self.decoder = decoder
 
-    def execute(self, seqs: list[StepSequence]) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Run one step. Returns (logits [S, vocab] fp32, index into ``seqs`` of each row)."""
+    def execute(self, seqs: list[StepSequence], on_layer=None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Run one step. Returns (logits [S, vocab] fp32, index into ``seqs`` of each row).
+        ``on_layer(i)``: called once layer i's KV is written (the Python model runs the step)."""
         step = prepare_step(seqs, self.block_size, self.kv_cache.dtype)
-        if self.decoder is not None and step.meta.num_decodes == len(seqs) == len(step.sample_order):
+        if self.decoder is not None and on_layer is None and \
+                step.meta.num_decodes == len(seqs) == len(step.sample_order):
             return self.decoder(step, self.kv_cache), step.sample_order
-        logits = self.model(step.input_ids, self.kv_cache, step.meta, step.logits_indices)
+        logits = self.model(step.input_ids, self.kv_cache, step.meta, step.logits_indices, on_layer)
         return logits, step.sample_order

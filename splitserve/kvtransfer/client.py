@@ -3,6 +3,9 @@
     reserve(address, rid, num_tokens, layout)  -> ReserveResponse, or NoCapacityError (pick another worker)
     send(address, port, rid)                   a suspended (held) request: its blocks and snapshot, then
                                                the commit -> TransferAck (the caller releases its blocks)
+    stream(address, port, rid, kv_stream)      a request still prefilling (reserved first): its KV layer by
+                                               layer as computed (engine/kv_stream.py), the rest and the
+                                               commit once it is held -> TransferAck
     migrate(address, port, rid, moved_to)      a running request, live (below) -> MoveResult; on success the
                                                request is released here, on failure it goes on here
     release(address, rid)                      give a reservation back unused (or abort what was committed)
@@ -124,13 +127,34 @@ class KVSender:
 
     async def send(self, address: str, port, request_id: str, corrupt_chunk: int | None = None) -> pb.TransferAck:
         """A held request (suspended, e.g. prefilled): its blocks and snapshot, one stage."""
-        async def no_live_stages(last: list):
-            last.append((port.held_snapshot(request_id), port.held_table(request_id)))
-            return
-            yield
+        async def parts(last: list):
+            snapshot, table = port.held_snapshot(request_id), port.held_table(request_id)
+            for job in self._block_jobs(port, table[:self._needed(port, snapshot)], 0, live=False):
+                yield job
+            last.append(snapshot)
 
-        ack, _ = await self._transfer(address, port, request_id, no_live_stages, corrupt_chunk)
-        return ack
+        return await self._transfer(address, port, request_id, parts, corrupt_chunk)
+
+    async def stream(self, address: str, port, request_id: str, kv_stream) -> pb.TransferAck:
+        """A request still prefilling (already reserved at ``address``): each piece of its KV as its
+        prefill hands it out (``engine/kv_stream.py``), layer by layer while the next layers compute;
+        once the stream ends (the request is held), whatever it did not carry, then the commit. The
+        call has no deadline of its own: it lasts as long as the prefill (the caller bounds the rest)."""
+        spec = port.kv_spec
+        per_chunk = max(1, self.max_chunk_bytes // (spec.bytes_per_block // spec.num_layers))
+
+        async def parts(last: list):
+            async for layer, first, data in kv_stream.pieces():  # data: [n, 2, bs, Hkv, D]
+                for at in range(0, data.shape[0], per_chunk):
+                    yield ChunkPlan(layer, first + at, min(per_chunk, data.shape[0] - at)), data[at:at + per_chunk], \
+                        False
+            snapshot, table = port.held_snapshot(request_id), port.held_table(request_id)  # not held: no commit
+            needed = self._needed(port, snapshot)
+            for job in self._block_jobs(port, table[:needed], [min(s, needed) for s in kv_stream.sent], live=False):
+                yield job
+            last.append(snapshot)
+
+        return await self._transfer(address, port, request_id, parts, None, deadline=False)
 
     async def migrate(self, address: str, port, request_id: str, moved_to: str | None = None,
                       on_stage=None, on_suspend=None, corrupt_chunk: int | None = None) -> MoveResult:
@@ -140,10 +164,11 @@ class KVSender:
         num_tokens = port.begin_live(request_id)  # UnknownRequestError / RequestStateError: nothing moves
         result = MoveResult()
         stopped_at = None
+        block_size = port.kv_spec.block_size
         try:
             await self.reserve(address, request_id, num_tokens, fingerprint(port.model_config, port.kv_spec))
 
-            async def live_stages(last: list):
+            async def parts(last: list):
                 nonlocal stopped_at
                 sent = 0
                 for stage in range(self.max_stages):
@@ -151,7 +176,9 @@ class KVSender:
                     if stage and len(pinned) - sent <= self.last_stage_blocks:
                         break  # few enough to stop the request for
                     if len(pinned) > sent:
-                        yield pinned
+                        yield pb.TransferMessage(grow=pb.Grow(num_tokens=len(pinned) * block_size))
+                        for job in self._block_jobs(port, pinned, sent, live=True):
+                            yield job
                         sent = len(pinned)
                     result.num_stages += 1
                     if on_stage is not None:
@@ -160,10 +187,15 @@ class KVSender:
                 stopped_at, result.resume_index = time.perf_counter(), len(snapshot.output_token_ids)
                 if on_suspend is not None:
                     on_suspend(snapshot)
-                last.append((snapshot, table))
+                needed = self._needed(port, snapshot)
+                result.last_stage_blocks = needed - sent
+                if sent:  # the request grew since the reservation
+                    yield pb.TransferMessage(grow=pb.Grow(num_tokens=snapshot.num_tokens))
+                for job in self._block_jobs(port, table[:needed], sent, live=False):
+                    yield job
+                last.append(snapshot)
 
-            ack, result.last_stage_blocks = await self._transfer(address, port, request_id, live_stages,
-                                                                 corrupt_chunk)
+            ack = await self._transfer(address, port, request_id, parts, corrupt_chunk)
         except BaseException as e:
             if stopped_at is not None:
                 port.unsuspend(request_id)  # not committed there: it goes on here
@@ -183,68 +215,73 @@ class KVSender:
         result.num_bytes, result.num_chunks = ack.num_bytes, ack.num_chunks
         return result
 
-    async def _transfer(self, address: str, port, request_id: str, live_stages, corrupt_chunk: int | None):
-        """One Transfer stream: header, each live stage's chunks, the last chunks, the commit.
-        ``live_stages(last)`` yields the pinned block ids of each live stage, then appends (snapshot,
-        block table) to ``last``. Returns (ack, blocks sent in the last stage)."""
+    @staticmethod
+    def _needed(port, snapshot) -> int:
+        """Blocks holding the snapshot's computed KV."""
+        return -(-snapshot.num_computed_tokens // port.kv_spec.block_size)
+
+    def _block_jobs(self, port, block_ids: list[int], first, live: bool):
+        """Chunk jobs for blocks ``block_ids[first:]`` of every layer (``first``: one index, or one per
+        layer), layer by layer; chunk positions are in the request's block table. ``live``: the request
+        is still decoding here, so the chunk is read and encoded off the event loop."""
         spec = port.kv_spec
+        firsts = first if isinstance(first, list) else [first] * spec.num_layers
         per_block_layer = spec.bytes_per_block // spec.num_layers
+        for layer, start in enumerate(firsts):
+            for plan in plan_chunks(1, len(block_ids) - start, per_block_layer, self.max_chunk_bytes):
+                at = start + plan.first_block
+                ids = block_ids[at:at + plan.num_blocks]
+                yield ChunkPlan(layer, at, plan.num_blocks), (lambda ids=ids, layer=layer: port.read(ids, layer)), live
+
+    async def _transfer(self, address: str, port, request_id: str, parts, corrupt_chunk: int | None,
+                        deadline: bool = True) -> pb.TransferAck:
+        """One Transfer stream: the header, what ``parts(last)`` yields, the commit. ``parts`` yields
+        Grow messages and chunk jobs (plan, payload [n, 2, bs, Hkv, D] or a reader giving it, whether to
+        encode it off the event loop), then appends the snapshot to commit to ``last``. ``deadline``:
+        whether the call has the sender's ``timeout_s``."""
         failure: list[BaseException] = []
-        count = {"chunks": 0, "bytes": 0, "last_stage_blocks": 0}
+        count = {"chunks": 0, "bytes": 0}
         fault = self.faults.popleft() if self.faults else None
         if fault == "corrupt":
             corrupt_chunk = 0
 
-        def encode(block_ids: list[int], at: int, plan) -> pb.TensorChunk:
-            data = port.read(block_ids[at:at + plan.num_blocks], plan.layer)  # [n, 2, bs, Hkv, D]
-            return encode_chunk(ChunkPlan(plan.layer, at, plan.num_blocks), data, self.kv_codec)
-
-        async def chunks(block_ids: list[int], first: int, live: bool):
-            """Blocks block_ids[first:], layer by layer; chunk positions are in the request's block table.
-            ``live``: the request is still decoding here, so chunks are encoded off this event loop
-            (which also carries the request's outputs) and the loop gets a turn between them."""
-            for plan in plan_chunks(spec.num_layers, len(block_ids) - first, per_block_layer, self.max_chunk_bytes):
-                at = first + plan.first_block
-                chunk = await asyncio.to_thread(encode, block_ids, at, plan) if live else encode(block_ids, at, plan)
-                if corrupt_chunk == count["chunks"]:
-                    chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
-                count["chunks"] += 1
-                count["bytes"] += len(chunk.data)
-                yield pb.TransferMessage(chunk=chunk)
-                if fault == "cut":
-                    raise TransferFailedError("CANCELLED", "the transfer stream was cut after its first chunk "
-                                                           "(an injected fault)")
+        def encode(plan: ChunkPlan, data) -> pb.TensorChunk:
+            return encode_chunk(plan, data() if callable(data) else data, self.kv_codec)
 
         async def messages():
             try:
                 yield pb.TransferMessage(header=pb.TransferHeader(
-                    request_id=request_id, layout=fingerprint(port.model_config, spec), kv_codec=self.kv_codec))
-                sent, last = 0, []
-                async for pinned in live_stages(last):
-                    yield pb.TransferMessage(grow=pb.Grow(num_tokens=len(pinned) * spec.block_size))
-                    async for msg in chunks(pinned, sent, live=True):
-                        yield msg
-                    sent = len(pinned)
-                snapshot, table = last[0]
-                needed = -(-snapshot.num_computed_tokens // spec.block_size)
-                count["last_stage_blocks"] = needed - sent
-                if sent:  # a live migration: the request grew since the reservation
-                    yield pb.TransferMessage(grow=pb.Grow(num_tokens=snapshot.num_tokens))
-                async for msg in chunks(table[:needed], sent, live=False):
-                    yield msg
+                    request_id=request_id, layout=fingerprint(port.model_config, port.kv_spec),
+                    kv_codec=self.kv_codec))
+                last = []
+                async for part in parts(last):
+                    if isinstance(part, pb.TransferMessage):
+                        yield part
+                        continue
+                    plan, data, off_loop = part
+                    chunk = await asyncio.to_thread(encode, plan, data) if off_loop else encode(plan, data)
+                    if corrupt_chunk == count["chunks"]:
+                        chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
+                    count["chunks"] += 1
+                    count["bytes"] += len(chunk.data)
+                    yield pb.TransferMessage(chunk=chunk)
+                    if fault == "cut":
+                        raise TransferFailedError("CANCELLED", "the transfer stream was cut after its first chunk "
+                                                               "(an injected fault)")
                 yield pb.TransferMessage(commit=pb.Commit(num_chunks=count["chunks"], num_bytes=count["bytes"],
-                                                          snapshot=snapshot_to_pb(snapshot)))
+                                                          snapshot=snapshot_to_pb(last[0])))
             except Exception as e:  # end the stream without a commit: the receiver drops the reservation
                 failure.append(e)
 
         try:
-            ack = await self._stub(address).Transfer(messages(), metadata=self.metadata, timeout=self.timeout_s)
+            ack = await self._stub(address).Transfer(messages(), metadata=self.metadata,
+                                                     timeout=self.timeout_s if deadline else None)
         except grpc.aio.AioRpcError as e:
             if failure:
                 raise failure[0] from None
             raise self._failed(e) from None
         self.num_bytes_sent += ack.num_bytes
-        return ack, count["last_stage_blocks"]
+        return ack
 
     async def close(self) -> None:
         for ch in self._channels:

@@ -4,6 +4,7 @@ A transfer stream::
 
     Header | Chunk(layer 0, blocks 0..k) | Chunk(layer 0, blocks k..n) | Chunk(layer 1, ...) | ... | Commit
     (a live migration: Header | stage 1 chunks | Grow | stage 2 chunks | ... | Grow | last chunks | Commit)
+    (a layer-overlapped prefill: Header | step 1 layer 0 | step 1 layer 1 | ... | step 2 layer 0 | ... | Commit)
 
 The Commit carries the request's snapshot (``snapshot_to_pb``): what the
 receiver continues, with the number of tokens whose KV the chunks carried.
@@ -13,7 +14,8 @@ Each chunk's payload is ``kv_cache[layer, block_table[a:b]]``
 codecs named in the header: ``raw`` (the layout's dtype) or ``int8`` (int8
 values, then one fp32 scale per token and head: about half the bytes of bf16,
 a quarter of fp32; ``kernels.ops.kv_quantize``). A chunk holds whole blocks of one layer and at most ``max_chunk_bytes``
-(a few MiB), so the sender can ship each layer as soon as it has it.
+(a few MiB), so the sender can ship each layer as soon as it has it. Chunks
+may come in any order; the receiver places each by its layer and position.
 """
 
 from __future__ import annotations

@@ -112,6 +112,9 @@ class ServeConfig:
     # the first token goes to the client once a decode worker holds room for the request, while its KV moves;
     # False: once the KV has moved (the baseline of benchmarks/bench_first_token.py)
     early_first_token: bool = True
+    # a prefill worker sends each layer's KV while the next layers compute (it reserves decode room before the
+    # prefill); False: the KV goes once the prefill is done (the baseline of benchmarks/bench_first_token.py)
+    kv_layer_overlap: bool = True
     # share the KV of equal prompt prefixes between requests on each worker, and route a prompt to the prefill
     # worker holding its longest prefix (unless its queue outweighs the saving); False: neither
     prefix_caching: bool = True

@@ -150,8 +150,9 @@ class WorkerMetrics:
         self.tags = {"pool": pool, "worker": worker}
         t = ("pool", "worker")
         self.queue = _make("histogram", "splitserve_queue_time_seconds", "in to first scheduled", t, LATENCY_BUCKETS)
-        self.transfer = _make("histogram", "splitserve_kv_transfer_seconds", "one request's KV sent", t,
-                              LATENCY_BUCKETS)
+        self.transfer = _make("histogram", "splitserve_kv_transfer_seconds",
+                              "one request's KV handoff left after its prefill (with the layer overlap: the rest "
+                              "and the commit)", t, LATENCY_BUCKETS)
         self.transfer_bytes = _make("counter", "splitserve_kv_transfer_bytes_total", "KV bytes sent", t)
         self.transfer_failures = _make("counter", "splitserve_kv_transfer_failures_total", "KV transfers that failed",
                                        (*t, "reason"))

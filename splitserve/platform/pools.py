@@ -90,7 +90,8 @@ def spawn(cfg: ServeConfig, pool: str, name: str, itype=None):
     if pool == "prefill":
         return PrefillWorker.options(**options).remote(engine_kwargs(cfg, pc, decodes=False), cfg.cluster_token,
                                                        cfg.kv_wire_codec, name, kv_tls=cfg.kv_tls,
-                                                       queue_limit=cfg.prefill_queue_limit)
+                                                       queue_limit=cfg.prefill_queue_limit,
+                                                       layer_overlap=cfg.kv_layer_overlap)
     if pool == "decode":
         return DecodeWorker.options(**options).remote(engine_kwargs(cfg, pc), cfg.cluster_token, cfg.kv_host, name,
                                                       cfg.kv_wire_codec, kv_port=cfg.kv_port, kv_tls=cfg.kv_tls)

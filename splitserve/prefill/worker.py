@@ -4,9 +4,13 @@ A request passes through::
 
     admitted if fewer than ``queue_limit`` requests are on this worker ("busy": the router tries
       another prefill worker, or waits)
+      -> (``layer_overlap``, and its prefill starts within about a step) a reservation on the first decode
+         worker of the router's list with room right now, and a transfer opened there: each layer's KV
+         goes out while the next layers compute (``engine/kv_stream.py``); no room: the steps below
       -> waits for its first prefill step at most ``wait_s`` ("queue_timeout": refused, nothing was
          computed or sent)
       -> prefill (chunked, batched with other prompts) -> next token sampled, request suspended (held)
+      -> overlapped: the rest of its KV and the commit (failed: the steps below, from the held blocks)
       -> a reservation on the first decode worker of the router's list with room, tried in order
          and again until the same deadline, at least once ("no_capacity"; every one unreachable:
          "decode_failed"): decode blocks are taken only now, when the KV is about to move
@@ -29,6 +33,7 @@ import asyncio
 import os
 import time
 import uuid
+from dataclasses import dataclass
 
 import ray
 
@@ -40,11 +45,19 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
 
 
+@dataclass
+class _Overlap:
+    """A request's layer-overlapped transfer: reserved at ``address``, fed by ``kv`` (``KVStream``)."""
+    address: str
+    kv: object
+    task: asyncio.Task  # KVSender.stream: -> TransferAck
+
+
 class PrefillWorkerImpl:
     RESERVE_RETRY_S = (0.02, 0.5)  # waiting for decode room: first and longest pause between rounds
 
     def __init__(self, engine_kwargs: dict, cluster_token: str, kv_codec: str = "raw", name: str = "prefill",
-                 kv_tls=None, queue_limit: int = 32):
+                 kv_tls=None, queue_limit: int = 32, layer_overlap: bool = True):
         from splitserve.engine.async_engine import AsyncEngine
         from splitserve.engine.engine import LLMEngine
         from splitserve.kvtransfer.client import KVSender
@@ -63,6 +76,12 @@ class PrefillWorkerImpl:
         self.num_prefills = 0
         self.num_refused = {"busy": 0, "queue_timeout": 0, "no_capacity": 0}
         self.num_transfer_retries = 0
+        # send each layer's KV while the next computes (False: after the prefill, the baseline of
+        # benchmarks/bench_first_token.py)
+        self.layer_overlap = layer_overlap
+        self.overlaps: dict[str, _Overlap] = {}  # request id -> its overlapped transfer, while it runs
+        self.num_overlapped = 0
+        self.num_overlap_fallbacks = 0
         self.recorder = Recorder()
         self.engine.on_step = step_recorder(self.recorder, "prefill")
         self.metrics = WorkerMetrics("prefill", name)
@@ -113,11 +132,24 @@ class PrefillWorkerImpl:
         self.queued_prompt_tokens += n
         self.recorder.record("arrival", n)
         start, deadline = time.perf_counter(), time.monotonic() + wait_s
+        try:
+            return await self._prefill(request_id, prompt_token_ids, params, decodes, snapshot, n, wait_s, start,
+                                       deadline, on_reserved)
+        finally:
+            overlap = self.overlaps.pop(request_id, None)
+            if overlap is not None and not overlap.task.done():  # it ended before its transfer did
+                await self._stop_overlap(request_id, overlap)
+
+    async def _prefill(self, request_id, prompt_token_ids, params, decodes, snapshot, n, wait_s, start, deadline,
+                       on_reserved) -> dict:
         first, expired = None, []
         watchdog = asyncio.get_running_loop().call_later(wait_s, self._expire_unstarted, request_id, expired)
         try:
-            run = self.aengine.generate(snapshot=snapshot, hold_kv=True) if snapshot is not None else \
-                self.aengine.generate(prompt_token_ids, SamplingParams(**params), request_id=request_id, hold_kv=True)
+            overlap = await self._open_overlap(request_id, n, decodes)
+            kv = overlap.kv if overlap is not None else None
+            run = self.aengine.generate(snapshot=snapshot, hold_kv=True, kv_stream=kv) if snapshot is not None else \
+                self.aengine.generate(prompt_token_ids, SamplingParams(**params), request_id=request_id, hold_kv=True,
+                                      kv_stream=kv)
             async for out in run:
                 first = out
         finally:
@@ -141,10 +173,52 @@ class PrefillWorkerImpl:
             self.recorder.record("prefill_s", prefilled - max(start, held.scheduled_at))
         try:  # decode room by the same deadline (at least one round of asking)
             return await self._hand_off(request_id, n, decodes, deadline - time.monotonic(), prefilled, start,
-                                        result, on_reserved)
+                                        result, on_reserved, self.overlaps.get(request_id))
         finally:
             self.num_inflight -= 1
             self.port.release(request_id)
+
+    async def _open_overlap(self, request_id: str, n: int, decodes: list[str]) -> _Overlap | None:
+        """Reserve on the first decode worker of ``decodes`` with room now (one round, no waiting) and open the
+        transfer there, fed layer by layer by the prefill. Only when the prompt's prefill starts within about a
+        step: decode blocks reserved for a request still queued here would be idle. None: the classic path."""
+        if not self.layer_overlap or self.queued_prompt_tokens - n > self.engine.config.max_num_batched_tokens:
+            return None
+        from splitserve.engine.kv_stream import KVStream
+        for address in decodes:
+            try:
+                await self.sender.reserve(address, request_id, n, self.layout)
+            except (NoCapacityError, TransferFailedError):  # the classic path asks again, and waits
+                continue
+            kv = KVStream(self.engine.kv_spec.num_layers, asyncio.get_running_loop())
+            task = asyncio.create_task(self.sender.stream(address, self.port, request_id, kv))
+            task.add_done_callback(lambda _: kv.close())  # a failed transfer: the forward stops offering
+            overlap = self.overlaps[request_id] = _Overlap(address, kv, task)
+            self.num_overlapped += 1
+            return overlap
+        return None
+
+    async def _finish_overlap(self, request_id: str, overlap: _Overlap):
+        """The request is held: the rest of its KV and the commit. Returns the TransferAck, or None when the
+        overlapped transfer failed (its reservation is given back; the caller sends from the held blocks)."""
+        overlap.kv.end()
+        try:
+            return await asyncio.wait_for(overlap.task, self.sender.timeout_s)
+        except Exception as e:  # a failed or cut transfer, a receiver gone, a stuck commit
+            self.num_overlap_fallbacks += 1
+            self.metrics.transfer_failed(getattr(e, "code", None) or type(e).__name__)
+            await self._give_back(overlap.address, request_id)
+            return None
+
+    async def _stop_overlap(self, request_id: str, overlap: _Overlap) -> None:
+        """The request ends here (finished, refused, aborted): its transfer stops without a commit."""
+        overlap.kv.close()
+        overlap.task.cancel()
+        try:
+            await overlap.task
+        except BaseException:
+            pass
+        await self._give_back(overlap.address, request_id)
 
     def _expire_unstarted(self, request_id: str, expired: list) -> None:
         """The admission deadline: a request still waiting for its first step is aborted (refused)."""
@@ -154,30 +228,30 @@ class PrefillWorkerImpl:
             self.aengine.abort_request(request_id)
 
     async def _hand_off(self, request_id: str, n: int, decodes: list[str], wait_s: float, prefilled: float,
-                        start: float, result: dict, on_reserved=None) -> dict:
-        """Reserve on a decode worker with room, then stream the KV there."""
+                        start: float, result: dict, on_reserved=None, overlap: _Overlap | None = None) -> dict:
+        """Finish the overlapped transfer; without one, or when it failed, reserve on a decode worker with
+        room, then stream the KV there from the held blocks. Once the first token was announced, any
+        failure is "transfer_failed": the router places the request again from a snapshot holding it."""
         failed: dict[str, str | None] = {}  # decode workers whose KV plane failed -> the gRPC code
         result["failed"] = failed
-        try:
-            address = await self._reserve_any(decodes, request_id, n, wait_s, failed)
-        except NoCapacityError as e:
-            self.num_refused["no_capacity"] += 1
-            self.recorder.count("refused_decode", 1)
-            return {"status": "no_capacity", "error": str(e), **result}
-        except TransferFailedError as e:
-            if e.code == "INVALID_ARGUMENT":  # can never fit there, or a layout mismatch
-                return {"status": "error", "code": e.code, "error": f"reserve failed: {e}", **result}
-            return {"status": "decode_failed", "code": e.code,
-                    "error": f"reserve failed on every decode worker asked: {e}", **result}
-        if on_reserved is not None:  # the first token may go out now: the client's TTFT
-            on_reserved({"status": "reserved", "first": result["first"], "decode": address})
-            self.recorder.record("ttft_s", time.perf_counter() - start)
-        try:
-            ack = await self._send_with_retry(address, request_id, n)
-        except (NoCapacityError, TransferFailedError) as e:
-            self.metrics.transfer_failed(getattr(e, "code", None) or type(e).__name__)
-            await self._give_back(address, request_id)
-            return {"status": "transfer_failed", "error": f"KV transfer failed: {describe(e)}", **result}
+        announced, ack = False, None
+        if overlap is not None:
+            announced = self._announce(on_reserved, result, overlap.address, start)
+            ack = await self._finish_overlap(request_id, overlap)
+            address = overlap.address
+        if ack is None:
+            try:
+                address = await self._reserve_any(decodes, request_id, n, wait_s, failed)
+            except (NoCapacityError, TransferFailedError) as e:
+                return self._refused(e, result, announced)
+            if not announced:
+                self._announce(on_reserved, result, address, start)
+            try:
+                ack = await self._send_with_retry(address, request_id, n)
+            except (NoCapacityError, TransferFailedError) as e:
+                self.metrics.transfer_failed(getattr(e, "code", None) or type(e).__name__)
+                await self._give_back(address, request_id)
+                return {"status": "transfer_failed", "error": f"KV transfer failed: {describe(e)}", **result}
         done = time.perf_counter()
         self.metrics.transferred(done - prefilled, ack.num_bytes)
         self.recorder.record("transfer_s", done - prefilled)
@@ -186,6 +260,29 @@ class PrefillWorkerImpl:
         self.num_prefills += 1
         return {"status": "transferred", "decode": address, "kv_bytes": ack.num_bytes, "kv_chunks": ack.num_chunks,
                 **result}
+
+    def _refused(self, e: Exception, result: dict, announced: bool) -> dict:
+        """No decode worker took the prefilled request (``e`` from ``_reserve_any``)."""
+        if announced:  # its first token is out: placed again from a snapshot holding it
+            return {"status": "transfer_failed", "error": f"KV transfer failed, then no decode worker took it: "
+                                                          f"{describe(e)}", **result}
+        if isinstance(e, NoCapacityError):
+            self.num_refused["no_capacity"] += 1
+            self.recorder.count("refused_decode", 1)
+            return {"status": "no_capacity", "error": str(e), **result}
+        if e.code == "INVALID_ARGUMENT":  # can never fit there, or a layout mismatch
+            return {"status": "error", "code": e.code, "error": f"reserve failed: {e}", **result}
+        return {"status": "decode_failed", "code": e.code,
+                "error": f"reserve failed on every decode worker asked: {e}", **result}
+
+    def _announce(self, on_reserved, result: dict, address: str, start: float) -> bool:
+        """Room is held at ``address``: the first token may go to the client now (its TTFT). Returns whether
+        it was announced."""
+        if on_reserved is None:
+            return False
+        on_reserved({"status": "reserved", "first": result["first"], "decode": address})
+        self.recorder.record("ttft_s", time.perf_counter() - start)
+        return True
 
     async def _reserve_any(self, decodes: list[str], request_id: str, n: int, wait_s: float,
                            failed: dict) -> str:
@@ -234,7 +331,7 @@ class PrefillWorkerImpl:
 
     async def _give_back(self, address: str, request_id: str) -> None:
         try:
-            await self.sender.release(address, request_id)
+            await asyncio.wait_for(self.sender.release(address, request_id), 2.0)
         except Exception:  # the reservation also expires on its own
             pass
 
@@ -252,7 +349,8 @@ class PrefillWorkerImpl:
         return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
                 "num_inflight": self.num_inflight, "queue_limit": self.queue_limit,
                 **{f"num_refused_{k}": v for k, v in self.num_refused.items()},
-                "num_transfer_retries": self.num_transfer_retries, "name": self.name, "pid": os.getpid(),
+                "num_transfer_retries": self.num_transfer_retries, "num_overlapped": self.num_overlapped,
+                "num_overlap_fallbacks": self.num_overlap_fallbacks, "name": self.name, "pid": os.getpid(),
                 **self.engine.stats()}
 
     def signals(self) -> dict:
@@ -262,7 +360,8 @@ class PrefillWorkerImpl:
 
     def leaks(self) -> dict:
         """Every per-request structure on this worker, by size: all zero when it is idle."""
-        return {**self.engine.leaks(), **self.aengine.leaks(), "inflight": self.num_inflight}
+        return {**self.engine.leaks(), **self.aengine.leaks(), "inflight": self.num_inflight,
+                "overlaps": len(self.overlaps)}
 
     async def stop(self) -> None:
         self.metrics.stop_export()
