@@ -1,7 +1,7 @@
 """Time to first token: the first token sent while the KV moves, and the KV sent layer by layer during
 the prefill, each against the baseline, in one run.
 
-    python benchmarks/bench_first_token.py [--lengths 128,512,1024,2048] [--repeats 5]
+    python benchmarks/bench_first_token.py [--lengths 128,512,1024,2048] [--repeats 5] [--rounds 1]
 
 Four servers, one after the other on the same cores (real Ray, 1 prefill and 1 decode actor of 1
 thread each, the real SmolLM2 in the machine's default dtype):
@@ -13,6 +13,8 @@ thread each, the real SmolLM2 in the machine's default dtype):
             token still waits for the commit, so TTFT shows what the overlap saves
   default   both (the defaults)
 
+A server's start moves this machine's speed by as much as the effects, so ``--rounds R`` runs every
+mode R times, the order reversed each round (A B C D, D C B A, ...), and pools the repeats.
 One streamed OpenAI request at a time (4 output tokens), the lengths interleaved; TTFT is from the
 request leaving the client to its first streamed token. Reported per prompt length and mode: the
 median TTFT, its ratio to the baseline's, and the prefill worker's median transfer time left after the
@@ -97,12 +99,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="128,512,1024,2048")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="each mode's server this many times, the order "
+                                                          "reversed each round")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     from splitserve.engine.tokenizer import load_tokenizer
     tok = load_tokenizer(None)
     prompts = {int(n): tok.decode(corpus_tokens(tok.encode, int(n))) for n in args.lengths.split(",")}
-    runs = {mode: run_mode(mode, prompts, args.repeats) for mode in MODES}
+    runs = {mode: {n: {"ttft_s": [], "transfer_s": []} for n in prompts} for mode in MODES}
+    for r in range(args.rounds):
+        for mode in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
+            log(f"round {r + 1}/{args.rounds}")
+            for n, got in run_mode(mode, prompts, args.repeats).items():
+                for key in got:
+                    runs[mode][n][key] += got[key]
     command = " ".join(["python benchmarks/bench_first_token.py", *sys.argv[1:]])
     med = statistics.median
     table = []
@@ -119,9 +129,10 @@ def main() -> int:
                   indent=1)
     ms = lambda v: f"{v * 1e3:.0f}" if v is not None else "-"  # noqa: E731
     lines = ["# First token while the KV moves", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
-             "One streamed request at a time, 4 output tokens; medians over the repeats. *after*: the KV goes "
-             "once the prefill is done, the first token once it has moved (the baseline); *early*: the first "
-             "token goes out once a decode worker holds room; *overlap*: each layer's KV goes while the next "
+             f"One streamed request at a time, 4 output tokens; medians over {args.rounds} round(s) of "
+             f"{args.repeats} repeats (each round a server per mode, the order reversed each round). *after*: "
+             "the KV goes once the prefill is done, the first token once it has moved (the baseline); *early*: "
+             "the first token goes out once a decode worker holds room; *overlap*: each layer's KV goes while the next "
              "layers compute, the first token after the commit; *default*: both. Ratios are TTFT over the "
              "baseline's (lower is better); *exposed transfer*: the prefill worker's transfer time left after "
              "the prefill.", "",
