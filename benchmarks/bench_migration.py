@@ -121,7 +121,7 @@ def migrate(server) -> dict:
 def kill(server) -> dict:
     (rid, info), = admin(server, "GET", "/admin/requests")["requests"].items()
     victim = info["worker"]
-    os.kill(server.pools.all_stats()[victim]["pid"], signal.SIGKILL)
+    os.kill(server.pools.all_stats()[victim].pid, signal.SIGKILL)
     return {"killed": victim}
 
 

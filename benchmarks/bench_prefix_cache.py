@@ -51,7 +51,7 @@ def log(msg: str) -> None:
 def prefill_hits(server) -> tuple[int, int]:
     """(hit, looked-up) prompt tokens, summed over the prefill workers."""
     stats = [s for n, s in server.pools.all_stats().items() if "prefill" in n]
-    return sum(s.get("prefix_hit_tokens", 0) for s in stats), sum(s.get("prefix_queried_tokens", 0) for s in stats)
+    return sum(s.engine.prefix_hit_tokens for s in stats), sum(s.engine.prefix_queried_tokens for s in stats)
 
 
 def run_system(name: str, args, tokenizer, ids) -> dict:

@@ -103,7 +103,7 @@ class Campaign:
         while True:
             leaks = self.server.pools.leaks()
             stats = self.server.pools.all_stats()
-            held = sum(s.get("num_kv_blocks", 0) - s.get("num_free_kv_blocks", 0) for s in stats.values())
+            held = sum(s.engine.num_kv_blocks - s.engine.num_free_kv_blocks for s in stats.values())
             left = sum(v for w in leaks.values() for v in w.values()) + held
             if left == 0 or time.monotonic() > deadline:
                 if left:
@@ -114,7 +114,7 @@ class Campaign:
     def worker_pids(self, pool: str | None = None) -> dict[str, int]:
         view = self.server.pools.view()
         stats = self.server.pools.all_stats()
-        return {m.name: stats[m.name]["pid"] for m in view.members
+        return {m.name: stats[m.name].pid for m in view.members
                 if (pool is None or m.pool == pool) and m.state.value == "up" and m.name in stats}
 
 
@@ -174,7 +174,7 @@ def _worker(campaign: Campaign, name: str):
 
 
 def _transfers_failed(campaign: Campaign) -> int:
-    return sum(s.get("transfers_failed") or 0 for s in campaign.server.pools.all_stats().values())
+    return sum(getattr(s, "transfers_failed", 0) for s in campaign.server.pools.all_stats().values())
 
 
 def transfer_faults(campaign: Campaign) -> dict:
@@ -409,7 +409,7 @@ def main() -> None:
     server = start_server(cfg, num_cpus=8, log=lambda m: log(f"[faults] {m}"))
     campaign = Campaign(server, reference)
     try:
-        decode_tokens = min(s["num_kv_blocks"] * cfg.block_size for n, s in server.pools.all_stats().items()
+        decode_tokens = min(s.engine.num_kv_blocks * cfg.block_size for n, s in server.pools.all_stats().items()
                             if n in campaign.worker_pids("decode"))
         long_prompt = LONG * 40  # ~700 tokens
         per_request = len(engine.tokenizer.encode(long_prompt)) + 48

@@ -161,7 +161,7 @@ def test_load_ramp_scales_decode_out_on_the_right_node_type_and_back_in_by_drain
                                                          if m.name != first.name and m.state.value == "up"], 120)[0]
         assert _node_type_of(new.name) == "decode-small" and _alive_nodes("decode-small") == 2
         _wait("traffic on the new worker",
-              lambda: (server.pools.all_stats().get(new.name) or {}).get("transfers_committed", 0) >= 3, 60)
+              lambda: getattr(server.pools.all_stats().get(new.name), "transfers_committed", 0) >= 3, 60)
     finally:
         heavy.set()
     # the fall: a trickle (one request at a time, with pauses) while the policy drains one decode worker

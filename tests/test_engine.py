@@ -229,7 +229,7 @@ def test_prefix_cache_hits_give_exactly_the_tokens_of_a_cold_run(tiny_path, spec
                for r in warm.generate(run, [params[prompts.index(p)] for p in run])]
         assert got == expected + expected
         assert warm.kv.prefix_hit_tokens >= 5 * (45 // bs) * bs  # every later request skipped the system prompt
-        assert warm.stats()["prefix_hit_tokens"] == warm.kv.prefix_hit_tokens
+        assert warm.stats().prefix_hit_tokens == warm.kv.prefix_hit_tokens
         if kw:
             assert warm.kv.pool.num_evictions > 0
         else:

@@ -130,6 +130,9 @@ def test_failures_free_the_reservation(tiny_path):
                 await h.sender.send(h.address, port(p_eng), "r1")
             # 5. a full worker: RESOURCE_EXHAUSTED, so the router can try another; it fits once released
             await h.sender.reserve(h.address, "hog", 60, layout)  # 15 of 20 blocks
+            stats = d_eng.stats()
+            assert (stats.num_reserved, stats.num_reserved_blocks, stats.num_free_kv_blocks) == (1, 15, 5)
+            assert p_eng.stats().num_held_blocks == len(p_eng.kv.block_table("r1")) == 8  # 31 tokens, blocks of 4
             with pytest.raises(NoCapacityError, match="no room for 31 tokens"):
                 await h.sender.reserve(h.address, "r1", 31, layout)
             assert await h.sender.release(h.address, "hog")

@@ -6,12 +6,14 @@ import asyncio
 import json
 import os
 import re
+from dataclasses import replace
 
 import pytest
 
 from splitserve.engine.output import RequestOutput
 from splitserve.errors import NoCapacityError
 from splitserve.platform.metrics import RequestMetrics, WorkerMetrics
+from splitserve.stats import DecodeStats, EngineStats, SpecStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,18 +92,25 @@ def test_worker_counters_grow_by_what_the_cumulative_stats_grew():
         w.gauges[k] = Recorded()
     for k in w.counters:
         w.counters[k] = Recorded()
-    stats = {"num_running": 3, "num_waiting": 1, "num_kv_blocks": 100, "num_free_kv_blocks": 60, "num_held": 2,
-             "num_reserved": 5, "num_preemptions": 4, "spec_proposed": 10, "spec_accepted": 6, "migrated_out": 1,
-             "migrations_failed": 0, "num_cached_kv_blocks": 7, "prefix_queried_tokens": 90, "prefix_hit_tokens": 64}
+    engine = EngineStats(num_waiting=1, num_running=3, num_kv_blocks=100, num_free_kv_blocks=60, num_cached_kv_blocks=7,
+                         num_held=2, num_reserved=5, num_pinned=0, max_model_len=2048, num_held_blocks=3,
+                         num_reserved_blocks=9, num_preemptions=4,
+                         prefix_queried_tokens=90, prefix_hit_tokens=64, spec=SpecStats(proposed=10, accepted=6))
+    stats = DecodeStats("decode-0", 1, engine, address="127.0.0.1:1", draining=False, kv_bytes_received=0,
+                        transfers_committed=0, transfers_failed=0, kv_bytes_sent=0, migrated_out=1, migrations_failed=0,
+                        dropped_after_abort=0, unclaimed_aborted=0)
     w.update(stats)
-    w.update({**stats, "num_preemptions": 6, "spec_proposed": 10, "migrated_out": 3, "migrations_failed": 1})
-    assert w.counters["num_preemptions"].values("inc") == [4, 2]
+    w.update(replace(stats, engine=replace(engine, num_preemptions=6), migrated_out=3, migrations_failed=1))
+    assert w.counters["preemptions"].values("inc") == [4, 2]
     assert w.counters["spec_proposed"].values("inc") == [10]  # no growth: no increment
     assert [(v, t["outcome"]) for _, v, t in w.migrations.calls] == [(1, "ok"), (2, "ok"), (1, "failed")]
-    assert w.counters["prefix_hit_tokens"].values("inc") == [64]
+    assert w.counters["prefix_hit"].values("inc") == [64]
     blocks = {t["state"]: v for _, v, t in w.blocks.calls[-5:]}
-    assert blocks == {"total": 100, "used": 40, "held": 2, "reserved": 5, "cached": 7}
-    assert w.gauges["num_running"].calls[-1] == ("set", 3, {"pool": "decode", "worker": "decode-0"})
+    assert blocks == {"total": 100, "used": 40, "held": 3, "reserved": 9, "cached": 7}  # blocks, not requests
+    assert w.gauges["running"].calls[-1] == ("set", 3, {"pool": "decode", "worker": "decode-0"})
+    flat = stats.as_dict()  # what GET /admin/workers shows: one level, engine and speculation beside the worker's
+    assert flat["num_free_kv_blocks"] == 60 and flat["spec_acceptance_rate"] == 0.6 and flat["migrated_out"] == 1
+    assert flat["name"] == "decode-0" and "engine" not in flat and "spec" not in flat
 
 
 def test_the_grafana_dashboard_shows_every_metric_and_only_those_the_code_defines():

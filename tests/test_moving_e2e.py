@@ -156,8 +156,8 @@ def test_live_migration_mid_stream_through_the_admin_api(server, triton, real_en
     streams.wait()
     assert streams.got["m"]["text"] == expected(real_engine, PROMPTS[0], 40)
     after = server.pools.all_stats()
-    assert after[target]["transfers_committed"] == before[target]["transfers_committed"] + 1
-    assert after[info["worker"]]["migrated_out"] == before[info["worker"]]["migrated_out"] + 1
+    assert after[target].transfers_committed == before[target].transfers_committed + 1
+    assert after[info["worker"]].migrated_out == before[info["worker"]].migrated_out + 1
     # bad migrations: a clear error, nothing disturbed
     assert admin(server, "POST", f"/admin/requests/{rid}/migrate", {"target": target})[0] == 404  # finished
     assert admin(server, "POST", "/admin/requests/x/migrate", {})[0] == 400  # no target
@@ -180,7 +180,7 @@ def test_killed_decode_worker_costs_a_pause_not_a_stream(server, triton, real_en
     assert len(on_victim) == 6 and {r["worker"] for r in on_victim.values()} == {victim}
     admin(server, "POST", f"/admin/workers/{survivor}/undrain")
     old = server.pools.view().get(victim)
-    os.kill(server.pools.all_stats()[victim]["pid"], signal.SIGKILL)  # a crash, not a clean stop
+    os.kill(server.pools.all_stats()[victim].pid, signal.SIGKILL)  # a crash, not a clean stop
     assert triton.is_server_ready()  # the survivor serves: the server stays ready
     streams.wait()
     for i, want in enumerate(expected_all(real_engine, PROMPTS, 96)):
@@ -195,7 +195,7 @@ def test_killed_decode_worker_costs_a_pause_not_a_stream(server, triton, real_en
     later.wait()
     admin(server, "POST", f"/admin/workers/{survivor}/undrain")
     assert later.got["after"]["text"] == expected(real_engine, PROMPTS[3], 8)
-    assert server.pools.all_stats()[victim]["transfers_committed"] >= 1 and new.kv_address != old.kv_address
+    assert server.pools.all_stats()[victim].transfers_committed >= 1 and new.kv_address != old.kv_address
     assert_no_leaks(server)
 
 
@@ -204,8 +204,8 @@ def test_killed_prefill_worker_mid_prefill_is_retried(server, triton, real_engin
     (prefill,) = [m for m in server.pools.view().members if m.pool == "prefill"]
     streams = Streams(server)
     streams.send("p0", long_prompt, 6)
-    wait_until(lambda: server.pools.all_stats()[prefill.name]["queued_prompt_tokens"] > 0, what="prefill")
-    os.kill(server.pools.all_stats()[prefill.name]["pid"], signal.SIGKILL)
+    wait_until(lambda: server.pools.all_stats()[prefill.name].queued_prompt_tokens > 0, what="prefill")
+    os.kill(server.pools.all_stats()[prefill.name].pid, signal.SIGKILL)
     streams.wait()
     assert streams.got["p0"]["text"] == expected(real_engine, long_prompt, 6)
     assert server.pools.view().get(prefill.name).generation > prefill.generation
@@ -253,5 +253,5 @@ def test_a_worker_gone_for_good_is_replaced(server, triton, real_engine):
     streams.wait()
     admin(server, "POST", f"/admin/workers/{next(iter(before - {victim}))}/undrain")
     assert streams.got["n"]["text"] == expected(real_engine, PROMPTS[4], 8)
-    assert server.pools.all_stats()[name]["transfers_committed"] == 1
+    assert server.pools.all_stats()[name].transfers_committed == 1
     assert_no_leaks(server)

@@ -86,7 +86,7 @@ def test_colocated_baseline_through_ray(tmp_path, chunked):
         outs = asyncio.run(run())
         assert [t for o in outs for t in o.new_token_ids] == expected
         stats = pools.all_stats()
-        assert all(s["num_free_kv_blocks"] == s["num_kv_blocks"] for s in stats.values())
+        assert all(s.engine.num_free_kv_blocks == s.engine.num_kv_blocks for s in stats.values())
         pools.shutdown()
     finally:
         ray.shutdown(wait_for_processes=True)

@@ -13,6 +13,7 @@ from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestStat
                                WorkerLostError)
 from splitserve.platform.membership import Membership, MembershipView, WorkerState
 from splitserve.platform.router import Router
+from splitserve.stats import EngineStats, WorkerStats
 
 MAX_TOKENS = 12
 
@@ -39,7 +40,10 @@ class FakeDecode:
     async def stats(self):
         if self.dead:
             raise WorkerLostError(self.name, "actor died")
-        return {"num_free_kv_blocks": self.free_blocks, "num_running": len(self.requests)}
+        engine = EngineStats(num_waiting=0, num_running=len(self.requests), num_kv_blocks=self.free_blocks,
+                             num_free_kv_blocks=self.free_blocks, num_cached_kv_blocks=0, num_held=0, num_reserved=0,
+                             num_pinned=0, max_model_len=4096)
+        return WorkerStats(self.name, 0, engine)
 
     async def stream(self, wid, wait_s=0.0):
         if self.dead:

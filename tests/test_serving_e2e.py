@@ -73,8 +73,8 @@ def _wait_idle(server, timeout=30):
     deadline = time.monotonic() + timeout
     while True:
         stats = server.pools.all_stats()
-        busy = [n for n, s in stats.items() if s["num_free_kv_blocks"] != s["num_kv_blocks"] or s["num_running"]
-                or s["num_waiting"] or s.get("num_held") or s.get("num_reserved")]
+        busy = [n for n, s in stats.items() if s.engine.num_free_kv_blocks != s.engine.num_kv_blocks
+                or s.engine.num_running or s.engine.num_waiting or s.engine.num_held or s.engine.num_reserved]
         if not busy:
             return stats
         if time.monotonic() > deadline:
@@ -140,8 +140,8 @@ def test_kserve_infer_equals_single_process_engine(triton, real_engine, server):
     # prefill and decode ran in different processes, and the KV that crossed is exactly the prompt's blocks
     prefill = next(s for n, s in after.items() if "prefill" in n)
     decode = next(s for n, s in after.items() if "decode" in n)
-    assert prefill["pid"] != decode["pid"]
-    moved = decode["kv_bytes_received"] - next(s for n, s in before.items() if "decode" in n)["kv_bytes_received"]
+    assert prefill.pid != decode.pid
+    moved = decode.kv_bytes_received - next(s for n, s in before.items() if "decode" in n).kv_bytes_received
     spec = real_engine.kv_spec
     num_blocks = -(-expected.num_prompt_tokens // spec.block_size)
     assert moved == num_blocks * spec.bytes_per_block
@@ -193,7 +193,7 @@ def test_kserve_streams_concurrently_on_one_stream_and_across_streams(triton, re
 
 
 def _prefix_hits(server) -> int:
-    return sum(s.get("prefix_hit_tokens", 0) for n, s in server.pools.all_stats().items() if "prefill" in n)
+    return sum(s.engine.prefix_hit_tokens for n, s in server.pools.all_stats().items() if "prefill" in n)
 
 
 def test_openai_chat_and_completions(oai, real_engine, server):
@@ -293,7 +293,7 @@ def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, real_engine, 
     from splitserve.kvtransfer.client import KVSender
     from splitserve.kvtransfer.wire import fingerprint
     (decode,) = [m for m in server.pools.view().members if m.pool == "decode"]
-    free = server.pools.all_stats()[decode.name]["num_free_kv_blocks"] * server.cfg.block_size
+    free = server.pools.all_stats()[decode.name].engine.num_free_kv_blocks * server.cfg.block_size
     squats = {"squat0": free // 2, "squat1": free - free // 2}  # each under the worker's max_model_len
     layout = fingerprint(real_engine.model_config, real_engine.kv_spec)  # the same model, dtype and blocks
 
@@ -309,7 +309,7 @@ def test_no_capacity_answers_resource_exhausted_not_a_hang(triton, real_engine, 
     prompt = "The history of science " * 50
     asyncio.run(kv("reserve"))
     try:
-        assert server.pools.all_stats()[decode.name]["num_free_kv_blocks"] == 0
+        assert server.pools.all_stats()[decode.name].engine.num_free_kv_blocks == 0
         start = time.monotonic()
         with pytest.raises(InferenceServerException) as info:
             triton.infer(MODEL, _inputs(prompt, {"max_tokens": 4}), client_timeout=60)
@@ -380,7 +380,7 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     """Three requests over both protocols: the request, token and latency metrics grow by exactly what
     was served, and the KV bytes the prefill worker exported equal what the decode worker received."""
     _wait_idle(server)
-    received = lambda: sum(s.get("kv_bytes_received") or 0 for s in server.pools.all_stats().values())
+    received = lambda: sum(getattr(s, "kv_bytes_received", 0) for s in server.pools.all_stats().values())
     ok = dict(model=MODEL, outcome="ok", code="")
     before, bytes_before = _metrics_steady(server), received()
     expected = _expected(real_engine, PROMPTS[1], max_tokens=12)
@@ -413,7 +413,10 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     assert _metric(after, "ray_splitserve_prefix_cache_hit_tokens_total", pool="prefill") == _prefix_hits(server)
     # the worker gauges: every block is free again, the blocks total is the pools'
     stats = _wait_idle(server)
-    total = sum(s["num_kv_blocks"] for s in stats.values())
+    total = sum(s.engine.num_kv_blocks for s in stats.values())
+    status, listed = admin(server, "GET", "/admin/workers")  # the same readings, as the admin API's flat JSON
+    assert status == 200 and sum(w["stats"]["num_kv_blocks"] for w in listed["workers"]) == total
+    assert {w["name"]: w["stats"]["pid"] for w in listed["workers"]} == {n: s.pid for n, s in stats.items()}
     after = _metrics_settle(server, lambda s: _metric(s, "ray_splitserve_kv_blocks", state="used") == 0)
     assert _metric(after, "ray_splitserve_kv_blocks", state="total") == total
     assert _metric(after, "ray_splitserve_kv_blocks", state="used") == 0

@@ -93,11 +93,11 @@ def test_greedy_with_speculation_equals_greedy_without(tiny_path, proposer):
     together = spec.generate(PROMPTS, params)  # mixed batch: different lengths and acceptance
     for r, a, t in zip(ref, alone, together):
         assert a.token_ids == r.token_ids and t.token_ids == r.token_ids
-    stats = spec.stats()
-    assert stats["spec_proposed"] > 0 and stats["spec_accepted"] > 0  # speculation really ran
-    assert stats["spec_tokens_per_step"] > 1
+    stats = spec.stats().spec
+    assert stats.proposed > 0 and stats.accepted > 0  # speculation really ran
+    assert stats.tokens_per_step > 1
     if proposer == "draft-path":  # a draft identical to the target proposes what the target picks
-        assert stats["spec_acceptance_rate"] > 0.95
+        assert stats.acceptance_rate > 0.95
     assert_no_leaks(spec)
     if proposer != "ngram":
         assert spec.proposer.kv.num_free_blocks == spec.proposer.kv.num_blocks  # the draft's pool too
@@ -108,9 +108,9 @@ def test_opt_out_batch_limit_and_stop_conditions(tiny_path):
     greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     out = spec.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
                                                      speculative=False))
-    assert spec.stats()["spec_proposed"] == 0 and len(out[0].token_ids) == 30  # opted out
+    assert spec.stats().spec.proposed == 0 and len(out[0].token_ids) == 30  # opted out
     spec.generate(PROMPTS[:3], greedy)  # three running > spec_max_batch=2 while all are in
-    assert spec.stats()["spec_skipped_batch_steps"] > 0
+    assert spec.stats().spec.skipped_batch > 0
     # max_tokens is exact even when a verified step would emit past it
     for n in (1, 2, 3, 7):
         res = spec.generate([PROMPTS[1]], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
@@ -126,7 +126,7 @@ def test_rollbacks_aborts_and_preemption_leave_no_blocks_behind(tiny_path, propo
     ref = _engine(tiny_path, "off").generate(PROMPTS, params)
     got = spec.generate(PROMPTS, params)
     assert [g.token_ids for g in got] == [r.token_ids for r in ref]
-    assert spec.scheduler.num_preemptions > 0 and spec.stats()["spec_accepted"] > 0
+    assert spec.scheduler.num_preemptions > 0 and spec.stats().spec.accepted > 0
     rid = spec.add_request(PROMPTS[0], params)
     for _ in range(4):
         spec.step()
@@ -158,9 +158,9 @@ def test_sampling_with_speculation_matches_without(tiny_path, proposer):
                    spec_max_batch=1024, **extra)
     on = joint(spec)
     off = joint(off_engine)
-    assert spec.stats()["spec_proposed"] > 400  # the second token went through verification (ngram ~740)
-    assert 0 < spec.stats()["spec_acceptance_rate"] < 1  # both branches: accepted, and resampled
+    assert spec.stats().spec.proposed > 400  # the second token went through verification (ngram ~740)
+    assert 0 < spec.stats().spec.acceptance_rate < 1  # both branches: accepted, and resampled
     tv = 0.5 * sum(abs(on[k] - off[k]) for k in set(on) | set(off)) / len(params)
-    print(f"\nspec stats {spec.stats()}, TV {tv:.3f}")
+    print(f"\nspec stats {spec.stats().spec}, TV {tv:.3f}")
     assert tv < 0.08  # measured 0.02; always accepting the draft would give ~0.35
     assert_no_leaks(spec)

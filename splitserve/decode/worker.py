@@ -43,6 +43,7 @@ from splitserve.decode.outbox import Outbox
 from splitserve.platform.metrics import WorkerMetrics
 from splitserve.engine.output import RequestOutput
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
+from splitserve.stats import DecodeStats
 
 STREAM_BACKPRESSURE = 16  # outputs Ray buffers for a stream's reader before the generator waits
 STALLED_READER_S = 10.0
@@ -253,18 +254,18 @@ class DecodeWorkerImpl:
             self.abort_after_move.add(request_id)
         return self.aengine.abort_request(request_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> DecodeStats:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
-        s = self.engine.stats()
         servicer = getattr(self, "servicer", None)
-        return {**s, "name": self.name, "pid": os.getpid(), "address": self.address, "draining": self.draining,
-                "kv_bytes_received": servicer and servicer.num_bytes_received,
-                "transfers_committed": servicer and servicer.num_transfers_committed,
-                "transfers_failed": servicer and servicer.num_transfers_failed,
-                "kv_bytes_sent": self.sender.num_bytes_sent, "migrated_out": self.num_migrated_out,
-                "migrations_failed": self.num_migrations_failed,
-                "dropped_after_abort": self.num_dropped_after_abort, "unclaimed_aborted": self.num_unclaimed_aborted}
+        return DecodeStats(
+            name=self.name, pid=os.getpid(), engine=self.engine.stats(), address=self.address,
+            draining=self.draining, kv_bytes_received=servicer.num_bytes_received if servicer else 0,
+            transfers_committed=servicer.num_transfers_committed if servicer else 0,
+            transfers_failed=servicer.num_transfers_failed if servicer else 0,
+            kv_bytes_sent=self.sender.num_bytes_sent, migrated_out=self.num_migrated_out,
+            migrations_failed=self.num_migrations_failed, dropped_after_abort=self.num_dropped_after_abort,
+            unclaimed_aborted=self.num_unclaimed_aborted)
 
     def signals(self) -> dict:
         """What the autoscaler reads (``autoscaler/signals.py``): gauges now, timed samples over the window."""

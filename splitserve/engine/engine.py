@@ -20,6 +20,7 @@ is the whole loop:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import uuid
@@ -42,6 +43,7 @@ from splitserve.engine.scheduler import Scheduler, SchedulerOutput
 from splitserve.engine.spec_decode import SpeculativeMixin
 from splitserve.engine.tokenizer import TextTokenizer
 from splitserve.errors import InvalidRequestError, PromptTooLongError, UnknownRequestError
+from splitserve.stats import EngineStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -398,22 +400,17 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
                 "draft_requests": len(getattr(self.proposer, "computed", {})),
                 "draft_blocks_in_use": draft.num_blocks - draft.num_free_blocks if draft is not None else 0}
 
-    def stats(self) -> dict:
-        return {
-            "num_waiting": len(self.scheduler.waiting),
-            "num_running": len(self.scheduler.running),
-            "num_kv_blocks": self.kv.num_blocks,
-            "num_free_kv_blocks": self.kv.num_free_blocks,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_cached_kv_blocks": self.kv.pool.num_cached,
-            "prefix_queried_tokens": self.kv.prefix_queried_tokens,
-            "prefix_hit_tokens": self.kv.prefix_hit_tokens,
-            "num_held": len(self.held),
-            "num_reserved": len(self.reserved),
-            "num_pinned": len(self.pinned),
-            "max_model_len": self.max_model_len,
-            "speculative": self.spec_config.proposer,
-            "spec_step_costs": self.spec_config.step_costs,
-            **self.spec_stats.as_dict(),
-        }
+    def stats(self) -> EngineStats:
+        """A reading of the engine's gauges and counters (lock-free: good enough between steps)."""
+        costs = self.spec_config.step_costs
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            num_kv_blocks=self.kv.num_blocks, num_free_kv_blocks=self.kv.num_free_blocks,
+            num_cached_kv_blocks=self.kv.pool.num_cached, num_held=len(self.held), num_reserved=len(self.reserved),
+            num_pinned=len(self.pinned), max_model_len=self.max_model_len,
+            num_held_blocks=sum(len(self.kv.block_table(r)) for r in list(self.held)),
+            num_reserved_blocks=sum(len(self.kv.block_table(r)) for r in list(self.reserved)),
+            num_preemptions=self.scheduler.num_preemptions, prefix_queried_tokens=self.kv.prefix_queried_tokens,
+            prefix_hit_tokens=self.kv.prefix_hit_tokens, speculative=self.spec_config.proposer,
+            spec_step_costs=tuple(costs) if costs is not None else None, spec=dataclasses.replace(self.spec_stats))
 

@@ -17,8 +17,8 @@ from splitserve.errors import InvalidRequestError
 from splitserve.engine.request import Request
 from splitserve.engine.runner import StepSequence
 from splitserve.engine.sampler import position_generator, target_probs
-from splitserve.engine.speculative import (NGramProposer, SpecConfig, SpecStats, choose_k, verify_greedy,
-                                           verify_sampled)
+from splitserve.engine.speculative import NGramProposer, SpecConfig, choose_k, verify_greedy, verify_sampled
+from splitserve.stats import SpecStats
 
 
 class SpeculativeMixin:

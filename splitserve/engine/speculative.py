@@ -108,22 +108,6 @@ def choose_k(acceptance: float, max_k: int, draft_cost: float, step_costs: list[
     return best_k
 
 
-@dataclass
-class SpecStats:
-    steps: int = 0  # verified (request, step) pairs
-    proposed: int = 0
-    accepted: int = 0
-    emitted: int = 0  # tokens produced by verified steps (accepted + the corrected/bonus one)
-    skipped_batch: int = 0  # steps where the batch was too large to speculate
-
-    def as_dict(self) -> dict:
-        return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
-                "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
-                "spec_mean_accepted_per_step": self.accepted / self.steps if self.steps else 0.0,
-                "spec_tokens_per_step": self.emitted / self.steps if self.steps else 0.0,
-                "spec_skipped_batch_steps": self.skipped_batch}
-
-
 def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> list[int]:
     # logits: [k + 1, V] -> accepted drafts + one target token
     target = logits.argmax(dim=-1).tolist()

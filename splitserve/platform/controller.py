@@ -34,6 +34,7 @@ import ray
 
 from splitserve.platform.config import ServeConfig
 from splitserve.platform.membership import Membership, MembershipView, WorkerState
+from splitserve.stats import WorkerStats
 
 PROBE_PERIOD_S = 0.5
 PROBE_TIMEOUT_S = 5.0
@@ -177,7 +178,7 @@ class ControllerImpl:
         """The live decode worker with the most free KV blocks, other than ``source``."""
         others = [m for m in self.membership.view().live("decode") if m.name != source]
         stats = await asyncio.gather(*(m.handle.stats.remote() for m in others), return_exceptions=True)
-        ok = [(s["num_free_kv_blocks"], m.name, m) for m, s in zip(others, stats) if isinstance(s, dict)]
+        ok = [(s.engine.num_free_kv_blocks, m.name, m) for m, s in zip(others, stats) if isinstance(s, WorkerStats)]
         return max(ok, key=lambda t: t[:2])[2] if ok else None
 
     async def remove_worker(self, name: str, timeout_s: float = 120.0) -> dict:

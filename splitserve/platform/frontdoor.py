@@ -121,7 +121,7 @@ class FrontDoor(KServeFront):
         self.retry_after_s = handles.get("retry_after_s", 2)
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_path)
-        self.max_model_len = min(s["max_model_len"] for s in ray.get(self.controller.stats.remote()).values())
+        self.max_model_len = min(s.engine.max_model_len for s in ray.get(self.controller.stats.remote()).values())
 
     # -- shared --------------------------------------------------------------------
 
@@ -277,8 +277,9 @@ class FrontDoor(KServeFront):
         async def call():
             view = await self.controller.view.remote()
             stats = await self.controller.stats.remote()
-            return {"version": view.version, "workers": [{**m.as_dict(), "stats": stats.get(m.name)}
-                                                          for m in view.members]}
+            return {"version": view.version,
+                    "workers": [{**m.as_dict(), "stats": s.as_dict() if (s := stats.get(m.name)) else None}
+                                for m in view.members]}
         return await self._admin_call(request, call)
 
     @app.post("/admin/workers")

@@ -34,6 +34,7 @@ import time
 from typing import AsyncIterator
 
 from splitserve.errors import status_of
+from splitserve.stats import DecodeStats, WorkerStats
 
 logger = logging.getLogger("splitserve.metrics")
 
@@ -136,15 +137,23 @@ class WorkerMetrics:
     """One worker's metrics: events as they happen, and its cumulative stats turned into gauges and
     counter increments (:meth:`update`, called every ``EXPORT_PERIOD_S``)."""
 
-    _GAUGES = {"num_running": ("splitserve_running_requests", "requests in the running batch"),
-               "num_waiting": ("splitserve_waiting_requests", "requests waiting to be scheduled")}
-    _COUNTERS = {"num_preemptions": ("splitserve_preemptions_total", "requests preempted for KV room"),
-                 "spec_proposed": ("splitserve_spec_proposed_tokens_total", "draft tokens proposed"),
-                 "spec_accepted": ("splitserve_spec_accepted_tokens_total", "draft tokens accepted"),
-                 "prefix_queried_tokens": ("splitserve_prefix_cache_queried_tokens_total",
-                                           "prompt tokens looked up in the prefix cache"),
-                 "prefix_hit_tokens": ("splitserve_prefix_cache_hit_tokens_total",
-                                       "prompt tokens found cached (their prefill skipped)")}
+    # key: (metric name, help, its reading in a WorkerStats)
+    _GAUGES = {"running": ("splitserve_running_requests", "requests in the running batch",
+                           lambda s: s.engine.num_running),
+               "waiting": ("splitserve_waiting_requests", "requests waiting to be scheduled",
+                           lambda s: s.engine.num_waiting)}
+    _COUNTERS = {"preemptions": ("splitserve_preemptions_total", "requests preempted for KV room",
+                                 lambda s: s.engine.num_preemptions),
+                 "spec_proposed": ("splitserve_spec_proposed_tokens_total", "draft tokens proposed",
+                                   lambda s: s.engine.spec.proposed),
+                 "spec_accepted": ("splitserve_spec_accepted_tokens_total", "draft tokens accepted",
+                                   lambda s: s.engine.spec.accepted),
+                 "prefix_queried": ("splitserve_prefix_cache_queried_tokens_total",
+                                    "prompt tokens looked up in the prefix cache",
+                                    lambda s: s.engine.prefix_queried_tokens),
+                 "prefix_hit": ("splitserve_prefix_cache_hit_tokens_total",
+                                "prompt tokens found cached (their prefill skipped)",
+                                lambda s: s.engine.prefix_hit_tokens)}
 
     def __init__(self, pool: str, worker: str):
         self.tags = {"pool": pool, "worker": worker}
@@ -161,8 +170,8 @@ class WorkerMetrics:
         self.migrations = _make("counter", "splitserve_migrations_total", "live moves out of this worker",
                                 (*t, "outcome"))
         self.blocks = _make("gauge", "splitserve_kv_blocks", "KV cache blocks by state", (*t, "state"))
-        self.gauges = {k: _make("gauge", name, doc, t) for k, (name, doc) in self._GAUGES.items()}
-        self.counters = {k: _make("counter", name, doc, t) for k, (name, doc) in self._COUNTERS.items()}
+        self.gauges = {k: _make("gauge", name, doc, t) for k, (name, doc, _) in self._GAUGES.items()}
+        self.counters = {k: _make("counter", name, doc, t) for k, (name, doc, _) in self._COUNTERS.items()}
         self._last: dict[str, float] = {}
         self._export = None
 
@@ -198,23 +207,21 @@ class WorkerMetrics:
         if pause_s is not None:
             _observe(self.pause, pause_s, self.tags)
 
-    def update(self, stats: dict) -> None:
+    def update(self, stats: WorkerStats) -> None:
         """Gauges from ``stats`` (a worker's ``stats()``) and the growth of its cumulative counters."""
-        for key, gauge in self.gauges.items():
-            if gauge is not None and key in stats:
-                gauge.set(stats[key], tags=self.tags)
-        total, free = stats.get("num_kv_blocks", 0), stats.get("num_free_kv_blocks", 0)
+        for key, (_, _, read) in self._GAUGES.items():
+            if self.gauges[key] is not None:
+                self.gauges[key].set(read(stats), tags=self.tags)
+        e = stats.engine
         if self.blocks is not None:
-            for state, v in (("total", total), ("used", total - free), ("held", stats.get("num_held", 0)),
-                             ("reserved", stats.get("num_reserved", 0)),
-                             ("cached", stats.get("num_cached_kv_blocks", 0))):
+            for state, v in (("total", e.num_kv_blocks), ("used", e.num_kv_blocks - e.num_free_kv_blocks),
+                             ("held", e.num_held_blocks), ("reserved", e.num_reserved_blocks),
+                             ("cached", e.num_cached_kv_blocks)):
                 self.blocks.set(v, tags={**self.tags, "state": state})
-        cumulative = {k: stats.get(k) for k in self._COUNTERS}
-        cumulative["migrated"] = stats.get("migrated_out")
-        cumulative["migrations_failed"] = stats.get("migrations_failed")
+        cumulative = {key: read(stats) for key, (_, _, read) in self._COUNTERS.items()}
+        if isinstance(stats, DecodeStats):
+            cumulative["migrated"], cumulative["migrations_failed"] = stats.migrated_out, stats.migrations_failed
         for key, value in cumulative.items():
-            if not isinstance(value, (int, float)):
-                continue
             grew, self._last[key] = value - self._last.get(key, 0), value
             if grew <= 0:
                 continue

@@ -25,6 +25,7 @@ import ray
 from splitserve.decode.worker import STREAM_BACKPRESSURE, ray_node_id, reap_stalled_forever
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.platform.config import ServeConfig, engine_kwargs
+from splitserve.stats import WorkerStats
 
 MAX_RESTARTS = 3  # Ray restarts a crashed worker this often; after that the controller replaces it
 # The control plane (controller, autoscaler, front door) lives on the head node (Ray's own head resource):
@@ -58,10 +59,10 @@ class ColocatedWorkerImpl:
     def abort(self, request_id: str) -> bool:
         return self.aengine.abort_request(request_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
         # Lock-free on purpose: counters read between steps are good enough for routing, and
         # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
-        return {**self.engine.stats(), "name": self.name, "pid": os.getpid()}
+        return WorkerStats(name=self.name, pid=os.getpid(), engine=self.engine.stats())
 
     def leaks(self) -> dict:
         return {**self.engine.leaks(), **self.aengine.leaks()}

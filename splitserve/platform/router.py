@@ -147,8 +147,8 @@ class Router:
         for m, s in zip(members, stats):
             if isinstance(s, WorkerLostError):
                 await self.cluster.report_lost(m)
-            elif isinstance(s, dict):  # None: it did not answer in time (busy, not lost): not a candidate now
-                loads.append(DecodeLoad(m.name, s["num_free_kv_blocks"], s["num_running"], self.block_size))
+            elif s is not None:  # None: it did not answer in time (busy, not lost): not a candidate now
+                loads.append(DecodeLoad(m.name, s.engine.num_free_kv_blocks, s.engine.num_running, self.block_size))
         return loads
 
     # -- requests -------------------------------------------------------------------------

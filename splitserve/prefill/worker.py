@@ -43,6 +43,7 @@ from splitserve.decode.worker import ray_node_id
 from splitserve.engine.request import RequestSnapshot
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
+from splitserve.stats import PrefillStats
 
 
 @dataclass
@@ -343,15 +344,12 @@ class PrefillWorkerImpl:
         "cut"; ``KVSender.inject``). Returns how many are queued."""
         return self.sender.inject(faults)
 
-    def stats(self) -> dict:
-        # Lock-free on purpose: counters read between steps are good enough for routing, and
-        # taking the engine lock would stall this actor's event loop (and its gRPC server) a step.
-        return {"queued_prompt_tokens": self.queued_prompt_tokens, "num_prefills": self.num_prefills,
-                "num_inflight": self.num_inflight, "queue_limit": self.queue_limit,
-                **{f"num_refused_{k}": v for k, v in self.num_refused.items()},
-                "num_transfer_retries": self.num_transfer_retries, "num_overlapped": self.num_overlapped,
-                "num_overlap_fallbacks": self.num_overlap_fallbacks, "name": self.name, "pid": os.getpid(),
-                **self.engine.stats()}
+    def stats(self) -> PrefillStats:
+        return PrefillStats(name=self.name, pid=os.getpid(), engine=self.engine.stats(),
+                            queued_prompt_tokens=self.queued_prompt_tokens, num_inflight=self.num_inflight,
+                            queue_limit=self.queue_limit, num_prefills=self.num_prefills,
+                            num_refused=dict(self.num_refused), num_transfer_retries=self.num_transfer_retries,
+                            num_overlapped=self.num_overlapped, num_overlap_fallbacks=self.num_overlap_fallbacks)
 
     def signals(self) -> dict:
         """What the autoscaler reads (``autoscaler/signals.py``): gauges now, timed samples over the window."""
