@@ -56,31 +56,13 @@ def _no_ray_left(before: int) -> None:
     assert _ray_processes() <= before, "the Ray that serve started is still running"
 
 
-def test_serve_command_starts_answers_and_stops(tmp_path):
+def test_serve_command_answers_autoscales_and_stops(tmp_path):
+    """``serve --autoscale`` as a user starts it: the banner names its endpoints and the admin token's
+    place; it is live and ready over KServe and lists its model over OpenAI. With a catalog whose decode
+    model is slow on purpose (25 tokens/s an instance), loaded by ``splitserve bench`` with bursty
+    arrivals, the scale-out decision shows on the console as it happens and in the admin API, with its
+    id and reasons. Ctrl-C stops it with status 0 and no Ray process left."""
     import tritonclient.grpc as tg
-
-    make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
-    before = _ray_processes()
-    serve = Serve(tmp_path, "--model", str(tmp_path), "--model-name", "tiny", "--dtype", "float32")
-    try:
-        http, grpc_port = serve.http, serve.grpc_port
-        assert f"127.0.0.1:{grpc_port}" in serve.banner and f"http://127.0.0.1:{http}/v1" in serve.banner
-        assert f"http://127.0.0.1:{http}/admin/workers" in serve.banner and "$SPLITSERVE_CLUSTER_TOKEN" in serve.banner
-        client = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        assert client.is_server_live() and client.is_server_ready()
-        client.close()
-        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=30) as r:
-            assert json.load(r)["data"][0]["id"] == "tiny"
-    finally:
-        code = serve.stop()
-    assert code == 0
-    _no_ray_left(before)
-
-
-def test_serve_autoscale_shows_its_decisions_under_a_bursty_bench_load(tmp_path):
-    """``serve --autoscale`` with a catalog whose decode model is slow on purpose (25 tokens/s an
-    instance), loaded by ``splitserve bench`` with bursty arrivals: the scale-out decision shows on the
-    console as it happens and in the admin API, with its id and reasons."""
     import yaml
     make_tiny_model(str(tmp_path), "llama", max_position_embeddings=512)
     (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({"instance_types": [
@@ -93,6 +75,14 @@ def test_serve_autoscale_shows_its_decisions_under_a_bursty_bench_load(tmp_path)
     serve = Serve(tmp_path, "--config", str(tmp_path / "serve.yaml"), "--autoscale", "--max-decode", "2",
                   "--model", str(tmp_path), "--model-name", "tiny", "--dtype", "float32")
     try:
+        http, grpc_port = serve.http, serve.grpc_port
+        assert f"127.0.0.1:{grpc_port}" in serve.banner and f"http://127.0.0.1:{http}/v1" in serve.banner
+        assert f"http://127.0.0.1:{http}/admin/workers" in serve.banner and "$SPLITSERVE_CLUSTER_TOKEN" in serve.banner
+        client = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_live() and client.is_server_ready()
+        client.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=30) as r:
+            assert json.load(r)["data"][0]["id"] == "tiny"
         exe = os.path.join(os.path.dirname(sys.executable), "splitserve")
         bench = subprocess.run([exe, "bench", "--url", f"127.0.0.1:{serve.grpc_port}", "--model", "tiny",
                                 "--rate", "8", "--burstiness", "3", "--duration", "8", "--warmup", "0",
