@@ -34,9 +34,12 @@ from splitserve.platform.config import AutoscaleConfig, ServeConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHART = os.path.join(ROOT, "helm", "splitserve")
 EXAMPLES = sorted(glob.glob(os.path.join(CHART, "examples", "*.yaml")))
-# every optional part on at once (monitors, KV TLS, an existing Secret, splitserve's autoscaler through Ray)
+# every optional part on at once (monitors, Grafana wiring, KV TLS, an existing Secret, splitserve's autoscaler through Ray)
 ALL_ON = ("all-options", {
-    "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+    "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True},
+                "grafana": {"host": "http://grafana.monitoring.svc:80", "iframeHost": "https://grafana.example.com",
+                            "dashboard": {"enabled": True}},
+                "prometheus": {"host": "http://prometheus-operated.monitoring.svc:9090"}},
     "kv": {"port": 7000, "tls": {"secretName": "kv-certs", "serverName": "kv.splitserve.internal"}},
     "secret": {"existingSecret": "mine"},
     "autoscaling": {"inTree": {"enabled": True}, "splitserve": {
@@ -376,6 +379,28 @@ def test_monitors():
     svc = [d for d in kind(docs, "Service") if d["metadata"]["name"].endswith("-head-metrics")][0]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert svc["spec"]["selector"]["splitserve.io/component"] == "head"
+
+
+def test_grafana_panels_in_the_ray_dashboard_and_the_dashboard_for_grafanas_sidecar(rendered):
+    """The head (whose dashboard embeds the panels) gets Ray's Grafana and Prometheus addresses, no worker
+    does; the ConfigMap carries the repository's dashboard unchanged. Unset by default: nothing rendered."""
+    docs = rendered["all-options"]
+    (head_c,) = ray_cluster(docs)["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {k: v.get("value") for k, v in env_of(head_c).items() if k.startswith("RAY_")}
+    assert env == {"RAY_GRAFANA_HOST": "http://grafana.monitoring.svc:80",
+                   "RAY_GRAFANA_IFRAME_HOST": "https://grafana.example.com",
+                   "RAY_PROMETHEUS_HOST": "http://prometheus-operated.monitoring.svc:9090"}
+    for g in groups(docs).values():
+        (c,) = g["template"]["spec"]["containers"]
+        assert not any(k.startswith("RAY_GRAFANA") for k in env_of(c))
+    (cm,) = [d for d in kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    with open(os.path.join(CHART, "dashboards", "splitserve.json")) as f:
+        assert json.loads(cm["data"]["splitserve.json"]) == json.load(f)
+    docs = rendered["default"]
+    (head_c,) = ray_cluster(docs)["headGroupSpec"]["template"]["spec"]["containers"]
+    assert not any(k.startswith("RAY_") for k in env_of(head_c))
+    assert not [d for d in kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
 
 
 def test_args_change_rolls_a_new_cluster():

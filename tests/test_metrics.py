@@ -118,7 +118,7 @@ def test_the_grafana_dashboard_shows_every_metric_and_only_those_the_code_define
     for path in ("splitserve/platform/metrics.py", "splitserve/autoscaler/loop.py"):
         with open(os.path.join(ROOT, path)) as f:
             defined |= set(re.findall(r'"(splitserve_[a-z_]+)"', f.read()))
-    with open(os.path.join(ROOT, "grafana", "splitserve.json")) as f:
+    with open(os.path.join(ROOT, "helm", "splitserve", "dashboards", "splitserve.json")) as f:
         dash = json.load(f)
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     used = {re.sub(r"_(bucket|count|sum)$", "", m) for e in exprs for m in re.findall(r"ray_(splitserve_[a-z_]+)", e)}
