@@ -17,8 +17,9 @@ A server's start moves this machine's speed by as much as the effects, so ``--ro
 mode R times, the order reversed each round (A B C D, D C B A, ...), and pools the repeats.
 One streamed OpenAI request at a time (4 output tokens), the lengths interleaved; TTFT is from the
 request leaving the client to its first streamed token. Reported per prompt length and mode: the
-median TTFT, its ratio to the baseline's, and the prefill worker's median transfer time left after the
-prefill (all of it without overlap; the tail and the commit with it). Writes
+median TTFT, its ratio to the baseline's, the prefill worker's median transfer time left after the
+prefill (all of it without overlap; the tail and the commit with it), and the median gap from the first
+streamed token to the second (with the early first token, that gap holds what is left of the transfer). Writes
 benchmarks/results/first_token.md and first_token.json.
 """
 
@@ -43,18 +44,20 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def ttft(client, model: str, prompt: str) -> float:
+def ttft(client, model: str, prompt: str) -> tuple[float, float | None]:
+    """(seconds to the first streamed token, seconds from it to the second; None when both came in one
+    chunk)."""
     start = time.perf_counter()
     stream = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
-    first = None
+    times = []
     with stream:
         for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].text:
-                first = time.perf_counter() - start
-    if first is None:
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.perf_counter() - start)
+    if not times:
         raise RuntimeError("the stream gave no text")
-    return first
+    return times[0], (times[1] - times[0] if len(times) > 1 else None)
 
 
 def transfer_seconds(server) -> list[float]:
@@ -81,13 +84,15 @@ def run_mode(mode: str, prompts: dict, repeats: int) -> dict:
     log(f"[{mode}] starting the server (1 prefill, 1 decode actor) ...")
     server = start_server(cfg, num_cpus=4, log=lambda m: log(f"[{mode}] {m}"))
     client = openai.OpenAI(base_url=server.endpoints["openai"], api_key="unused", max_retries=0, timeout=600)
-    rows = {n: {"ttft_s": [], "transfer_s": []} for n in prompts}
+    rows = {n: {"ttft_s": [], "gap_s": [], "transfer_s": []} for n in prompts}
     try:
         ttft(client, "smollm2", prompts[min(prompts)])  # warm-up
         for rep in range(repeats):
             for n, prompt in prompts.items():
                 before = len(transfer_seconds(server))
-                rows[n]["ttft_s"].append(ttft(client, "smollm2", prompt))
+                first, gap = ttft(client, "smollm2", prompt)
+                rows[n]["ttft_s"].append(first)
+                rows[n]["gap_s"] += [gap] if gap is not None else []
                 rows[n]["transfer_s"] += transfer_seconds(server)[before:]
                 log(f"[{mode}] {rep + 1}/{repeats} {n} tokens: TTFT {rows[n]['ttft_s'][-1] * 1e3:.0f} ms")
     finally:
@@ -106,7 +111,7 @@ def main() -> int:
     from splitserve.engine.tokenizer import load_tokenizer
     tok = load_tokenizer(None)
     prompts = {int(n): tok.decode(corpus_tokens(tok.encode, int(n))) for n in args.lengths.split(",")}
-    runs = {mode: {n: {"ttft_s": [], "transfer_s": []} for n in prompts} for mode in MODES}
+    runs = {mode: {n: {"ttft_s": [], "gap_s": [], "transfer_s": []} for n in prompts} for mode in MODES}
     for r in range(args.rounds):
         for mode in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
             log(f"round {r + 1}/{args.rounds}")
@@ -122,6 +127,7 @@ def main() -> int:
             row[f"ttft_{m}_s"] = round(med(runs[m][n]["ttft_s"]), 4)
             row[f"ratio_{m}"] = round(row[f"ttft_{m}_s"] / row["ttft_after_s"], 3)
             row[f"transfer_{m}_s"] = round(med(runs[m][n]["transfer_s"]), 4) if runs[m][n]["transfer_s"] else None
+            row[f"gap_{m}_s"] = round(med(runs[m][n]["gap_s"]), 4) if runs[m][n]["gap_s"] else None
         table.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "first_token.json"), "w") as f:
@@ -144,6 +150,11 @@ def main() -> int:
         lines.append(f"| {r['prompt_tokens']} | " + " | ".join(ms(r[f"ttft_{m}_s"]) for m in MODES) + " | "
                      + " | ".join(f"{r[f'ratio_{m}']:.2f}" for m in list(MODES)[1:]) + " | "
                      + " | ".join(ms(r[f"transfer_{m}_s"]) for m in ("after", "overlap")) + " |")
+    lines += ["", "From the first streamed token to the second (ms, medians): the decode worker's first step, "
+                  "after the KV it needs has arrived.", "",
+              "| prompt tokens | " + " | ".join(f"gap {m}" for m in MODES) + " |", "|---" * (1 + len(MODES)) + "|"]
+    for r in table:
+        lines.append(f"| {r['prompt_tokens']} | " + " | ".join(ms(r[f"gap_{m}_s"]) for m in MODES) + " |")
     with open(os.path.join(args.out, "first_token.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     log("\n".join(lines))
