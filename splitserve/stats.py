@@ -5,7 +5,7 @@ Lifecycle of one reading::
     LLMEngine.stats()                 -> EngineStats          counters read between steps, lock-free
     PrefillWorkerImpl.stats()         -> PrefillStats         its own counters + its engine's
     DecodeWorkerImpl.stats()          -> DecodeStats          its own counters + its engine's
-    colocated EngineWorker.stats()    -> WorkerStats
+    ColocatedWorkerImpl.stats()       -> WorkerStats
     Ray carries it (a pickled frozen dataclass), and its readers take attributes:
         the router and the controller    free KV blocks and running requests, to rank decode workers
         WorkerMetrics.update             gauges, and counter increments from the cumulative fields

@@ -34,6 +34,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -45,12 +46,15 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.errors import NoCapacityError, TransferFailedError, describe
 from splitserve.stats import PrefillStats
 
+if TYPE_CHECKING:
+    from splitserve.engine.kv_stream import KVStream
+
 
 @dataclass
 class _Overlap:
     """A request's layer-overlapped transfer: reserved at ``address``, fed by ``kv`` (``KVStream``)."""
     address: str
-    kv: object
+    kv: KVStream
     task: asyncio.Task  # KVSender.stream: -> TransferAck
 
 
