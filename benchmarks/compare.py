@@ -122,18 +122,32 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v * 1000:.0f} ms"
 
 
-def llama_server_command(args, port: int) -> list[str] | None:
+def llama_server_command(args, port: int, slots: int = LLAMA_SLOTS) -> list[str] | None:
     from splitserve.engine.default_model import default_model_path
     binary = args.llama_server or os.path.join(os.path.dirname(HERE), ".llamacpp", "build", "bin", "llama-server")
     if os.path.exists(binary):  # the C++ server: parallel slots, continuous batching
-        return [binary, "-m", default_model_path(), "-t", "2", "--parallel", str(LLAMA_SLOTS), "-cb",
-                "-c", str(LLAMA_SLOTS * 2304), "--host", "127.0.0.1", "--port", str(port), "--alias", "smollm2",
+        return [binary, "-m", default_model_path(), "-t", "2", "--parallel", str(slots), "-cb",
+                "-c", str(slots * 2304), "--host", "127.0.0.1", "--port", str(port), "--alias", "smollm2",
                 "--no-webui"]
     if importlib.util.find_spec("llama_cpp") is not None:  # llama-cpp-python's server: one sequence at a time
         log("[llama.cpp] C++ llama-server not built; using llama-cpp-python's server (no parallel slots)")
         return [sys.executable, "-m", "llama_cpp.server", "--model", default_model_path(), "--n_threads", "2",
                 "--host", "127.0.0.1", "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096"]
     return None
+
+
+def wait_for_llama(port: int, timeout_s: float = 60.0) -> None:
+    """Until llama-server on ``port`` answers /v1/models (it loads the model first)."""
+    import urllib.request
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server on port {port} did not answer within {timeout_s:.0f} s")
+            time.sleep(0.5)
 
 
 def run_llama_cpp(workloads, args, tokenizer, ids) -> dict | None:
@@ -151,13 +165,7 @@ def run_llama_cpp(workloads, args, tokenizer, ids) -> dict | None:
     log(f"[llama.cpp] starting {command[0]} ...")
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import urllib.request
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_llama(port)
         return drive("llama.cpp", OpenAIClient(f"http://127.0.0.1:{port}/v1", "smollm2"), workloads, args,
                      tokenizer, ids, metrics, run_open_loop, run_concurrency)
     finally:
