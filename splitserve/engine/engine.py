@@ -91,13 +91,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 GEMMs beat float32 here: only with AMX tiles. AVX512-BF16 alone is not enough: on an
+    Intel Xeon with it (no AMX) torch's bf16 GEMMs ran at 0.55-0.65x float32 at prefill shapes, and the served
+    int4 system was 1.1-1.5x faster with float32 activations and KV in each of 3 rounds
+    (benchmarks/results/served_ramp.md)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = f.read()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
 
 
 class LLMEngine(MovesMixin, SpeculativeMixin):
