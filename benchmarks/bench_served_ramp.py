@@ -107,7 +107,8 @@ def main() -> int:
     unknown = [n for n in systems if n not in SYSTEMS]
     if unknown:
         ap.error(f"--systems: unknown {unknown}; allowed: {', '.join(SYSTEMS)}")
-    if llama_server_command(args, 0) is None or "llama_cpp.server" in llama_server_command(args, 0):
+    probe = llama_server_command(args, 0)
+    if probe is None or "llama_cpp.server" in probe:
         ap.error("llama.cpp's C++ llama-server is not built (scripts/build_llamacpp.sh), and it is the baseline")
     systems.append(LLAMA)
     from splitserve.engine.tokenizer import load_tokenizer
