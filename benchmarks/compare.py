@@ -11,7 +11,7 @@ PATH``; ``pip install 'llama-cpp-python[server]'``'s Python server is used
 as a fallback, though it has no parallel slots; skipped with a message when
 neither is there); transformers generate as an offline batch (the floor:
 throughput only). ``disaggregated+int4`` is the disaggregated system with an
-int4 decode pool (``--quantization`` per pool; prefill stays bf16); ``colocated+int4`` is
+int4 decode pool (``--quantization`` per pool; prefill stays unquantized); ``colocated+int4`` is
 one engine of 2 threads with int4 weights for both phases (chunked prefill), the
 shape of llama-server's process.
 

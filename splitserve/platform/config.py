@@ -1,7 +1,7 @@
 """Server configuration: from flags or one YAML file (``splitserve serve --config FILE``).
 
     model: null                # .gguf / HF dir; null = the default SmolLM2
-    dtype: auto
+    dtype: auto                # auto (bfloat16 where the CPU has AMX, float32 otherwise) | float32 | bfloat16
     mode: disaggregated        # or colocated (prefill and decode in one engine: the baseline)
     prefill: {replicas: 1, threads: 1, resources: {}, kv_cache_memory_mb: 256}
     decode:  {replicas: 1, threads: 1, resources: {}, kv_cache_memory_mb: 512}
