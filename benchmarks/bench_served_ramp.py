@@ -29,7 +29,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_engine import machine  # noqa: E402
-from compare import SYSTEMS, _free_port, llama_server_command, log, wait_for_llama  # noqa: E402
+from compare import SYSTEMS, _free_port, llama_server_command, log, server_config, wait_for_llama  # noqa: E402
 
 LLAMA = "llama.cpp"
 AIMS = {1: 1.0, 16: 1.5}
@@ -61,13 +61,8 @@ async def ramp(client, args, tokenizer, ids) -> dict[int, float]:
 def run_splitserve(name: str, args, tokenizer, ids) -> dict[int, float]:
     import ray
     from splitserve.bench.clients import OpenAIClient
-    from splitserve.platform.config import PoolConfig, ServeConfig
     from splitserve.platform.server import start_server
-    spec = SYSTEMS[name]
-    cfg = ServeConfig(mode=spec["mode"], dtype=spec.get("dtype", "auto"), http_port=_free_port(),
-                      grpc_port=_free_port(), max_queue_wait_s=60,
-                      prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})))
-    srv = start_server(cfg, num_cpus=2, log=lambda m: None)
+    srv = start_server(server_config(SYSTEMS[name]), num_cpus=2, log=lambda m: None)
     try:
         return asyncio.run(ramp(OpenAIClient(srv.endpoints["openai"], "smollm2"), args, tokenizer, ids))
     finally:

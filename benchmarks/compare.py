@@ -65,19 +65,23 @@ NAMES = {"short_chat": "(a) short chat", "mixed": "(b) mixed"}
 LLAMA_SLOTS = 32  # llama-server --parallel: one slot per stream up to the ramp's top concurrency
 
 
+def server_config(spec: dict):
+    """The ServeConfig of one entry of ``SYSTEMS``, on free ports."""
+    from splitserve.platform.config import PoolConfig, ServeConfig
+    return ServeConfig(mode=spec["mode"], dtype=spec.get("dtype", "auto"), http_port=_free_port(),
+                       grpc_port=_free_port(), max_queue_wait_s=60,
+                       prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})))
+
+
 def run_splitserve(name: str, spec: dict, workloads, args, tokenizer, ids) -> dict:
     import ray
     from splitserve.bench import metrics
     from splitserve.bench.clients import OpenAIClient
     from splitserve.bench.runner import run_concurrency, run_open_loop
-    from splitserve.platform.config import PoolConfig, ServeConfig
     from splitserve.platform.server import start_server
 
-    cfg = ServeConfig(mode=spec["mode"], dtype=spec.get("dtype", "auto"), http_port=_free_port(),
-                      grpc_port=_free_port(), max_queue_wait_s=60,
-                      prefill=PoolConfig(**spec.get("prefill", {})), decode=PoolConfig(**spec.get("decode", {})))
     log(f"[{name}] starting ...")
-    srv = start_server(cfg, num_cpus=2, log=lambda m: None)
+    srv = start_server(server_config(spec), num_cpus=2, log=lambda m: None)
     try:
         return drive(name, OpenAIClient(srv.endpoints["openai"], "smollm2"), workloads, args, tokenizer, ids,
                      metrics, run_open_loop, run_concurrency)
