@@ -4,12 +4,43 @@ import asyncio
 
 import pytest
 
-from splitserve.platform.routing import DecodeLoad, PrefillLoad, PrefixIndex, pick_prefill, rank_decodes
+from splitserve.platform.routing import (DecodeLoad, PrefillLoad, PrefillSpeeds, PrefixIndex, pick_prefill,
+                                         rank_decodes)
 
 
 def test_prefill_goes_to_the_fewest_queued_prompt_tokens():
     assert pick_prefill([PrefillLoad("p0", 900), PrefillLoad("p1", 10), PrefillLoad("p2", 300)]) == "p1"
     assert pick_prefill([]) is None
+
+
+def test_prefill_speeds_are_measured_from_dispatches_and_weigh_the_queues():
+    speeds = PrefillSpeeds(decay=0.5)
+    assert speeds.speed("gpu") is None
+    # gpu: busy from t=0, three prompts of 300 tokens done at 0.1, 0.1 (same step), 0.2: 900 tokens in 0.2 s
+    for _ in range(3):
+        speeds.sent("gpu", 0.0)
+    speeds.done("gpu", 300, 0.1)
+    speeds.done("gpu", 300, 0.1)
+    speeds.done("gpu", 300, 0.2)
+    assert speeds.speed("gpu") == pytest.approx((0.25 * 300 + 0.5 * 300 + 300) / (0.25 * 0.1 + 0.5 * 0 + 0.1))
+    # cpu: idle until t=5 (idle time is not counted), then 300 tokens in 1 s; a refused request adds no sample
+    speeds.sent("cpu", 5.0)
+    speeds.done("cpu", 300, 6.0)
+    speeds.sent("cpu", 7.0)
+    speeds.dropped("cpu", 7.5)
+    speeds.done("cpu", 300, 9.0)  # nothing outstanding any more: ignored
+    assert speeds.speed("cpu") == pytest.approx(300.0)
+    # the gpu worker with 3000 queued tokens is done with 300 more before the cpu worker with 100 queued
+    loads = [PrefillLoad("cpu", 100, 0, speeds.speed("cpu")), PrefillLoad("gpu", 3000, 0, speeds.speed("gpu"))]
+    assert pick_prefill(loads, 300) == "gpu"
+    assert pick_prefill([PrefillLoad("cpu", 100, 0, 300.0), PrefillLoad("gpu", 9000, 0, speeds.speed("gpu"))],
+                        300) == "cpu"
+    # a worker not measured yet counts as fast as the fastest known (it gets work, and is measured)
+    assert pick_prefill([*loads, PrefillLoad("new", 2000)], 300) == "new"
+    assert pick_prefill([*loads, PrefillLoad("new", 3100)], 300) == "gpu"
+    assert pick_prefill([PrefillLoad("p1", 10), PrefillLoad("p0", 10)], 300) == "p0"  # none known: the queues
+    speeds.retain({"cpu"})
+    assert speeds.speed("gpu") is None and speeds.speed("cpu") == pytest.approx(300.0)
 
 
 def test_a_prompt_goes_to_the_worker_holding_its_prefix_unless_its_queue_outweighs_the_saving():

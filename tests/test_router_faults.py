@@ -13,6 +13,7 @@ from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestStat
                                WorkerLostError)
 from splitserve.platform.membership import Membership, MembershipView, WorkerState
 from splitserve.platform.router import Router
+from splitserve.platform.routing import PrefillSpeeds
 from splitserve.stats import EngineStats, WorkerStats
 
 MAX_TOKENS = 12
@@ -331,11 +332,17 @@ def test_the_first_token_goes_out_while_the_kv_moves_and_a_failed_transfer_repea
     assert router.tracks == {} and not any(w.requests for n, w in cluster.workers.items() if n != "p0")
 
 
+class Unmeasured(PrefillSpeeds):
+    def done(self, worker: str, tokens: int, now: float) -> None:
+        self.dropped(worker, now)
+
+
 def test_prompts_sharing_a_prefix_follow_the_prefill_worker_that_computed_it():
     """KV-aware routing: with p0 busy, the first prompt of a shared prefix goes to p1; later ones follow
     it to p1 although both queues are empty (by queues alone, the tie would pick p0); a lost p1 is
     forgotten, and the prefix goes back to the tie."""
     cluster, router = make(prefills=2, decodes=1)
+    router.speeds = Unmeasured()  # these fakes' speeds differ by noise: prefixes and queues alone decide here
     p0, p1 = cluster.workers["p0"], cluster.workers["p1"]
     system = list(range(1, 40))  # two full blocks of 16 before the last token's block
 

@@ -2,7 +2,9 @@
 
 Policy (pure, no Ray; ``routing.py``): ``pick_prefill`` takes the prefill
 worker that would finish the prompt first, KV-aware (its cached prefix
-skipped); ``rank_decodes`` orders the decode workers that can hold the
+skipped) and speed-aware (``PrefillSpeeds``: each worker's prompt tokens per
+second of busy time, timed from this router's dispatches to their first
+tokens); ``rank_decodes`` orders the decode workers that can hold the
 request by free KV blocks (ties: the smaller running batch), skipping
 workers that just refused. The prefill worker reserves on the first
 of that list with room once the prompt is computed, so decode blocks are not
@@ -55,7 +57,7 @@ from splitserve.errors import (InvalidRequestError, NoCapacityError, RequestFail
                                UnknownRequestError, WorkerLostError)
 from splitserve.platform.membership import WorkerState
 from splitserve.platform.metrics import request_metrics
-from splitserve.platform.routing import DecodeLoad, PrefillLoad, PrefixIndex, pick_prefill, rank_decodes
+from splitserve.platform.routing import DecodeLoad, PrefillLoad, PrefillSpeeds, PrefixIndex, pick_prefill, rank_decodes
 
 UNREACHABLE = (None, "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")  # KV-plane codes of a dead peer
 
@@ -120,6 +122,7 @@ class Router:
         self._inflight = asyncio.Semaphore(max_inflight)  # the bounded queue in front of the pools
         self._prefill_tokens: dict[str, int] = {}  # prompt tokens this router has in flight per prefill worker
         self.prefixes = PrefixIndex(block_size) if prefix_caching else None  # None: route by queues alone
+        self.speeds = PrefillSpeeds()  # per prefill worker incarnation
         self.tracks: dict[str, Track] = {}  # request id -> its track, while it runs
         self.num_recoveries = 0  # placements made again after a worker was lost (prefill or decode)
 
@@ -134,12 +137,16 @@ class Router:
                       "client_id": t.label, "output_tokens": len(t.token_ids)} for rid, t in self.tracks.items()}
 
     def _prefill_loads(self, prefills, refused: set[str], track: Track) -> list[PrefillLoad]:
-        if self.prefixes is None:
-            return [PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0)) for m in prefills if m.name not in refused]
-        self.prefixes.retain({_incarnation(m) for m in prefills})
-        return [PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0),
-                            self.prefixes.cached_tokens(_incarnation(m), track.prompt_hashes))
+        live = {_incarnation(m) for m in prefills}
+        self.speeds.retain(live)
+        if self.prefixes is not None:
+            self.prefixes.retain(live)
+        return [PrefillLoad(m.name, self._prefill_tokens.get(m.name, 0), self._cached(m, track),
+                            self.speeds.speed(_incarnation(m)))
                 for m in prefills if m.name not in refused]
+
+    def _cached(self, member, track: Track) -> int:
+        return 0 if self.prefixes is None else self.prefixes.cached_tokens(_incarnation(member), track.prompt_hashes)
 
     async def _decode_loads(self, members) -> list[DecodeLoad]:
         stats = await asyncio.gather(*(m.handle.stats() for m in members), return_exceptions=True)
@@ -287,16 +294,21 @@ class Router:
                 refused.clear()
                 continue
             p, ds = view.get(p_name), [view.get(name) for name in ranked]
+            computes = track.num_tokens - self._cached(p, track)  # the tokens it must compute
             if self.prefixes is not None:
                 self.prefixes.record(_incarnation(p), track.prompt_hashes)  # it computes (or has) these now
             resume = track.next_placement()
             n = track.num_tokens
             self._prefill_tokens[p.name] = self._prefill_tokens.get(p.name, 0) + n
-            result = None
+            self.speeds.sent(_incarnation(p), time.monotonic())
+            result, timed = None, False
             try:
                 async with aclosing(p.handle.prefill(track.wid, track.prompt_token_ids, track.params,
                                                      [d.kv_address for d in ds], resume, max(left, 0.1))) as events:
                     async for event in events:
+                        if not timed and event["status"] in ("reserved", "transferred", "finished", "transfer_failed"):
+                            self.speeds.done(_incarnation(p), computes, time.monotonic())  # the prompt is computed
+                            timed = True
                         if event["status"] == "reserved":
                             if self.early_first_token:
                                 yield event["first"], None
@@ -319,6 +331,8 @@ class Router:
                 raise
             finally:
                 self._prefill_tokens[p.name] -= n
+                if not timed:
+                    self.speeds.dropped(_incarnation(p), time.monotonic())
             status = result["status"]
             for d in ds:  # decode workers the prefill worker could not reach on the KV plane
                 if d.kv_address in result.get("failed", {}):

@@ -2,8 +2,11 @@
 
 * ``pick_prefill``: the prefill worker that would be done first with this
   prompt: its queued prompt tokens plus the tokens of this prompt it must
-  compute, its cached prefix skipped. A worker holding a long shared prefix
-  (a system prompt) wins unless its queue outweighs the saving.
+  compute, its cached prefix skipped, over its speed. A worker holding a long
+  shared prefix (a system prompt) wins unless its queue outweighs the saving.
+* :class:`PrefillSpeeds`: each prefill worker's speed, measured by the router
+  from its own dispatches (pools of mixed node types: a GPU worker with a
+  longer queue is still done first).
 * :class:`PrefixIndex`: what each prefill worker probably holds in its prefix
   cache (``engine/block_pool.py``), from the prompts sent to it.
 * ``rank_decodes``: the decode workers that can hold the request, most free
@@ -24,6 +27,7 @@ class PrefillLoad:
     name: str
     queued_prompt_tokens: int
     cached_tokens: int = 0  # of this prompt, how many the worker probably holds in its prefix cache
+    tokens_per_s: float | None = None  # its measured speed (PrefillSpeeds); None: not known yet
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,59 @@ class DecodeLoad:
 
 
 def pick_prefill(loads: list[PrefillLoad], num_tokens: int = 0) -> str | None:
-    """The worker that would be done first with a prompt of ``num_tokens``: queued tokens + the prompt's
-    uncached tokens (ties: the name)."""
-    return min(loads, key=lambda w: (w.queued_prompt_tokens + num_tokens - w.cached_tokens, w.name)).name \
-        if loads else None
+    """The worker that would be done first with a prompt of ``num_tokens``: (queued tokens + the prompt's
+    uncached tokens) / its speed. A worker of unknown speed (new: just added, or restarted) counts as fast
+    as the fastest known one, so that it is given work and measured; with none known, queues alone decide
+    (ties: the name)."""
+    if not loads:
+        return None
+    fastest = max((w.tokens_per_s for w in loads if w.tokens_per_s), default=1.0)
+    return min(loads, key=lambda w: ((w.queued_prompt_tokens + num_tokens - w.cached_tokens)
+                                     / (w.tokens_per_s or fastest), w.name)).name
+
+
+class PrefillSpeeds:
+    """Prompt tokens per second of busy time, per prefill worker, as one router sees them: while a worker
+    has requests of this router, the time since its last completion (or since it went busy) went into the
+    request that completes now (a worker computes its queue in order). Tokens and seconds are summed with
+    a decay of ``decay`` per completion, so a few prompts give a figure and it follows a worker that slows
+    down. Work other routers give the worker counts as its slowness: the figure is what this router gets."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self._out: dict[str, int] = {}  # worker -> requests of this router it holds
+        self._mark: dict[str, float] = {}  # worker -> when the time now being measured began
+        self._sum: dict[str, tuple[float, float]] = {}  # worker -> (decayed tokens, decayed seconds)
+
+    def sent(self, worker: str, now: float) -> None:
+        if not self._out.get(worker):
+            self._mark[worker] = now
+        self._out[worker] = self._out.get(worker, 0) + 1
+
+    def done(self, worker: str, tokens: int, now: float) -> None:
+        """A request of ``tokens`` computed prompt tokens finished its prefill on ``worker``."""
+        if not self._out.get(worker):
+            return
+        tok, sec = self._sum.get(worker, (0.0, 0.0))
+        self._sum[worker] = (self.decay * tok + tokens, self.decay * sec + max(0.0, now - self._mark[worker]))
+        self._mark[worker] = now
+        self._out[worker] -= 1
+
+    def dropped(self, worker: str, now: float) -> None:
+        """A request left ``worker`` without a prefill to measure (refused, lost, aborted)."""
+        if self._out.get(worker):
+            self._out[worker] -= 1
+            self._mark[worker] = now
+
+    def speed(self, worker: str) -> float | None:
+        tok, sec = self._sum.get(worker, (0.0, 0.0))
+        return tok / sec if tok > 0 and sec > 0 else None
+
+    def retain(self, workers: set[str]) -> None:
+        """Forget the workers not in ``workers`` (a restarted one may run elsewhere, at another speed)."""
+        for table in (self._out, self._mark, self._sum):
+            for name in [w for w in table if w not in workers]:
+                del table[name]
 
 
 class PrefixIndex:
