@@ -220,11 +220,31 @@ def test_zero_traffic_drains_to_the_minimum_one_at_a_time():
     assert [a.worker for a in drains(d, "decode")] == ["decode-1"]
 
 
-def test_pending_instances_block_scale_up_of_that_pool_only():
+def test_starting_instances_count_as_capacity_and_only_more_demand_adds_more():
     pre, dec = steady(rate=2.0, prompt=1500, output=400)
-    d = decide(snapshot(pre + [("small", "starting", None)], dec), CATALOG, OBJ, PolicyState())
+    first = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    starting = [(a.instance_type, "starting", None) for a in first.actions if a.pool == "prefill" for _ in range(a.count)]
+    assert starting
+    # those instances starting carry the demand: no more prefill; the decode pool is not held back
+    d = decide(snapshot(pre + starting, dec), CATALOG, OBJ, PolicyState())
     assert adds(d, "prefill") == 0 and adds(d, "decode") >= 1
-    assert any("prefill: 1 still starting" in r for r in d.reasons)
+    # a miss measured while they start asks for nothing: they may relieve it
+    missed = [(k, st, export(arrivals=2.0, prompt=1500, ttft=9.0)) for k, st, _ in pre]
+    d = decide(snapshot(missed + starting, dec), CATALOG, OBJ, PolicyState(settled_at={"prefill": None}))
+    assert adds(d, "prefill") == 0 and any("the model decides" in r for r in d.reasons)
+    # KV pressure on decode while one starts: nothing more either
+    dec_starting = [(a.instance_type, "starting", None) for a in first.actions if a.pool == "decode"
+                    for _ in range(a.count)]
+    hot = [("small", "up", export(tokens=800.0, output=400, kv_used=1990, kv_total=2048))]
+    d = decide(snapshot(pre + starting, hot + dec_starting), CATALOG, OBJ, PolicyState())
+    assert adds(d, "decode") == 0 and any("still starting: no more for a pressure" in r for r in d.reasons)
+    assert adds(decide(snapshot(pre + starting, hot), CATALOG, OBJ, PolicyState()), "decode") >= 1  # once up
+    # the demand grows beyond what the up and starting instances carry: more, for the difference only
+    pre3, _ = steady(rate=6.0, prompt=1500, output=400)
+    d = decide(snapshot(pre3 + starting, dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "prefill") >= 1 and any("still starting, and the demand needs more" in r for r in d.reasons)
+    full = decide(snapshot(pre3, dec), CATALOG, OBJ, PolicyState())
+    assert adds(d, "prefill") < adds(full, "prefill")
 
 
 def test_budget_is_respected():
@@ -351,8 +371,11 @@ def test_many_random_snapshots_give_sane_decisions():
             ps = snap.pool(pool)
             if ps.num_up == 0:
                 assert d.actions == ()
-            if ps.num_starting:
-                assert adds(d, pool) == 0
+            if ps.num_starting and adds(d, pool):  # only for demand beyond what up and starting carry
+                cap = d.model[pool]["capacity"]
+                assert "pressure" not in d.model[pool]
+                assert sum(cap.get(k, 0) * n for k, n in d.targets[pool].items()) > \
+                    sum(cap.get(k, 0) * n for k, n in ps.instances.items())
             assert sum(ps.instances.values()) + adds(d, pool) <= max(obj.limits(pool).max, sum(ps.instances.values()))
             assert len(drains(d, pool)) <= 1 and (not drains(d, pool) or ps.num_draining == 0)
         spend = sum(CATALOG.get(w.instance_type).cost_per_hour for w in snap.workers
@@ -424,6 +447,23 @@ def test_demand_is_planned_for_when_a_new_instance_would_be_up():
     burst = {"span_s": SPAN, "series": {"arrival": [(i * 0.1, 256) for i in range(100)]}, "gauges": {}}
     d = decide(snapshot([("small", "up", burst)], steady()[1]), CATALOG, OBJ, PolicyState())
     assert d.model["prefill"]["measured"] == pytest.approx(100 / 15)
+
+
+def test_a_pool_is_sized_for_the_peak_demand_of_the_last_down_stable_s():
+    # a burst of long prompts, then a lull: for down_stable_s (30 s) the plan keeps the burst's demand (and its
+    # type: the big one carries the burst at the lowest cost; small ones would carry the lull), then lets go
+    state = PolicyState()
+    burst = decide(snapshot(*steady(rate=3.0, prompt=1500), now=1000.0), CATALOG, OBJ, state)
+    assert "big" in burst.targets["prefill"]
+    lull = [decide(snapshot(*steady(rate=0.3, prompt=1500), now=1000.0 + t), CATALOG, OBJ, state) for t in (10, 25)]
+    for d in lull:
+        assert d.model["prefill"]["measured"] == pytest.approx(0.3, rel=0.15)
+        assert d.model["prefill"]["demand"] == pytest.approx(burst.model["prefill"]["demand"])
+        assert d.targets["prefill"] == burst.targets["prefill"]
+        assert any("sized for the peak demand of the last 30s" in r for r in d.reasons)
+    later = decide(snapshot(*steady(rate=0.3, prompt=1500), now=1031.0), CATALOG, OBJ, state)
+    assert later.model["prefill"]["demand"] == pytest.approx(later.model["prefill"]["measured"])
+    assert sum(later.targets["prefill"].values()) < sum(burst.targets["prefill"].values())
 
 
 def test_decode_capacity_leaves_room_for_the_batch_to_vary():

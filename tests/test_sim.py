@@ -40,6 +40,30 @@ def test_prompts_queue_and_share_steps_by_the_token_budget():
     assert r.summary(10, 10)["failed"] == 0
 
 
+def test_a_warm_up_is_served_but_neither_counted_nor_paid_for():
+    trace = [(float(t), 100, 3) for t in range(0, 200, 2)]
+    full = Simulation(CATALOG, ONE, transfer=TRANSFER).run(trace)
+    warmed = Simulation(CATALOG, ONE, transfer=TRANSFER).run(trace, measure_from=100.0)
+    assert [r.arrival for r in warmed.requests] == [t for t, *_ in trace if t >= 100]
+    assert warmed.duration_s == pytest.approx(full.duration_s - 100)
+    assert warmed.cost == pytest.approx(2 * 0.10 * warmed.duration_s / 3600)  # both instances, from t=100 only
+    assert all(t >= 100 for t, *_ in warmed.timeline)
+
+
+def test_prompts_go_where_they_are_done_first_in_a_pool_of_mixed_speeds():
+    # a 10x faster prefill type beside the slow one: the router's measured speeds send it nearly every prompt,
+    # though its queue is often longer; a prompt on the slow one (0.22 s of prefill) misses a TTFT of 0.2 s
+    fast = InstanceType("fast", 1.0, PrefillModel(0.002, 0.0001), StepModel(0.02, 0.002, 1e-6), kv_tokens=20000,
+                        max_batch=64, startup_s=30)
+    mixed = {"prefill": {"cpu": 1, "fast": 1}, "decode": {"cpu": 2}}
+    trace = poisson(8.0, 120, prompt=200, output=2, seed=5)  # 8/s x 0.22 s = 1.8x what the slow one takes
+    r = Simulation(Catalog([CPU, fast]), mixed, transfer=TRANSFER).run(trace)
+    s = r.summary(0.2, 10)
+    assert s["failed"] == 0 and s["attainment"] > 0.9
+    by_fast = sum(1 for q in r.requests if q.first_token - q.prefill_start < 0.1)  # computed on the fast one
+    assert by_fast > 0.9 * len(trace)
+
+
 def test_traces_have_the_rates_and_burstiness_asked_for(tmp_path):
     p = poisson(2.0, 2000, seed=3)
     assert len(p) == pytest.approx(4000, rel=0.05)

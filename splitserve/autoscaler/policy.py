@@ -8,7 +8,9 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     tokens/s (measured, or arrivals x mean output) and the mean
                                     context of a running request; plus its growth over
                                     ``trend_s`` times the pool's longest start-up (a new instance
-                                    meets the demand of when it is up)
+                                    meets the demand of when it is up); the peak of that over the
+                                    last ``down_stable_s`` (bursts that recur sooner find their
+                                    capacity still there)
     2. correction                   the seconds the pool's engines were busy / what the catalog
                                     predicts for the very steps they ran (tokens and attention,
                                     batch and KV), clamped; applied to the catalog's models
@@ -23,11 +25,14 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     (a miss measured partly before the pool's last instances came
                                     up is stale: the model alone decides);
                                     zero traffic asks for the minimum
-    4. act                          up: add the missing instances, unless some of this pool are
-                                    still starting or it scaled within ``up_cooldown_s``, within
-                                    the budget; down (or the old side of a change of types, once the
-                                    new ones are up): drain one instance (the type over target,
-                                    priciest first; the worker with least work), only after the
+    4. act                          up: add the missing instances, unless it scaled within
+                                    ``up_cooldown_s``, within the budget; while some of this pool are
+                                    still starting (they count in its capacity), only for demand
+                                    the model says they do not carry, never for a pressure (a miss,
+                                    refusals, KV) that they may relieve; down (or the old side of
+                                    a change of types, once the new ones are up): drain one
+                                    instance (the type over target, priciest first; the worker
+                                    with least work), only after the
                                     target stayed below for ``down_stable_s`` and at least the
                                     type's start-up time (it may be wanted again), not within
                                     ``down_cooldown_s`` of the last change, never while an
@@ -75,8 +80,10 @@ class Objectives:
     kv_high: float = 0.85  # decode KV use above this asks for one more decode instance
     up_cooldown_s: float = 20.0
     down_cooldown_s: float = 60.0
-    down_stable_s: float = 60.0  # the target must stay below the current count this long (and at least
-    #                              the start-up time of the instance type that would be drained)
+    down_stable_s: float = 300.0  # the demand planned for is its peak over this long, and the target must
+    #                               then stay below the current count this long (and at least the start-up
+    #                               time of the instance type that would be drained) before a drain (300 s:
+    #                               Kubernetes' default scale-down stabilization window)
     min_samples: int = 20  # fewer measurements than this: the model alone decides
     stale_s: float = 30.0  # an older snapshot is no data
     trend_s: float = 300.0  # demand growth is measured over this long and planned for a start-up ahead
@@ -110,6 +117,7 @@ class PolicyState:
     last_change: dict = field(default_factory=dict)  # pool -> when it last scaled
     below_since: dict = field(default_factory=dict)  # pool -> since when the target is below the count
     history: dict = field(default_factory=dict)  # pool -> [(time, measured demand)] over trend_s
+    peaks: dict = field(default_factory=dict)  # pool -> [(time, planned demand)] over down_stable_s
     settled_at: dict = field(default_factory=dict)  # pool -> when its last starting instance came up (None:
     #                                                 some are starting); misses measured before are stale
 
@@ -251,6 +259,7 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
         reasons.append(pressure)
         if _carries(model, target) <= _carries(model, current) and sum(current.values()) < limits.max:
             target = _one_more(model, current, catalog)
+            model["pressure"] = pressure  # the target is more than the demand model asks for
     return target
 
 
@@ -291,6 +300,18 @@ def _growth(pool: str, demand: float, state: PolicyState, now: float, obj: Objec
     return max(0.0, sum((t - mt) * (d - md) for t, d in history) / var) if var else 0.0
 
 
+def _peak(pool: str, demand: float, state: PolicyState, now: float, obj: Objectives) -> float:
+    """The highest planned demand of the last ``down_stable_s`` (this one included): a pool is sized for
+    the bursts it just saw, so capacity for a burst that comes back sooner than that stays, and its type
+    is chosen for the burst, not for the lull between (Kubernetes' scale-down stabilization, applied to
+    the demand)."""
+    peaks = state.peaks.setdefault(pool, [])
+    peaks.append((now, demand))
+    while now - peaks[0][0] > obj.down_stable_s:
+        peaks.pop(0)
+    return max(d for _, d in peaks)
+
+
 def _carries(model: dict, mix: dict) -> float:
     return sum(model["capacity"].get(k, 0.0) * n for k, n in mix.items())
 
@@ -323,11 +344,14 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
     over = {k: n - target.get(k, 0) for k, n in current.items() if n > target.get(k, 0)}
     want = f"{pool}: demand {model['demand']:.2f} {model['unit']} wants {target}, has {current}"
     if adds:
-        if ps.num_starting:
-            reasons.append(f"{pool}: {ps.num_starting} still starting: no more now")
+        if ps.num_starting and model.get("pressure"):
+            reasons.append(f"{pool}: {ps.num_starting} still starting: no more for a pressure they may relieve")
         elif now - state.last_change.get(pool, -1e18) < obj.up_cooldown_s:
             reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
         else:
+            if ps.num_starting:
+                reasons.append(f"{pool}: {ps.num_starting} still starting, and the demand needs more than the "
+                               f"instances up and starting carry")
             room = obj.limits(pool).max - sum(current.values())
             for k in sorted(adds, key=lambda k: catalog.get(k).cost_per_hour):
                 price = catalog.get(k).cost_per_hour
@@ -396,6 +420,11 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
         if growth * horizon > 0.05 * model["measured"]:
             reasons.append(f"{p}: demand grows {growth:.3g} {model['unit']} per s: planned for "
                            f"{model['demand']:.2f} in {horizon:.0f}s")
+        peak = _peak(p, model["demand"], state, now, objectives)
+        if peak > 1.05 * model["demand"]:
+            reasons.append(f"{p}: sized for the peak demand of the last {objectives.down_stable_s:.0f}s "
+                           f"({peak:.2f} {model['unit']})")
+        model["demand"] = peak
     for p in POOLS:  # when each pool's starting instances came up: misses measured before are stale
         if snapshot.pool(p).num_starting:
             state.settled_at[p] = None

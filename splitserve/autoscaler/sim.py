@@ -2,14 +2,17 @@
 
 Pure Python. It runs the real policy (``policy.decide``) on snapshots built by
 the real aggregation (``signals.aggregate``) from simulated workers that record
-the same series as real ones, so what it tests is the autoscaler itself. A
+the same series as real ones, so what it tests is the autoscaler itself; the
+router's choices are the real router policy's (``platform/routing.py``). A
 request's life::
 
-    arrival -> the prefill instance with the fewest queued tokens (FCFS; each step takes
+    arrival -> the prefill instance that would be done first (``pick_prefill``: queued tokens
+               over the speed ``PrefillSpeeds`` measured from the arrivals it was given and
+               their prefills' ends, as the router measures it) (FCFS; each step takes
                up to ``prefill_budget`` tokens of queued prompts, chunked, and lasts
                correction x prefill(tokens, sum of chunk x context))
-            -> first token -> a decode instance (the fewest running that has KV room;
-               none: it waits) -> KV transfer (transfer(prompt tokens) seconds): the
+            -> first token -> a decode instance (``rank_decodes``: the most free KV, then the
+               fewest running; none with room: it waits) -> KV transfer (transfer(prompt tokens) seconds): the
                client has its first token (TTFT)
             -> joins the decode batch at the next step; every step lasts
                correction x decode(batch, KV tokens) and gives each request a token
@@ -18,7 +21,8 @@ request's life::
 Instances are added ``startup_s`` (the catalog's node start + load) before they
 take work; a drained decode instance's requests migrate (``migration_pause_s``
 without tokens) to the others, then it goes; a drained prefill instance
-finishes its queue. Cost accrues from the add to the removal. Traces:
+finishes its queue. Cost accrues from the add to the removal, within the
+measured window (``Simulation.run``: after a warm-up, to the last arrival). Traces:
 :func:`poisson`, :func:`gamma` (bursty at the scale of seconds), :func:`mmpp`
 (bursts lasting minutes), :func:`diurnal`, :func:`replay` (a ``splitserve
 bench`` JSON).
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from splitserve.autoscaler.catalog import Catalog, LinearModel
 from splitserve.autoscaler.policy import Objectives, PolicyState, decide
 from splitserve.autoscaler.signals import Recorder, aggregate, percentile, record_step
+from splitserve.platform.routing import DecodeLoad, PrefillLoad, PrefillSpeeds, pick_prefill, rank_decodes
 
 
 # -- traces: lists of (arrival s, prompt tokens, output tokens) ------------------------------------
@@ -89,13 +94,14 @@ def mmpp(low: float, high: float, mean_low_s: float, mean_high_s: float, duratio
 
 
 def diurnal(low: float, high: float, period_s: float, duration_s: float, prompt=256, output=128,
-            seed: int = 0) -> list[tuple]:
-    """A rate that swings between ``low`` and ``high`` over ``period_s`` (thinned Poisson)."""
+            seed: int = 0, low_at_s: float = 0.0) -> list[tuple]:
+    """A rate that swings between ``low`` (at ``low_at_s``, and a period apart) and ``high`` over
+    ``period_s`` (thinned Poisson)."""
     rng = random.Random(seed)
     out, t = [], 0.0
     while t < duration_s:
         t += rng.expovariate(high)
-        rate = low + (high - low) * (1 - math.cos(2 * math.pi * t / period_s)) / 2
+        rate = low + (high - low) * (1 - math.cos(2 * math.pi * (t - low_at_s) / period_s)) / 2
         if t < duration_s and rng.random() < rate / high:
             out.append((t, _lengths(prompt, rng), _lengths(output, rng)))
     return out
@@ -138,6 +144,7 @@ class Instance:
     added: float
     recorder: Recorder
     queue: deque = field(default_factory=deque)  # prefill: waiting prompts
+    queued: int = 0  # prefill: their prompt tokens not yet computed
     running: list = field(default_factory=list)  # decode: the batch
     joining: list = field(default_factory=list)  # decode: committed, join at the next step
     busy: bool = False
@@ -145,8 +152,7 @@ class Instance:
 
     def gauges(self, block: int, kv_tokens: int) -> dict:
         if self.pool == "prefill":
-            queued = sum(r.prompt - r.done_prompt for r in self.queue)
-            return {"waiting": len(self.queue), "running": 0, "queued_prompt_tokens": queued}
+            return {"waiting": len(self.queue), "running": 0, "queued_prompt_tokens": self.queued}
         used = sum(r.prompt + r.tokens for r in self.running + self.joining)
         return {"waiting": len(self.joining), "running": len(self.running), "kv_blocks_used": -(-used // block),
                 "kv_blocks_total": kv_tokens // block, "kv_tokens_used": used}
@@ -191,7 +197,8 @@ class Simulation:
         self.instances: dict[str, Instance] = {}
         self._names = itertools.count()
         self.waiting_for_decode: deque = deque()
-        self.cost = 0.0
+        self.speeds = PrefillSpeeds()
+        self.cost, self.measure_from, self.measure_to = 0.0, 0.0, math.inf
         self.state = PolicyState()
         self.decisions, self.timeline = [], []
         for pool, mix in initial.items():
@@ -217,8 +224,9 @@ class Simulation:
             self._place_waiting()
 
     def _remove(self, inst: Instance) -> None:
-        if self.instances.pop(inst.name, None) is not None:
-            self.cost += self.catalog.get(inst.kind).cost_per_hour * (self.now - inst.added) / 3600
+        if self.instances.pop(inst.name, None) is not None:  # cost accrues within the measured window
+            held = min(self.now, self.measure_to) - max(inst.added, self.measure_from)
+            self.cost += self.catalog.get(inst.kind).cost_per_hour * max(0.0, held) / 3600
 
     def _remove_if_drained(self, inst: Instance) -> None:
         """A draining instance goes once nothing is queued, running or on its way to it."""
@@ -236,9 +244,12 @@ class Simulation:
         if not pool:  # nothing up yet: try again shortly
             self._at(self.now + 0.05, self._arrive, req)
             return
-        inst = min(pool, key=lambda i: (sum(r.prompt - r.done_prompt for r in i.queue), i.name))
+        loads = [PrefillLoad(i.name, i.queued, 0, self.speeds.speed(i.name)) for i in pool]
+        inst = self.instances[pick_prefill(loads, req.prompt)]
+        self.speeds.sent(inst.name, self.now)
         inst.recorder.record("arrival", req.prompt)
         inst.queue.append(req)
+        inst.queued += req.prompt
         if not inst.busy:
             self._prefill_step(inst)
 
@@ -258,15 +269,18 @@ class Simulation:
             self._remove_if_drained(inst)
             return
         inst.busy = True
-        seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq) * self._contention("decode")
+        seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq) \
+            * self._contention("decode")
         record_step(inst.recorder, seconds, tokens, sq)
         self._at(self.now + seconds, self._prefill_done, inst, chunks)
 
     def _prefill_done(self, inst: Instance, chunks: list) -> None:
         for req, n in chunks:
             req.done_prompt += n
+            inst.queued -= n
             if req.done_prompt == req.prompt:
                 inst.queue.remove(req)
+                self.speeds.done(inst.name, req.prompt, self.now)
                 inst.recorder.record("prefill_s", self.now - req.prefill_start)
                 req.tokens = 1  # the first token, sampled here
                 self._to_decode(req, inst)
@@ -276,20 +290,38 @@ class Simulation:
 
     def _to_decode(self, req: SimRequest, prefill: Instance | None) -> None:
         need = req.prompt + req.output
-        fits = [i for i in self._up("decode") if i.kv_used + need <= self.catalog.get(i.kind).kv_tokens]
-        if not fits:
+        target = self._decode_for(need, self._up("decode"))
+        if target is None:
             self.waiting_for_decode.append((req, prefill))
             return
-        target = min(fits, key=lambda i: (len(i.running) + len(i.joining), i.name))
         target.kv_used += need
         req.decode = target
         seconds = self.transfer(req.prompt)
         self._at(self.now + seconds, self._committed, req, target, prefill, seconds)
 
+    def _decode_for(self, need: int, candidates: list[Instance]) -> Instance | None:
+        """The router's first choice (``rank_decodes``) among ``candidates`` for ``need`` KV tokens."""
+        loads = [DecodeLoad(i.name, (self.catalog.get(i.kind).kv_tokens - i.kv_used) // self.block,
+                            len(i.running) + len(i.joining), self.block) for i in candidates]
+        ranked = rank_decodes(loads, need)
+        return self.instances[ranked[0]] if ranked else None
+
     def _place_waiting(self) -> None:
+        if not self.waiting_for_decode:
+            return
         waiting, self.waiting_for_decode = self.waiting_for_decode, deque()
+        room = self._most_room()
         for req, prefill in waiting:
+            if req.prompt + req.output > room:  # fits nowhere yet: skip the router's scan
+                self.waiting_for_decode.append((req, prefill))
+                continue
             self._to_decode(req, prefill)
+            room = self._most_room()
+
+    def _most_room(self) -> int:
+        """The most KV tokens any decode instance that is up can take (in whole blocks)."""
+        return max(((self.catalog.get(i.kind).kv_tokens - i.kv_used) // self.block * self.block
+                    for i in self._up("decode")), default=0)
 
     def _committed(self, req: SimRequest, target: Instance, prefill: Instance | None, transfer_s: float) -> None:
         if req.first_token is None:
@@ -348,10 +380,9 @@ class Simulation:
 
     def _move(self, req: SimRequest, source: Instance, targets: list[Instance]) -> bool:
         need = req.prompt + req.output
-        fits = [i for i in targets if i.kv_used + need <= self.catalog.get(i.kind).kv_tokens]
-        if not fits:
+        target = self._decode_for(need, targets)
+        if target is None:
             return False
-        target = min(fits, key=lambda i: (len(i.running) + len(i.joining), i.name))
         for queue in (source.running, source.joining):
             if req in queue:
                 queue.remove(req)
@@ -400,8 +431,13 @@ class Simulation:
 
     # -- running ---------------------------------------------------------------------------------------
 
-    def run(self, trace: list[tuple], drain_s: float = 600.0) -> SimResult:
-        """Serve ``trace``; stop ``drain_s`` after the last arrival (what is not done by then failed)."""
+    def run(self, trace: list[tuple], drain_s: float = 600.0, measure_from: float = 0.0) -> SimResult:
+        """Serve ``trace``; stop ``drain_s`` after the last arrival (what is not done by then failed).
+        The measured window runs from ``measure_from`` to the last arrival: the result holds the requests
+        that arrive in it (however late they finish), its length and the cost of the instances held in it.
+        ``measure_from`` > 0: a warm-up before it is served but not counted, so a system is measured as it
+        runs in service, not from its first minute."""
+        self.measure_from, self.measure_to = measure_from, (trace[-1][0] if trace else 0.0)
         requests = [SimRequest(i, t, max(1, p), max(1, o)) for i, (t, p, o) in enumerate(trace)]
         for req in requests:
             self._at(req.arrival, self._arrive, req)
@@ -420,5 +456,6 @@ class Simulation:
             fn(*args)
         for inst in list(self.instances.values()):
             self._remove(inst)
-        duration = max(self.now, trace[-1][0] if trace else 0.0)
-        return SimResult(requests, self.cost, duration, self.timeline, self.decisions)
+        duration = self.measure_to - measure_from
+        return SimResult([r for r in requests if r.arrival >= measure_from], self.cost, duration,
+                         [x for x in self.timeline if x[0] >= measure_from], self.decisions)
