@@ -88,6 +88,20 @@ def test_serve_config_from_yaml(tmp_path):
         ServeConfig.from_yaml(str(f))
 
 
+def test_dtype_auto_is_resolved_once_for_every_worker(monkeypatch):
+    # KV moves between workers only in one dtype: auto is resolved where the workers are started, so a
+    # prefill node with AMX and a decode node without it cannot pick different ones
+    from splitserve.engine import engine
+    from splitserve.platform.config import ServeConfig, engine_kwargs
+    cfg = ServeConfig()
+    assert cfg.dtype == "auto"
+    for amx, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda amx=amx: amx)
+        got = {engine_kwargs(cfg, cfg.prefill, decodes=False)["dtype"], engine_kwargs(cfg, cfg.decode)["dtype"]}
+        assert got == {want}
+    assert engine_kwargs(ServeConfig(dtype="float32"), cfg.decode)["dtype"] == "float32"  # explicit: as given
+
+
 @pytest.mark.parametrize("chunked", [True, False])
 def test_colocated_baseline_through_ray(tmp_path, chunked):
     import ray

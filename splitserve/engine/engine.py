@@ -83,12 +83,17 @@ class EngineConfig:
     show_progress: bool = True
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def dtype_name(name: str) -> str:
+    """The dtype ``name`` means on this machine: ``auto`` is bfloat16 where the CPU has AMX, else float32."""
     if name == "auto":
-        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+        return "bfloat16" if _cpu_has_fast_bf16() else "float32"
     if name not in DTYPES:
         raise InvalidRequestError("dtype", f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return name
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return DTYPES[dtype_name(name)]
 
 
 def _cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:

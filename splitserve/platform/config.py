@@ -198,8 +198,12 @@ def _check_keys(cls, raw, where: str) -> None:
 
 
 def engine_kwargs(cfg: ServeConfig, pool: PoolConfig, decodes: bool = True) -> dict:
-    """LLMEngine keyword arguments for one worker of ``pool`` (``decodes``: it runs decode steps)."""
-    return dict(speculative=cfg.speculative if decodes else "off",model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_threads=pool.threads,
+    """LLMEngine keyword arguments for one worker of ``pool`` (``decodes``: it runs decode steps). ``dtype:
+    auto`` is resolved here, on the machine that starts the workers, not on each worker's node: KV moves
+    between workers only in one dtype, and nodes of different CPUs would resolve it differently."""
+    from splitserve.engine.engine import dtype_name
+    return dict(speculative=cfg.speculative if decodes else "off", model=cfg.model, dtype=dtype_name(cfg.dtype),
+                block_size=cfg.block_size, num_threads=pool.threads,
                 kv_cache_memory=pool.kv_cache_memory_mb << 20,
                 max_num_batched_tokens=pool.max_num_batched_tokens if pool.chunked_prefill else 1 << 20,
                 max_num_seqs=pool.max_num_seqs, quantization=pool.quantization or cfg.quantization,
