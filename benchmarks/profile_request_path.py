@@ -1,8 +1,8 @@
 """Where one streamed request's time goes, process by process (sampling profiler on the live server).
 
-    python benchmarks/profile_request_path.py [--seconds 15] [--streams 1] [--mode disaggregated]
+    python benchmarks/profile_request_path.py [--seconds 15] [--streams 1] [--system disaggregated+int4]
 
-Starts splitserve (prefill and decode actors with 1 thread each, as in compare.py),
+Starts splitserve as ``--system`` of compare.py's SYSTEMS (there: prefill and decode actors of 1 thread each),
 streams requests over OpenAI SSE from this process (``--streams`` at a time,
 64 output tokens each), and meanwhile samples every process on the path with
 py-spy (100 Hz, CPU time only): the decode and prefill actors, the Serve
@@ -20,7 +20,6 @@ import asyncio
 import collections
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,6 @@ sys.path.insert(0, HERE)
 ROLES = {"ray::DecodeWorkerImpl": "decode actor", "ray::PrefillWorkerImpl": "prefill actor",
          "FrontDoor": "Serve replica (front door)", "ray::ProxyActor": "Serve HTTP proxy",
          "ray::ColocatedWorkerImpl": "colocated worker"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_processes() -> dict[str, int]:
@@ -75,7 +68,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--streams", type=int, default=1)
-    ap.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"])
+    from compare import SYSTEMS, server_config
+    ap.add_argument("--system", default="disaggregated+int4", choices=sorted(SYSTEMS))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     import ray
@@ -86,13 +80,11 @@ def main() -> int:
     from splitserve.bench.runner import run_concurrency
     from splitserve.bench.workload import WORKLOADS, corpus_text
     from splitserve.engine.tokenizer import load_tokenizer
-    from splitserve.platform.config import PoolConfig, ServeConfig
+    from splitserve.engine.engine import dtype_name
     from splitserve.platform.server import start_server
     import numpy as np
 
-    pools = (dict(prefill=PoolConfig(threads=1), decode=PoolConfig(threads=1)) if args.mode == "disaggregated"
-             else dict(decode=PoolConfig(threads=2)))
-    cfg = ServeConfig(mode=args.mode, http_port=_free_port(), grpc_port=_free_port(), **pools)
+    cfg = server_config(SYSTEMS[args.system])
     print("starting splitserve ...", file=sys.stderr)
     srv = start_server(cfg, num_cpus=2, log=lambda m: None)
     rate = 100
@@ -134,7 +126,7 @@ def main() -> int:
     lines = ["# The request path, process by process", "",
              f"- command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`",
              f"- machine: {machine()}", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- splitserve {args.mode} (bf16), {args.streams} concurrent OpenAI SSE stream(s) of 64 tokens from "
+             f"- splitserve {args.system} ({dtype_name(cfg.dtype)}), {args.streams} concurrent OpenAI SSE stream(s) of 64 tokens from "
              f"this process, {args.seconds:.0f} s sampled with py-spy at {rate} Hz (CPU time only)",
              f"- client saw {tokens / span:.1f} output tok/s, inter-token gap P50 "
              f"{summary['itl_s']['p50'] * 1000:.1f} ms, P99 {summary['itl_s']['p99'] * 1000:.1f} ms "
