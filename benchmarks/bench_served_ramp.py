@@ -62,7 +62,7 @@ def run_splitserve(name: str, args, tokenizer, ids) -> dict[int, float]:
     import ray
     from splitserve.bench.clients import OpenAIClient
     from splitserve.platform.server import start_server
-    srv = start_server(server_config(SYSTEMS[name]), num_cpus=2, log=lambda m: None)
+    srv = start_server(server_config(SYSTEMS[name]), num_cpus=SYSTEMS[name].get("num_cpus", 2), log=lambda m: None)
     try:
         return asyncio.run(ramp(OpenAIClient(srv.endpoints["openai"], "smollm2"), args, tokenizer, ids))
     finally:

@@ -56,6 +56,10 @@ SYSTEMS = {
     "disaggregated+int4": dict(mode="disaggregated", prefill=dict(threads=1, max_num_batched_tokens=512),
                                decode=dict(threads=1, quantization="int4")),
     "colocated+int4": dict(mode="colocated", decode=dict(threads=2, max_num_batched_tokens=512, quantization="int4")),
+    # the prefill worker on both cores (Ray told of 3 CPUs): it computes while the decode worker waits for it
+    "disaggregated+int4+prefill2t": dict(mode="disaggregated", num_cpus=3,
+                                         prefill=dict(threads=2, max_num_batched_tokens=512),
+                                         decode=dict(threads=1, quantization="int4")),
     # the int4 system with bf16 activations and KV, the default before float32 became it on CPUs without AMX
     "disaggregated+int4+bf16": dict(mode="disaggregated", dtype="bfloat16",
                                     prefill=dict(threads=1, max_num_batched_tokens=512),
