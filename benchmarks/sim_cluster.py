@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,10 +87,17 @@ def run(cat, trace, initial, obj=None, warmup_s: float = 0.0):
     return Simulation(cat, initial, objectives=obj, period_s=5.0).run(trace, measure_from=warmup_s)
 
 
+def _static_summary(args) -> dict:
+    cat, trace, config, warmup_s = args
+    return run(cat, trace, config, warmup_s=warmup_s).summary(SLO_TTFT, SLO_TPOT)
+
+
 def best_static(cat, trace, budget_per_hour: float, warmup_s: float):
     """The best fixed configuration costing at most ``budget_per_hour``: every (prefill type, decode type)
-    pair, the budget split between the pools in steps of 10% (prefill 10% .. 70%)."""
-    best = None
+    pair, the budget split between the pools in steps of 10% (prefill 10% .. 70%); the runs spread over
+    the machine's cores (each is deterministic: the result does not depend on the order)."""
+    from concurrent.futures import ProcessPoolExecutor
+    configs = []
     names = list(cat.types)
     for pt in names:
         for dt in names:
@@ -100,13 +108,15 @@ def best_static(cat, trace, budget_per_hour: float, warmup_s: float):
                 n_d = int((budget_per_hour - n_p * cp + 1e-9) // cd)
                 if n_d >= 1:
                     splits.add((n_p, n_d))
-            for n_p, n_d in sorted(splits):
-                s = run(cat, trace, {"prefill": {pt: n_p}, "decode": {dt: n_d}}, warmup_s=warmup_s).summary(
-                    SLO_TTFT, SLO_TPOT)
-                key = (s["goodput"], -s["cost"])
-                if best is None or key > best[0]:
-                    best = (key, {"prefill": {pt: n_p}, "decode": {dt: n_d}}, s)
-    return best[1], best[2]
+            configs += [{"prefill": {pt: n_p}, "decode": {dt: n_d}} for n_p, n_d in sorted(splits)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        summaries = list(pool.map(_static_summary, [(cat, trace, c, warmup_s) for c in configs]))
+    best = max(range(len(configs)), key=lambda i: (summaries[i]["goodput"], -summaries[i]["cost"], -i))
+    return configs[best], summaries[best]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def plot(path, result, title):
@@ -175,7 +185,7 @@ def main() -> int:
             hs = h.summary(SLO_TTFT, SLO_TPOT)
             holds.append(f"| {name} | {hold:.0f} s | {hs['attainment']:.1%} | {hs['goodput']:.2f} | "
                          f"${hs['cost'] / (h.duration_s / 3600):.2f} |")
-        plot(os.path.join(RESULTS, f"sim_cluster_{name.replace(' ', '_')}.png"), auto,
+        plot(os.path.join(RESULTS, f"sim_cluster_{_slug(name)}.png"), auto,
              f"autoscaler on the {name} trace ({len(trace)} requests)")
         peak = max(sum(sum(c[p].values()) for p in c) for _, c, _ in auto.timeline)
         kinds_used = sorted({a_.instance_type for d in auto.decisions for a_ in d.actions if a_.kind == "add"})
@@ -203,7 +213,7 @@ def main() -> int:
                   f"cost {r['cost_vs_single']:.2f}x the single-type autoscaler's (attainment "
                   f"{r['autoscaler']['attainment']:.1%} vs {r['single_type']['attainment']:.1%}); peak "
                   f"{r['peak_instances']} instances; types added: {', '.join(r['types_added']) or 'none'}; "
-                  f"plot `sim_cluster_{name.replace(' ', '_')}.png`.")
+                  f"plot `sim_cluster_{_slug(name)}.png`.")
     md += ["", f"The scale-down hold (`down_stable_s`; the runs above: {args.hold:.0f} s), autoscaler alone, same "
            f"traces:", "", "| trace | hold | SLO attainment | goodput (req/s) | cost per hour |",
            "|---|---|---|---|---|", *holds, "",
