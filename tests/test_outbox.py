@@ -59,7 +59,8 @@ def test_one_message_per_step_carries_every_requests_tokens_in_order(aengine):
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
     outputs = sum(len(b) for b in batches)
     assert outputs == demux.num_outputs == sum(len(want.token_ids) for want in expected)  # a token each
-    assert max(len(b) for b in batches) == len(PROMPTS)  # a step of all four: one message
+    # a step of all four goes out as one message (a reader that lags takes several steps in one)
+    assert max(len(b) for b in batches) >= len(PROMPTS)
     assert len(batches) <= outputs // 2  # most messages carried several requests' tokens
     for b in batches:  # within a message, each request's outputs keep their order
         for wid in PROMPTS:
