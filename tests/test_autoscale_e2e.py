@@ -173,7 +173,7 @@ def test_load_ramp_scales_decode_out_on_the_right_node_type_and_back_in_by_drain
         outcome = next(x for x in drained["results"] if "drained" in x)
         assert "error" not in outcome and outcome["remaining"] == 0, outcome
         assert len(_decode_workers(server)) == 1
-        _wait("Ray stopping the idle node", lambda: _alive_nodes("decode-small") == 1, 90)
+        _wait("Ray stopping the idle node", lambda: _alive_nodes("decode-small") == 1, 180)  # slow when CI is busy
     finally:
         light.set()
     for t in load.threads:

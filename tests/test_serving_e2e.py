@@ -417,7 +417,8 @@ def test_metrics_on_rays_prometheus_endpoint_match_what_was_served(triton, oai, 
     status, listed = admin(server, "GET", "/admin/workers")  # the same readings, as the admin API's flat JSON
     assert status == 200 and sum(w["stats"]["num_kv_blocks"] for w in listed["workers"]) == total
     assert {w["name"]: w["stats"]["pid"] for w in listed["workers"]} == {n: s.pid for n, s in stats.items()}
-    after = _metrics_settle(server, lambda s: _metric(s, "ray_splitserve_kv_blocks", state="used") == 0)
+    after = _metrics_settle(server, lambda s: _metric(s, "ray_splitserve_kv_blocks", state="used") == 0
+                            and _metric(s, "ray_splitserve_kv_blocks", state="total") == total)
     assert _metric(after, "ray_splitserve_kv_blocks", state="total") == total
     assert _metric(after, "ray_splitserve_kv_blocks", state="used") == 0
     assert _metric(after, "ray_splitserve_running_requests") == 0
