@@ -288,10 +288,7 @@ def _price(mix: dict, cost: dict) -> float:
 def _growth(pool: str, demand: float, state: PolicyState, now: float, obj: Objectives) -> float:
     """How fast the demand grows (per second, >= 0): the least-squares slope of this policy's own
     demand readings over the last ``trend_s``; 0 before a quarter of that is seen."""
-    history = state.history.setdefault(pool, [])
-    history.append((now, demand))
-    while now - history[0][0] > obj.trend_s:
-        history.pop(0)
+    history = _recent(state.history.setdefault(pool, []), now, demand, obj.trend_s)
     if len(history) < 3 or now - history[0][0] < obj.trend_s / 4:
         return 0.0
     mt = sum(t for t, _ in history) / len(history)
@@ -305,11 +302,16 @@ def _peak(pool: str, demand: float, state: PolicyState, now: float, obj: Objecti
     the bursts it just saw, so capacity for a burst that comes back sooner than that stays, and its type
     is chosen for the burst, not for the lull between (Kubernetes' scale-down stabilization, applied to
     the demand)."""
-    peaks = state.peaks.setdefault(pool, [])
-    peaks.append((now, demand))
-    while now - peaks[0][0] > obj.down_stable_s:
-        peaks.pop(0)
-    return max(d for _, d in peaks)
+    return max(d for _, d in _recent(state.peaks.setdefault(pool, []), now, demand, obj.down_stable_s))
+
+
+def _recent(readings: list, now: float, value: float, span_s: float) -> list:
+    """``readings`` ([(time, value)], kept in the policy state) with this one added and those older than
+    ``span_s`` dropped."""
+    readings.append((now, value))
+    while now - readings[0][0] > span_s:
+        readings.pop(0)
+    return readings
 
 
 def _carries(model: dict, mix: dict) -> float:
