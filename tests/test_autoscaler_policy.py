@@ -132,16 +132,20 @@ def test_catalog_yaml_round_trip_and_bad_entries(tmp_path):
 # -- capacity --------------------------------------------------------------------------------------
 
 def test_prefill_capacity_follows_the_queueing_model():
-    # service 0.01 + 0.256 = 0.266 s: mu = 3.76/s. A generous objective admits nearly mu, a tight one less,
-    # one below the service time nothing.
+    # under load a 256-token prompt pays half of a 512-token step's fixed cost: service 0.005 + 0.256 =
+    # 0.261 s, mu = 3.83/s. A generous objective admits nearly mu, a tight one less, one below the time of
+    # the prompt alone (0.266 s) nothing.
     loose = prefill_capacity(SMALL, 256, 256, 30.0, 0.9)
     tight = prefill_capacity(SMALL, 256, 256, 0.6, 0.9)
-    assert 3.6 < loose < 3.77 and 0 < tight < loose
+    assert 3.7 < loose < 1 / 0.261 and 0 < tight < loose
     assert prefill_capacity(SMALL, 256, 256, 0.2, 0.9) == 0.0
-    # at the capacity found, the M/M/1 waiting quantile plus the service is the objective
-    mu, lam = 1 / 0.266, tight
+    # at the capacity found, the prompt alone plus the M/M/1 waiting quantile is the objective
+    mu, lam = 1 / 0.261, tight
     assert 0.266 + math.log((lam / mu) / 0.1) / (mu - lam) == pytest.approx(0.6, rel=1e-6)
     assert prefill_capacity(SMALL, 256, 256, 0.6, 0.9, correction=2.0) < tight
+    # an engine whose steps take one such prompt pays the whole fixed cost per prompt: less capacity
+    one = InstanceType.from_dict({**SMALL.to_dict(), "step_tokens": 256})
+    assert 1 / 0.266 * 0.97 < prefill_capacity(one, 256, 256, 30.0, 0.9) < 1 / 0.266
 
 
 def test_decode_capacity_is_the_largest_batch_within_the_objective():
@@ -196,24 +200,27 @@ def test_a_long_prompt_burst_scales_prefill_and_a_long_output_burst_scales_decod
     assert adds(d, "decode") >= 1 and adds(d, "prefill") == 0, d
 
 
-def test_zero_traffic_drains_to_the_minimum_one_at_a_time():
+def test_zero_traffic_drains_to_the_minimum_prefill_at_once_decode_one_at_a_time():
     idle = [("small", "up", export()) for _ in range(3)]
     busy = export(running=1, kv_used=10)
     state, now = PolicyState(), 1000.0
-    d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now), CATALOG, OBJ, state)
+    dec = [("small", "up", export()) for _ in range(3)]
+    d = decide(snapshot(idle, dec, now), CATALOG, OBJ, state)
     assert d.actions == () and d.targets["prefill"] == {"small": 1}  # not yet: the target must stay below
-    d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now + 31), CATALOG, OBJ, state)
+    d = decide(snapshot(idle, dec, now + 31), CATALOG, OBJ, state)
     assert d.actions == () and any("below target for 31s of 60s" in r for r in d.reasons)  # kept a start-up long
-    d = decide(snapshot(idle, [("small", "up", export()), ("small", "up", export())], now + 61), CATALOG, OBJ, state)
-    assert len(drains(d, "prefill")) == 1 and len(drains(d, "decode")) == 1
-    # the next drain waits for a drain under way, then for the cooldown only (not for another hold)
-    d = decide(snapshot(idle[:2] + [("small", "draining", export())], [("small", "up", busy)], now + 70),
-               CATALOG, OBJ, state)
+    d = decide(snapshot(idle, dec, now + 61), CATALOG, OBJ, state)
+    # a prefill drain moves nothing: both spare prefill workers go at once; decode drains one at a time
+    assert sorted(a.worker for a in drains(d, "prefill")) == ["prefill-0", "prefill-1"]
+    assert len(drains(d, "decode")) == 1
+    # the next decode drain waits for the one under way, then for the cooldown only (not for another hold)
+    d = decide(snapshot(idle[:1], [("small", "draining", export()), ("small", "up", busy), ("small", "up", busy)],
+                        now + 70), CATALOG, OBJ, state)
     assert d.actions == () and any("drain is under way" in r for r in d.reasons)
-    d = decide(snapshot(idle[:2], [("small", "up", busy)], now + 80), CATALOG, OBJ, state)
+    d = decide(snapshot(idle[:1], [("small", "up", busy), ("small", "up", busy)], now + 80), CATALOG, OBJ, state)
     assert d.actions == () and any("cooling down" in r for r in d.reasons)
-    d = decide(snapshot(idle[:2], [("small", "up", busy)], now + 92), CATALOG, OBJ, state)
-    assert len(drains(d, "prefill")) == 1
+    d = decide(snapshot(idle[:1], [("small", "up", busy), ("small", "up", busy)], now + 92), CATALOG, OBJ, state)
+    assert len(drains(d, "decode")) == 1 and not drains(d, "prefill")
     # the decode worker with least work is drained
     d = decide(snapshot(idle[:1], [("small", "up", busy), ("small", "up", export())], now + 200), CATALOG, OBJ,
                PolicyState(below_since={"decode": 0.0}))
@@ -377,7 +384,19 @@ def test_many_random_snapshots_give_sane_decisions():
                 assert sum(cap.get(k, 0) * n for k, n in d.targets[pool].items()) > \
                     sum(cap.get(k, 0) * n for k, n in ps.instances.items())
             assert sum(ps.instances.values()) + adds(d, pool) <= max(obj.limits(pool).max, sum(ps.instances.values()))
-            assert len(drains(d, pool)) <= 1 and (not drains(d, pool) or ps.num_draining == 0)
+            drained = [a.worker for a in drains(d, pool)]
+            if pool == "decode":  # one at a time (its requests migrate)
+                assert len(drained) <= 1 and (not drained or ps.num_draining == 0)
+            up = {w.name: w for w in snap.workers if w.pool == pool and w.state == "up"}
+            assert len(set(drained)) == len(drained) and all(w in up for w in drained)
+            if drained and not ps.num_starting:  # what stays carries the demand (unless there is no traffic)
+                cap = d.model[pool]["capacity"]
+                left = sum(cap.get(k, 0) * n for k, n in ps.instances.items()) - \
+                    sum(cap.get(up[w].instance_type, 0) for w in drained)
+                assert left >= d.model[pool]["demand"] or any("no traffic" in r for r in d.reasons)
+            for kind in {up[w].instance_type for w in drained}:  # never below the target
+                assert ps.instances[kind] - sum(up[w].instance_type == kind for w in drained) >= \
+                    d.targets[pool].get(kind, 0)
         spend = sum(CATALOG.get(w.instance_type).cost_per_hour for w in snap.workers
                     if w.state in ("up", "starting", "draining"))
         added = sum(CATALOG.get(a.instance_type).cost_per_hour * a.count for a in d.actions if a.kind == "add")

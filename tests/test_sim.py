@@ -27,10 +27,11 @@ def test_one_request_follows_the_models_exactly():
     assert r.cost == pytest.approx(2 * 0.10 * r.duration_s / 3600)
 
 
-def test_prompts_queue_and_share_steps_by_the_token_budget():
-    # A starts alone; B and C queue behind it and share the next steps: 400 + 112, then C's last 288
+def test_prompts_queue_and_share_steps_by_the_token_budget_of_their_type():
+    # A starts alone; B and C queue behind it and share the next steps (the type's step_tokens: 512):
+    # 400 + 112, then C's last 288
     trace = [(0.0, 400, 2), (0.1, 400, 2), (0.1, 400, 2)]
-    r = Simulation(CATALOG, ONE, transfer=LinearModel(0.0, 0.0), prefill_budget=512).run(trace)
+    r = Simulation(CATALOG, ONE, transfer=LinearModel(0.0, 0.0)).run(trace)
     a, b, c = r.requests
     step = [0.02 + 0.001 * 400, 0.02 + 0.001 * 512, 0.02 + 0.001 * 288]
     assert a.first_token == pytest.approx(step[0])

@@ -5,11 +5,13 @@ pool, then asks this module how many instances of which types meet it:
 
     prefill   demand = arrivals/s. One instance is a queue with service time
               s(L) = the type's prefill model at the mean prompt length L
-              (times a correction measured on the server). Its TTFT at
-              percentile p is the service of a p-th percentile prompt plus the
-              M/M/1 waiting-time quantile  w_p = ln(rho / (1 - p)) / (mu - lam)
-              (0 when rho <= 1 - p). Capacity = the largest lam with
-              TTFT_p <= objective.
+              under load: its engine fills each step with up to step_tokens
+              prompt tokens, so a prompt pays a share L / step_tokens of a
+              step's fixed cost a (times a correction measured on the
+              server). Its TTFT at percentile p is a p-th percentile prompt
+              alone plus the M/M/1 waiting-time quantile
+              w_p = ln(rho / (1 - p)) / (mu - lam) (0 when rho <= 1 - p).
+              Capacity = the largest lam with TTFT_p <= objective.
     decode    demand = output tokens/s. One instance runs a batch of b
               requests of mean context C; each step takes step(b, b*C) and
               gives every request one token. B = the largest b with step <=
@@ -31,7 +33,9 @@ from splitserve.autoscaler.catalog import InstanceType
 def prefill_capacity(t: InstanceType, prompt_mean: float, prompt_p: float, ttft_s: float, p: float,
                      correction: float = 1.0) -> float:
     """Arrivals/s one instance of ``t`` takes with TTFT at percentile ``p`` (0..1) within ``ttft_s``."""
-    service = correction * t.prefill.seconds(max(prompt_mean, 1.0))
+    m = t.prefill
+    mean = max(prompt_mean, 1.0)
+    service = correction * (m.a * mean / t.step_tokens + m.b * mean + m.c * mean * mean)  # a share of each step
     budget = ttft_s - correction * t.prefill.seconds(max(prompt_p, 1.0))
     if service <= 0 or budget <= 0:
         return 0.0

@@ -25,6 +25,7 @@ elsewhere, bigger CPU nodes) are declared in the same YAML::
         startup_s: 60                   # node start + model load
         kv_tokens: 65536                # KV cache capacity of one worker, in tokens
         max_batch: 64
+        step_tokens: 512                # the engine's per-step token budget (max_num_batched_tokens)
         prefill: {a: 0.01, b: 0.0008, c: 0.0}
         decode: {a: 0.015, b: 0.0004, c: 0.000001}
         measured: {machine: ..., command: ...}   # provenance, free form
@@ -81,6 +82,7 @@ class InstanceType:
     startup_s: float = 60.0
     kv_tokens: int = 65536
     max_batch: int = 64
+    step_tokens: int = 512  # per-step token budget of its engine: under load, prompts share a step's fixed cost
     measured: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -91,7 +93,7 @@ class InstanceType:
         bad = set(self.pools) - set(POOL_NAMES)
         if bad or not self.pools:
             raise ValueError(f"{self.name}: pools must be a non-empty subset of {POOL_NAMES}, got {self.pools!r}")
-        for name in ("kv_tokens", "max_batch", "threads"):
+        for name in ("kv_tokens", "max_batch", "threads", "step_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {getattr(self, name)!r}")
 

@@ -7,10 +7,11 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     whichever is higher) and the prompt lengths; decode: output
                                     tokens/s (measured, or arrivals x mean output) and the mean
                                     context of a running request; plus its growth over
-                                    ``trend_s`` times the pool's longest start-up (a new instance
-                                    meets the demand of when it is up); the peak of that over the
+                                    ``trend_s`` (while it goes on: a levelled step is no trend) times
+                                    the pool's longest start-up (a new instance meets the demand of
+                                    when it is up); at least the peak measured demand of the
                                     last ``down_stable_s`` (bursts that recur sooner find their
-                                    capacity still there)
+                                    capacity still there; an extrapolation is not held)
     2. correction                   the seconds the pool's engines were busy / what the catalog
                                     predicts for the very steps they ran (tokens and attention,
                                     batch and KV), clamped; applied to the catalog's models
@@ -30,14 +31,15 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     still starting (they count in its capacity), only for demand
                                     the model says they do not carry, never for a pressure (a miss,
                                     refusals, KV) that they may relieve; down (or the old side of
-                                    a change of types, once the new ones are up): drain one
-                                    instance (the type over target, priciest first; the worker
-                                    with least work), only after the
-                                    target stayed below for ``down_stable_s`` and at least the
-                                    type's start-up time (it may be wanted again), not within
-                                    ``down_cooldown_s`` of the last change, never while an
-                                    objective is missed or KV is high, never leaving less
-                                    capacity than the demand, one drain at a time
+                                    a change of types, once the new ones are up): drain the
+                                    type over target with the least capacity per cost (the
+                                    workers with least work): decode one instance at a time,
+                                    prefill every one over target at once (a prefill drain moves
+                                    nothing), only after the target (which holds the peak of
+                                    ``down_stable_s``) stayed below for the type's start-up time
+                                    (it may be wanted again), not within ``down_cooldown_s`` of the
+                                    last change, never while an objective is missed or KV is
+                                    high, never leaving less capacity than the demand
     5. rebalance (decode)           a hot worker (KV use >= ``rebalance_gap`` above the coldest)
                                     gives the coldest some running requests by live migration
 
@@ -80,10 +82,10 @@ class Objectives:
     kv_high: float = 0.85  # decode KV use above this asks for one more decode instance
     up_cooldown_s: float = 20.0
     down_cooldown_s: float = 60.0
-    down_stable_s: float = 300.0  # the demand planned for is its peak over this long, and the target must
-    #                               then stay below the current count this long (and at least the start-up
-    #                               time of the instance type that would be drained) before a drain (300 s:
-    #                               Kubernetes' default scale-down stabilization window)
+    down_stable_s: float = 300.0  # the demand planned for is at least its measured peak over this long, so
+    #                               capacity is drained this long after the demand fell (300 s: Kubernetes'
+    #                               default scale-down stabilization window); the target must then stay below
+    #                               the count for the start-up time of the type that would be drained
     min_samples: int = 20  # fewer measurements than this: the model alone decides
     stale_s: float = 30.0  # an older snapshot is no data
     trend_s: float = 300.0  # demand growth is measured over this long and planned for a start-up ahead
@@ -117,7 +119,7 @@ class PolicyState:
     last_change: dict = field(default_factory=dict)  # pool -> when it last scaled
     below_since: dict = field(default_factory=dict)  # pool -> since when the target is below the count
     history: dict = field(default_factory=dict)  # pool -> [(time, measured demand)] over trend_s
-    peaks: dict = field(default_factory=dict)  # pool -> [(time, planned demand)] over down_stable_s
+    peaks: dict = field(default_factory=dict)  # pool -> [(time, measured demand)] over down_stable_s
     settled_at: dict = field(default_factory=dict)  # pool -> when its last starting instance came up (None:
     #                                                 some are starting); misses measured before are stale
 
@@ -287,18 +289,26 @@ def _price(mix: dict, cost: dict) -> float:
 
 def _growth(pool: str, demand: float, state: PolicyState, now: float, obj: Objectives) -> float:
     """How fast the demand grows (per second, >= 0): the least-squares slope of this policy's own
-    demand readings over the last ``trend_s``; 0 before a quarter of that is seen."""
+    demand readings over the last ``trend_s``, but no more than the slope over its last quarter (a
+    trend counts while it goes on: a step up that has levelled off is not a ramp, and planning a
+    start-up ahead along it would overshoot); 0 before a quarter of ``trend_s`` is seen."""
     history = _recent(state.history.setdefault(pool, []), now, demand, obj.trend_s)
     if len(history) < 3 or now - history[0][0] < obj.trend_s / 4:
         return 0.0
-    mt = sum(t for t, _ in history) / len(history)
-    md = sum(d for _, d in history) / len(history)
-    var = sum((t - mt) ** 2 for t, _ in history)
-    return max(0.0, sum((t - mt) * (d - md) for t, d in history) / var) if var else 0.0
+    last = [(t, d) for t, d in history if now - t <= obj.trend_s / 4]
+    return max(0.0, min(_slope(history), _slope(last) if len(last) >= 3 else 0.0))
+
+
+def _slope(readings: list) -> float:
+    """The least-squares slope of [(time, value)] (0 when they share one time)."""
+    mt = sum(t for t, _ in readings) / len(readings)
+    md = sum(d for _, d in readings) / len(readings)
+    var = sum((t - mt) ** 2 for t, _ in readings)
+    return sum((t - mt) * (d - md) for t, d in readings) / var if var else 0.0
 
 
 def _peak(pool: str, demand: float, state: PolicyState, now: float, obj: Objectives) -> float:
-    """The highest planned demand of the last ``down_stable_s`` (this one included): a pool is sized for
+    """The highest measured demand of the last ``down_stable_s`` (this one included): a pool is sized for
     the bursts it just saw, so capacity for a burst that comes back sooner than that stays, and its type
     is chosen for the burst, not for the lull between (Kubernetes' scale-down stabilization, applied to
     the demand)."""
@@ -314,15 +324,23 @@ def _recent(readings: list, now: float, value: float, span_s: float) -> list:
     return readings
 
 
+def _value(kind: str, model: dict, catalog: Catalog) -> float:
+    """Capacity per unit of cost of an instance type (-1 for one the catalog no longer has): the
+    type that gives the least for its price is drained first."""
+    if kind not in catalog.types:
+        return -1.0
+    return model["capacity"].get(kind, 0.0) / max(catalog.get(kind).cost_per_hour, 1e-9)
+
+
 def _carries(model: dict, mix: dict) -> float:
     return sum(model["capacity"].get(k, 0.0) * n for k, n in mix.items())
 
 
-def _pick_drain(pool: str, instance_type: str, snapshot: Snapshot) -> str | None:
+def _pick_drains(pool: str, instance_type: str, snapshot: Snapshot) -> list[str]:
+    """The workers of ``instance_type`` that are up in ``pool``, the one with the least work first."""
     candidates = [w for w in snapshot.workers if w.pool == pool and w.state == "up" and w.instance_type == instance_type]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda w: (w.running + w.waiting, w.queued_prompt_tokens, w.kv_blocks_used, w.name)).name
+    return [w.name for w in sorted(candidates, key=lambda w: (w.running + w.waiting, w.queued_prompt_tokens,
+                                                              w.kv_blocks_used, w.name))]
 
 
 def _rebalance(snapshot: Snapshot, obj: Objectives) -> Action | None:
@@ -369,16 +387,17 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
                     state.last_change[pool] = now
             if any(a.pool == pool for a in actions):
                 return spend
-    # Down (or the old side of a switch of types, once the new instances are up): one drain at a time,
-    # after the target stayed below for down_stable_s, never leaving less capacity than the demand.
+    # Down (or the old side of a switch of types, once the new instances are up): after the target stayed
+    # below for a start-up time, never leaving less capacity than the demand.
     if not over:
         state.below_since.pop(pool, None)
         return spend
     since = state.below_since.setdefault(pool, now)
-    kind = max(over, key=lambda k: (catalog.get(k).cost_per_hour if k in catalog.types else float("inf"), k))
-    # an instance that may be wanted again soon is kept at least as long as a new one takes to start
-    hold = max(obj.down_stable_s, catalog.get(kind).startup_s if kind in catalog.types else 0.0)
-    if ps.num_starting or ps.num_draining:
+    kind = min(over, key=lambda k: (_value(k, model, catalog), k))
+    # the target already holds the peak demand of down_stable_s (a second window here would hold
+    # capacity twice as long); an instance is kept at least as long as a new one takes to start
+    hold = catalog.get(kind).startup_s if kind in catalog.types else 0.0
+    if ps.num_starting or (ps.num_draining and pool == "decode"):  # a prefill drain moves nothing: several may run
         reasons.append(f"{pool}: {'instances starting' if ps.num_starting else 'a drain is under way'}: "
                        f"no drain now")
     elif now - since < hold:
@@ -387,12 +406,17 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
         reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
     else:
         cap = model["capacity"]
-        left = sum(cap.get(k, 0.0) * n for k, n in current.items()) - cap.get(kind, 0.0)
-        worker = _pick_drain(pool, kind, snapshot)
-        if left < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
-            reasons.append(f"{pool}: draining a {kind} would leave {left:.2f} {model['unit']} for a demand of "
-                           f"{model['demand']:.2f}: the new instances first")
-        elif worker is not None:
+        left = sum(cap.get(k, 0.0) * n for k, n in current.items())
+        # prefill: every instance of the kind over target that the rest carries without it, at once;
+        # decode: one (its requests migrate)
+        workers = _pick_drains(pool, kind, snapshot)[: over[kind] if pool == "prefill" else 1]
+        if workers and left - cap.get(kind, 0.0) < model["demand"] and not _idle(snapshot):
+            reasons.append(f"{pool}: draining a {kind} would leave {left - cap.get(kind, 0.0):.2f} {model['unit']} "
+                           f"for a demand of {model['demand']:.2f}: the new instances first")
+        for worker in workers:
+            left -= cap.get(kind, 0.0)
+            if left < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
+                break
             reasons.append(f"{want}: drain {worker}")
             actions.append(Action("drain", pool, kind, 1, worker=worker))
             state.last_change[pool] = now  # below_since stays: the next drain waits the cooldown only
@@ -422,7 +446,7 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
         if growth * horizon > 0.05 * model["measured"]:
             reasons.append(f"{p}: demand grows {growth:.3g} {model['unit']} per s: planned for "
                            f"{model['demand']:.2f} in {horizon:.0f}s")
-        peak = _peak(p, model["demand"], state, now, objectives)
+        peak = max(model["demand"], _peak(p, model["measured"], state, now, objectives))
         if peak > 1.05 * model["demand"]:
             reasons.append(f"{p}: sized for the peak demand of the last {objectives.down_stable_s:.0f}s "
                            f"({peak:.2f} {model['unit']})")

@@ -111,6 +111,7 @@ def profile_entry(engine, name: str, cost_per_hour: float, threads: int, samples
             "worker_resources": {}, "node_resources": {}, "labels": {},
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "startup_s": 60.0, "kv_tokens": engine.kv.capacity_tokens, "max_batch": engine.scheduler.max_num_seqs,
+            "step_tokens": engine.scheduler.max_num_batched_tokens,
             "prefill": prefill, "decode": decode,
             "measured": {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "torch": str(torch.__version__),
                          "model": engine.model_config.name, "dtype": str(engine.dtype).replace("torch.", ""),

@@ -9,11 +9,11 @@ request's life::
     arrival -> the prefill instance that would be done first (``pick_prefill``: queued tokens
                over the speed ``PrefillSpeeds`` measured from the arrivals it was given and
                their prefills' ends, as the router measures it) (FCFS; each step takes
-               up to ``prefill_budget`` tokens of queued prompts, chunked, and lasts
+               up to the type's ``step_tokens`` of queued prompts, chunked, and lasts
                correction x prefill(tokens, sum of chunk x context))
             -> first token -> a decode instance (``rank_decodes``: the most free KV, then the
-               fewest running; none with room: it waits) -> KV transfer (transfer(prompt tokens) seconds): the
-               client has its first token (TTFT)
+               fewest running; none with room: it waits, the waiting placed in arrival order)
+               -> KV transfer (transfer(prompt tokens) seconds): the client has its first token (TTFT)
             -> joins the decode batch at the next step; every step lasts
                correction x decode(batch, KV tokens) and gives each request a token
             -> done after its output length (TPOT = (last - first token) / (n - 1))
@@ -182,14 +182,14 @@ class SimResult:
 class Simulation:
     def __init__(self, catalog: Catalog, initial: dict, objectives: Objectives | None = None,
                  period_s: float = 5.0, window_s: float = 30.0, transfer: LinearModel = LinearModel(0.005, 5e-5),
-                 correction: dict | None = None, prefill_budget: int = 512, block_size: int = 16,
+                 correction: dict | None = None, block_size: int = 16,
                  migration_pause_s: float = 0.05, shared_host: float = 0.0, seed: int = 0):
         """``initial``: {"prefill": {type: n}, "decode": {type: n}}; ``objectives`` None: static (no
         autoscaler); ``correction``: {"prefill": x, "decode": y} on the catalog's models (calibration);
         ``shared_host``: every instance shares one machine's cores (a test box): a step of one pool runs
         (1 + shared_host) x slower while the other pool is busy."""
         self.catalog, self.objectives, self.period_s, self.window_s = catalog, objectives, period_s, window_s
-        self.transfer, self.prefill_budget, self.block = transfer, prefill_budget, block_size
+        self.transfer, self.block = transfer, block_size
         self.correction = {"prefill": 1.0, "decode": 1.0, **(correction or {})}
         self.migration_pause_s, self.shared_host = migration_pause_s, shared_host
         self.now, self._seq = 0.0, itertools.count()
@@ -254,7 +254,7 @@ class Simulation:
             self._prefill_step(inst)
 
     def _prefill_step(self, inst: Instance) -> None:
-        budget, tokens, sq, chunks = self.prefill_budget, 0, 0.0, []
+        budget, tokens, sq, chunks = self.catalog.get(inst.kind).step_tokens, 0, 0.0, []
         for req in inst.queue:
             if budget <= 0:
                 break
@@ -307,21 +307,14 @@ class Simulation:
         return self.instances[ranked[0]] if ranked else None
 
     def _place_waiting(self) -> None:
-        if not self.waiting_for_decode:
-            return
-        waiting, self.waiting_for_decode = self.waiting_for_decode, deque()
-        room = self._most_room()
-        for req, prefill in waiting:
-            if req.prompt + req.output > room:  # fits nowhere yet: skip the router's scan
-                self.waiting_for_decode.append((req, prefill))
-                continue
+        """Requests waiting for decode room are placed in arrival order, while the first fits somewhere
+        (the cost is what is placed, not what waits: a backlog of thousands stays cheap)."""
+        while self.waiting_for_decode:
+            req, prefill = self.waiting_for_decode[0]
+            if self._decode_for(req.prompt + req.output, self._up("decode")) is None:
+                return
+            self.waiting_for_decode.popleft()
             self._to_decode(req, prefill)
-            room = self._most_room()
-
-    def _most_room(self) -> int:
-        """The most KV tokens any decode instance that is up can take (in whole blocks)."""
-        return max(((self.catalog.get(i.kind).kv_tokens - i.kv_used) // self.block * self.block
-                    for i in self._up("decode")), default=0)
 
     def _committed(self, req: SimRequest, target: Instance, prefill: Instance | None, transfer_s: float) -> None:
         if req.first_token is None:
