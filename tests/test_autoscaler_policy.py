@@ -468,6 +468,33 @@ def test_demand_is_planned_for_when_a_new_instance_would_be_up():
     assert d.model["prefill"]["measured"] == pytest.approx(100 / 15)
 
 
+def test_a_step_that_levelled_off_is_not_extrapolated_and_an_extrapolation_is_not_held():
+    # arrivals step from 0.5 to 2 req/s, then stay: while the step is under way it is planned ahead; once
+    # the last quarter of trend_s is flat the plan is the measure, though the slope over trend_s is still
+    # steep, and the earlier extrapolation is not kept by the peak hold (only measured peaks are)
+    state, planned = PolicyState(), []
+    for i in range(40):
+        rate = 0.5 if i < 20 else 2.0
+        d = decide(snapshot(*steady(rate=rate, prompt=512), now=1000.0 + 5 * i), CATALOG, OBJ, state)
+        planned.append(d.model["prefill"]["demand"] - d.model["prefill"]["measured"])
+    assert max(planned[20:25]) > 0  # the step under way: planned ahead
+    m = d.model["prefill"]
+    assert m["measured"] == pytest.approx(2.0, rel=0.05) and m["demand"] == pytest.approx(m["measured"])
+    assert not any("demand grows" in r for r in d.reasons)
+
+
+def test_the_type_with_least_capacity_per_cost_is_drained_first():
+    # 2 req/s over two bigs and two smalls, which one small carries: all are over target; the small (less
+    # capacity per dollar than the big, though cheaper) is drained before the bigs
+    kinds = ["big", "small", "small", "big"]
+    pre = [(k, "up", ex) for k, (_, _, ex) in zip(kinds, steady(n_pre=4, rate=2.0, prompt=256)[0])]
+    d = decide(snapshot(pre, steady()[1]), CATALOG, OBJ, PolicyState(below_since={"prefill": 0.0}))
+    cap = d.model["prefill"]["capacity"]
+    assert cap["big"] / BIG.cost_per_hour > cap["small"] / SMALL.cost_per_hour
+    assert d.targets["prefill"] == {"small": 1}
+    assert [a.instance_type for a in drains(d, "prefill")] == ["small"], d.reasons
+
+
 def test_a_pool_is_sized_for_the_peak_demand_of_the_last_down_stable_s():
     # a burst of long prompts, then a lull: for down_stable_s (30 s) the plan keeps the burst's demand (and its
     # type: the big one carries the burst at the lowest cost; small ones would carry the lull), then lets go
