@@ -60,6 +60,10 @@ SYSTEMS = {
     "disaggregated+int4+prefill2t": dict(mode="disaggregated", num_cpus=3,
                                          prefill=dict(threads=2, max_num_batched_tokens=512),
                                          decode=dict(threads=1, quantization="int4")),
+    # the decode worker on both cores (Ray told of 3 CPUs): at one stream it shares them with the front door
+    "disaggregated+int4+decode2t": dict(mode="disaggregated", num_cpus=3,
+                                        prefill=dict(threads=1, max_num_batched_tokens=512),
+                                        decode=dict(threads=2, quantization="int4")),
     # the int4 system with bf16 activations and KV, the default before float32 became it on CPUs without AMX
     "disaggregated+int4+bf16": dict(mode="disaggregated", dtype="bfloat16",
                                     prefill=dict(threads=1, max_num_batched_tokens=512),
