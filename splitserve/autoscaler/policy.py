@@ -410,13 +410,14 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
         # prefill: every instance of the kind over target that the rest carries without it, at once;
         # decode: one (its requests migrate)
         workers = _pick_drains(pool, kind, snapshot)[: over[kind] if pool == "prefill" else 1]
-        if workers and left - cap.get(kind, 0.0) < model["demand"] and not _idle(snapshot):
-            reasons.append(f"{pool}: draining a {kind} would leave {left - cap.get(kind, 0.0):.2f} {model['unit']} "
-                           f"for a demand of {model['demand']:.2f}: the new instances first")
-        for worker in workers:
-            left -= cap.get(kind, 0.0)
-            if left < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
+        for i, worker in enumerate(workers):
+            rest = left - cap.get(kind, 0.0)
+            if rest < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
+                if i == 0:
+                    reasons.append(f"{pool}: draining a {kind} would leave {rest:.2f} {model['unit']} for a "
+                                   f"demand of {model['demand']:.2f}: the new instances first")
                 break
+            left = rest
             reasons.append(f"{want}: drain {worker}")
             actions.append(Action("drain", pool, kind, 1, worker=worker))
             state.last_change[pool] = now  # below_since stays: the next drain waits the cooldown only

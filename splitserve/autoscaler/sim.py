@@ -289,12 +289,15 @@ class Simulation:
     # -- handoff and decode -------------------------------------------------------------------------
 
     def _to_decode(self, req: SimRequest, prefill: Instance | None) -> None:
-        need = req.prompt + req.output
-        target = self._decode_for(need, self._up("decode"))
+        target = self._decode_for(req.prompt + req.output, self._up("decode"))
         if target is None:
             self.waiting_for_decode.append((req, prefill))
-            return
-        target.kv_used += need
+        else:
+            self._send(req, prefill, target)
+
+    def _send(self, req: SimRequest, prefill: Instance | None, target: Instance) -> None:
+        """Reserve the request's KV on ``target`` and start its transfer."""
+        target.kv_used += req.prompt + req.output
         req.decode = target
         seconds = self.transfer(req.prompt)
         self._at(self.now + seconds, self._committed, req, target, prefill, seconds)
@@ -311,10 +314,11 @@ class Simulation:
         (the cost is what is placed, not what waits: a backlog of thousands stays cheap)."""
         while self.waiting_for_decode:
             req, prefill = self.waiting_for_decode[0]
-            if self._decode_for(req.prompt + req.output, self._up("decode")) is None:
+            target = self._decode_for(req.prompt + req.output, self._up("decode"))
+            if target is None:
                 return
             self.waiting_for_decode.popleft()
-            self._to_decode(req, prefill)
+            self._send(req, prefill, target)
 
     def _committed(self, req: SimRequest, target: Instance, prefill: Instance | None, transfer_s: float) -> None:
         if req.first_token is None:
