@@ -28,7 +28,7 @@ CATALOG = {"instance_types": [
     {"name": "head-cpu", "cost_per_hour": 0.05, "pools": ["prefill"], "worker_resources": {"node:__internal_head__": 0.001},
      "prefill": {"a": 0.025, "b": 0.0008, "c": 5e-7}, "decode": {"a": 0.03, "b": 0.002}},
     {"name": "decode-small", "cost_per_hour": 0.10, "pools": ["decode"], "worker_resources": {"decode-small": 1},
-     "node_resources": {"CPU": 1, "decode-small": 1},
+     "node_resources": {"CPU": 1, "decode-small": 1}, "startup_s": 20,  # a drain waits this long below target
      "prefill": {"a": 0.025, "b": 0.0008}, "decode": {"a": 0.04, "b": 0.02}},
     {"name": "decode-large", "cost_per_hour": 0.40, "pools": ["decode"], "worker_resources": {"decode-large": 1},
      "node_resources": {"CPU": 2, "decode-large": 1},
