@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -58,31 +59,37 @@ async def ramp(client, args, tokenizer, ids) -> dict[int, float]:
     return out
 
 
-def run_splitserve(name: str, args, tokenizer, ids) -> dict[int, float]:
+@contextlib.contextmanager
+def served(name: str, args):
+    """A server of ``name`` (a ``SYSTEMS`` entry, or llama-server for ``LLAMA``) for the time of the block:
+    yields its OpenAI base URL; stops it after (and Ray with it)."""
+    if name == LLAMA:
+        port = _free_port()
+        command = llama_server_command(args, port)
+        args.llama_command = " ".join(c for c in command if c != str(port))
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_llama(port)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        return
     import ray
-    from splitserve.bench.clients import OpenAIClient
     from splitserve.platform.server import start_server
     srv = start_server(server_config(SYSTEMS[name]), num_cpus=SYSTEMS[name].get("num_cpus", 2), log=lambda m: None)
     try:
-        return asyncio.run(ramp(OpenAIClient(srv.endpoints["openai"], "smollm2"), args, tokenizer, ids))
+        yield srv.endpoints["openai"]
     finally:
         srv.shutdown()
         if ray.is_initialized():
             ray.shutdown()
 
 
-def run_llama(args, tokenizer, ids) -> dict[int, float]:
+def run(name: str, args, tokenizer, ids) -> dict[int, float]:
     from splitserve.bench.clients import OpenAIClient
-    port = _free_port()
-    command = llama_server_command(args, port)
-    args.llama_command = " ".join(c for c in command if c != str(port))
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_llama(port)
-        return asyncio.run(ramp(OpenAIClient(f"http://127.0.0.1:{port}/v1", "smollm2"), args, tokenizer, ids))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with served(name, args) as url:
+        return asyncio.run(ramp(OpenAIClient(url, "smollm2"), args, tokenizer, ids))
 
 
 def main() -> int:
@@ -116,7 +123,7 @@ def main() -> int:
         rounds.append({})
         for name in order:
             log(f"[round {k + 1}/{args.rounds}] {name} ...")
-            got = run_llama(args, tokenizer, ids) if name == LLAMA else run_splitserve(name, args, tokenizer, ids)
+            got = run(name, args, tokenizer, ids)
             rounds[-1][name] = got
             log(f"[round {k + 1}/{args.rounds}] {name}: "
                 + ", ".join(f"@{c} {got[c]:.1f} tok/s" for c in args.concurrency))

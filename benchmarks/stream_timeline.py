@@ -17,16 +17,15 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
-import types
 from dataclasses import replace
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from compare import SYSTEMS, _free_port, llama_server_command, log, server_config, wait_for_llama  # noqa: E402
+from bench_served_ramp import LLAMA, served  # noqa: E402
+from compare import SYSTEMS, log  # noqa: E402
 
 
 def summary(name: str, recs) -> str:
@@ -57,25 +56,8 @@ async def one_stream(client, args, tokenizer, ids):
 
 def run(name: str, args, tokenizer, ids):
     from splitserve.bench.clients import OpenAIClient
-    if name == "llama":
-        port = _free_port()
-        command = llama_server_command(types.SimpleNamespace(llama_server=args.llama_server), port)
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_llama(port)
-            return asyncio.run(one_stream(OpenAIClient(f"http://127.0.0.1:{port}/v1", "smollm2"), args, tokenizer, ids))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    import ray
-    from splitserve.platform.server import start_server
-    srv = start_server(server_config(SYSTEMS[name]), num_cpus=SYSTEMS[name].get("num_cpus", 2), log=lambda m: None)
-    try:
-        return asyncio.run(one_stream(OpenAIClient(srv.endpoints["openai"], "smollm2"), args, tokenizer, ids))
-    finally:
-        srv.shutdown()
-        if ray.is_initialized():
-            ray.shutdown()
+    with served(LLAMA if name == "llama" else name, args) as url:
+        return asyncio.run(one_stream(OpenAIClient(url, "smollm2"), args, tokenizer, ids))
 
 
 def main() -> int:
