@@ -18,11 +18,20 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + 
 TINY_VOCAB = 256 + len(SPECIALS)
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on now (never assume 8000 / 9000)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on now (never assume 8000 / 9000), and none this process was given
+    before: the kernel may hand the same free port to two binds in a row (a server's HTTP and gRPC ports
+    once came out equal)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def kserve_inputs(prompt: str, params: dict | None = None, stream: bool | None = None,

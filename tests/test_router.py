@@ -83,6 +83,8 @@ def test_serve_config_from_yaml(tmp_path):
     f.write_text("mode: sideways\n")
     with pytest.raises(ValueError, match="mode must be"):
         ServeConfig.from_yaml(str(f))
+    with pytest.raises(ValueError, match="http_port and grpc_port must differ.*both are 1234"):
+        ServeConfig(http_port=1234, grpc_port=1234)
     f.write_text("modle: colocated\n")
     with pytest.raises(ValueError, match=r"unknown config keys \['modle'\]"):
         ServeConfig.from_yaml(str(f))

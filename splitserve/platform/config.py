@@ -131,6 +131,9 @@ class ServeConfig:
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be 'disaggregated' or 'colocated', got {self.mode!r}")
+        if self.http_port == self.grpc_port and self.http_port:
+            raise ValueError(f"http_port and grpc_port must differ (the HTTP and gRPC front doors each need "
+                             f"their own port), both are {self.http_port}")
         for name in ("prefill", "decode"):
             pool = getattr(self, name)
             if isinstance(pool, dict):
