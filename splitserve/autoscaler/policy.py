@@ -217,7 +217,7 @@ def _idle(snapshot: Snapshot) -> bool:
 
 def _one_more(model: dict, current: dict, catalog: Catalog) -> dict:
     """The current mix plus one instance of the type with the most capacity per unit of cost."""
-    name = max(model["capacity"], key=lambda k: (model["capacity"][k] / max(catalog.get(k).cost_per_hour, 1e-9), k))
+    name = max(model["capacity"], key=lambda k: (_value(k, model, catalog), k))
     return {**current, name: current.get(name, 0) + 1}
 
 
