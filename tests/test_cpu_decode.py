@@ -87,6 +87,42 @@ def test_vnni_gemv_matches_torchs_quantized_kernels(n, k):
         ext.vnni_gemv(torch.randn(1, 48), *cpu_decode.vnni_int8(q8[:, :48], scale8), 32)
 
 
+def _int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as vnni_gemv sees it: per group of 32, rounded to int8 steps of max|x| / 127 (plain torch)."""
+    g = x.float().view(x.shape[0], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127.0)).view(x.shape)
+
+
+@pytest.mark.skipif(ext is None or not ext.has_vnni, reason="no AVX512-VNNI on this machine")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5, 110])  # a decode step, a few rows, a prompt
+def test_quantized_linears_run_the_vnni_kernel_with_int8_activations_per_32(bits, rows):
+    """QuantLinear on a VNNI CPU computes any number of rows through vnni_gemv: equal to the float matmul of
+    the activations rounded per 32 (plain torch) and the layer's weights (bf16 scales), to fp32 sums."""
+    from splitserve.kernels.linear import QuantLinear
+    from splitserve.kernels.quant import quantize_int4, quantize_int8
+    torch.manual_seed(bits + rows)
+    n, k = 200, 96  # n: a padded last tile of 16 rows
+    w = torch.randn(n, k) * 0.05
+    qw = quantize_int8(w) if bits == 8 else quantize_int4(w, 32)
+    bias = torch.randn(n) * 0.1
+    layer = QuantLinear(qw, bias, torch.float32)
+    assert layer.vnni is not None
+    x = torch.randn(rows, k) * 3
+    x[:, 7] = 40.0  # an outlier channel: its group gets coarser steps, the other groups keep theirs
+    bf = lambda t: t.bfloat16().float()  # noqa: E731  (the layer keeps its scales in bf16)
+    if bits == 8:
+        ref = _int8_activations(x) @ (qw.qweight.float() * bf(qw.scale)[:, None]).T
+    else:  # sum (q - 8) s xq + zero sum x: the zero term takes the unrounded activations
+        groups = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731  [N, K/32] -> [N, K]
+        ref = _int8_activations(x) @ ((qw.values().float() - 8) * groups(bf(qw.scale))).T + x @ groups(bf(qw.zero)).T
+    got = layer(x)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref + bias, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
 def _decode_logits(engine, prompts):
     """Prefill ``prompts`` with the Python model, then one decode step of all of them two ways:
     (Python model logits, C++ decoder logits), each from the same cache."""

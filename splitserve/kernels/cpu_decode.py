@@ -17,10 +17,11 @@ The C++ loop runs the same layers with no Python in it and fuses the small
 ops (norm + residual, rotary + KV store, paged attention read in place,
 SiLU-and-mul). Quantized linears run our ``vnni_gemv`` where the CPU has
 AVX512-VNNI: activations quantized to int8 per 32 (as llama.cpp does), u8 x s8
-dot products, weights in 16-row tiles packed here at wrap time. It reads the
+dot products, weights in 16-row tiles (each ``QuantLinear`` packs its own
+when built, ``linear.py``, and prompts run through them too). It reads the
 weights 2.5-5x faster than torch's int4 / int8 kernels at 1-64 rows; the
-tiles are a second copy of the quantized weights (the Python model keeps
-torch's packs for prefill). Dense linears stay torch's (bf16/fp32 GEMM, fp16
+tiles are a second copy of the quantized weights beside torch's packs (the
+fallback where the CPU has no VNNI). Dense linears stay torch's (bf16/fp32 GEMM, fp16
 GEMV). Results: the dense path matches the Python model to bf16 rounding;
 the quantized one within the activation rounding, and keeps the accuracy
 gate (``tests/test_cpu_decode.py``, ``tests/test_quantization_accuracy.py``).
@@ -135,19 +136,12 @@ def _build_native(ext, model: nn.Module):
     if model.dtype not in (torch.float32, torch.bfloat16):
         raise _Unsupported(f"model dtype {model.dtype}")
 
-    packed: dict[int, tuple] = {}  # one packing per weight (a tied head shares the embedding's int8 rows)
-
     def linear(m: nn.Module):
         make = ext.DecodeModel.make_linear
         if isinstance(m, QuantLinear):
             if m.backend != "torch":
                 raise _Unsupported(f"a {m.backend} quantized linear")
-            tiles = (None, None, None)
-            if ext.has_vnni and m.in_features % 32 == 0 and (m.bits == 8 or m.group_size == 32):
-                key = id(m.qweight)
-                if key not in packed:
-                    packed[key] = vnni_int8(m.qweight, m.scale) if m.bits == 8 else vnni_int4(m.qweight, m.scales_zeros)
-                tiles = packed[key]
+            tiles = m.vnni or (None, None, None)  # the layer's own VNNI tiles (linear.py), when it has them
             if m.bits == 8:
                 return make(1, m.qweight, m.scale, m.bias, None, m.out_features, 32, 0.0, *tiles)
             return make(2, m.qweight, m.scales_zeros, m.bias, None, m.out_features, m.group_size, 0.0, *tiles)

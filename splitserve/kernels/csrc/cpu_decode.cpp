@@ -245,17 +245,39 @@ struct QuantizedActs {
   std::vector<float> dx, qsum, xsum;
 };
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's high half)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
 template <typename T>
 QuantizedActs quantize_acts(const Tensor& x) {
   const int64_t m = x.size(0), k = x.size(1), groups = k / kActGroup;
   QuantizedActs a{std::vector<int8_t>(m * k), std::vector<float>(m * groups), std::vector<float>(m * groups),
                   std::vector<float>(m * groups)};
   for (int64_t g = 0; g < m * groups; ++g) {
-    const T* row = x.data_ptr<T>() + (g / groups) * x.stride(0);
+    const T* src = x.data_ptr<T>() + (g / groups) * x.stride(0) + (g % groups) * kActGroup;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    // the scalar loop below, 16 lanes at a time (a prompt's rows: the scalar loop cost more than the GEMM)
+    const __m512 v0 = load16(src), v1 = load16(src + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv));  // round to nearest even, as nearbyint
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + g * kActGroup), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + g * kActGroup + 16), _mm512_cvtsepi32_epi8(q1));
+    a.dx[g] = amax / 127.0f;
+    a.qsum[g] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    a.xsum[g] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+#else
     float v[kActGroup];
     float amax = 0.0f, sum = 0.0f;
     for (int64_t i = 0; i < kActGroup; ++i) {
-      v[i] = to_f(row[(g % groups) * kActGroup + i]);
+      v[i] = to_f(src[i]);
       amax = std::max(amax, std::fabs(v[i]));
       sum += v[i];
     }
@@ -269,6 +291,7 @@ QuantizedActs quantize_acts(const Tensor& x) {
     a.dx[g] = dx;
     a.qsum[g] = static_cast<float>(qsum);
     a.xsum[g] = sum;
+#endif
   }
   return a;
 }
@@ -370,8 +393,8 @@ void vnni_gemv_impl(const Tensor& x, const Tensor& w, const Tensor& scale, const
   const float* rs = int4 ? nullptr : scale.data_ptr<float>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < m; m0 += 4)  // 4 rows of x per pass over the weights
-      for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = begin; t < end; ++t)  // a tile's weights (16 rows x K) stay in L1 while x streams by
+      for (int64_t m0 = 0; m0 < m; m0 += 4) {  // 4 rows of x per pass over the tile
         const int64_t mr = std::min<int64_t>(4, m - m0);
         if (int4) vnni_rows<true>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
         else vnni_rows<false>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
