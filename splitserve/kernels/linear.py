@@ -9,7 +9,7 @@ linears in place of loading. Each module fixes its backend when built
 
     torch (CPU)   with AVX512-VNNI and the C++ extension (kernels/cpu_decode.py): its vnni_gemv,
                   activations quantized to int8 per group of 32 (any number of rows: decode steps
-                  and prompts; 1.7-2x torch's fp32 GEMM at a 110-token prompt, 4-9x at one row)
+                  and prompts; 2.2-2.6x torch's fp32 GEMM at a 110-token prompt, 5-12x at one row)
                   otherwise int8: torch._weight_int8pack_mm        (bf16 activations)
                             int4: torch._weight_int4pack_mm_for_cpu (bf16 activations, torch's tile layout)
     triton        int8 / int4 kernels on the canonical layout (kernels/triton/w8_matmul.py, w4_matmul.py)

@@ -310,74 +310,92 @@ inline __m512i bcast4(const int8_t* p) {  // 4 int8 activations as one int32, in
   return _mm512_set1_epi32(v);
 }
 
-// MR rows of activations (starting at row m0) x the 16 output rows of tile t -> out[m0 + i, 16t ...]
-template <int MR, bool INT4, typename O>
+// MR rows of activations (starting at row m0) x the 16 output rows of each of the NT tiles from tile t
+// -> out[m0 + i, 16 (t + j) ...]. One broadcast of 4 activations feeds NT products, one weight load MR.
+template <int MR, int NT, bool INT4, typename O>
 void vnni_tile(const uint8_t* w, const uint16_t* s4, const uint16_t* z4, const float* row_scale,
                const QuantizedActs& a, int64_t m0, int64_t k, int64_t t, O* out, int64_t ld) {
   constexpr int64_t group = kActGroup;
-  const int64_t groups = k / group, per_col = INT4 ? 8 : 4;
+  const int64_t groups = k / group, per_col = INT4 ? 8 : 4, tile_bytes = (k / per_col) * 64;
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  __m512 facc[MR];
-  for (int i = 0; i < MR; ++i) facc[i] = _mm512_setzero_ps();
-  const uint8_t* wt = w + t * (k / per_col) * 64;
+  __m512 facc[MR][NT];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NT; ++j) facc[i][j] = _mm512_setzero_ps();
+  const uint8_t* wt = w + t * tile_bytes;
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
+    __m512i acc[MR][NT];
+    for (int i = 0; i < MR; ++i) {
+      // the sums start at -128 sum xq (int8: the weights are stored + 128) or -8 sum xq (int4: q - 8),
+      // so they end as sum w xq, exact in int32, with no correction after
+      const int32_t start = -(INT4 ? 8 : 128) * static_cast<int32_t>(a.qsum[(m0 + i) * groups + g]);
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_set1_epi32(start);
+    }
     for (int64_t c = g * group; c < (g + 1) * group; c += per_col) {
-      const __m512i v = _mm512_loadu_si512(wt + (c / per_col) * 64);
+      const int64_t off = (c / per_col) * 64;
       if (INT4) {
-        const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        __m512i lo[NT], hi[NT];
+        for (int j = 0; j < NT; ++j) {
+          const __m512i v = _mm512_loadu_si512(wt + j * tile_bytes + off);
+          lo[j] = _mm512_and_si512(v, nib);
+          hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
         for (int i = 0; i < MR; ++i) {
           const int8_t* xq = a.q.data() + (m0 + i) * k + c;
-          acc[i] = _mm512_dpbusd_epi32(acc[i], lo, bcast4(xq));
-          acc[i] = _mm512_dpbusd_epi32(acc[i], hi, bcast4(xq + 4));
+          const __m512i x0 = bcast4(xq), x1 = bcast4(xq + 4);
+          for (int j = 0; j < NT; ++j) {
+            acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], x0);
+            acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], x1);
+          }
         }
       } else {
-        for (int i = 0; i < MR; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], v, bcast4(a.q.data() + (m0 + i) * k + c));
+        __m512i v[NT];
+        for (int j = 0; j < NT; ++j) v[j] = _mm512_loadu_si512(wt + j * tile_bytes + off);
+        for (int i = 0; i < MR; ++i) {
+          const __m512i x = bcast4(a.q.data() + (m0 + i) * k + c);
+          for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], v[j], x);
+        }
       }
     }
-    if (INT4) {
-      const __m512 sc = load_bf16(s4 + (t * groups + g) * 16), zc = load_bf16(z4 + (t * groups + g) * 16);
-      for (int i = 0; i < MR; ++i) {
-        const int64_t idx = (m0 + i) * groups + g;  // weight group == activation group
-        // sum (q - 8) xq: exact in fp32; centring before the scale keeps the activation rounding error
-        // proportional to |q - 8| <= 8, not to q <= 15
-        const __m512 centred = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(8.0f * a.qsum[idx])),
-                                             _mm512_set1_ps(a.dx[idx]));
-        const float xs = a.xsum[idx];
-        facc[i] = _mm512_fmadd_ps(sc, centred, facc[i]);
-        facc[i] = _mm512_fmadd_ps(zc, _mm512_set1_ps(xs), facc[i]);
-      }
-    } else {
-      for (int i = 0; i < MR; ++i) {
-        const int64_t idx = (m0 + i) * groups + g;  // weight group == activation group
-        const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(128.0f * a.qsum[idx]));
-        facc[i] = _mm512_fmadd_ps(dot, _mm512_set1_ps(a.dx[idx]), facc[i]);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t idx = (m0 + i) * groups + g;  // weight group == activation group
+      const __m512 dx = _mm512_set1_ps(a.dx[idx]);
+      if (INT4) {
+        // sum (q - 8) xq times dx, then the group's scale; centring before the scale keeps the activation
+        // rounding error proportional to |q - 8| <= 8, not to q <= 15; the zero takes the exact sum of x
+        const __m512 xs = _mm512_set1_ps(a.xsum[idx]);
+        for (int j = 0; j < NT; ++j) {
+          const __m512 sc = load_bf16(s4 + ((t + j) * groups + g) * 16), zc = load_bf16(z4 + ((t + j) * groups + g) * 16);
+          facc[i][j] = _mm512_fmadd_ps(sc, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), dx), facc[i][j]);
+          facc[i][j] = _mm512_fmadd_ps(zc, xs, facc[i][j]);
+        }
+      } else {
+        for (int j = 0; j < NT; ++j) facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), dx, facc[i][j]);
       }
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    __m512 r = facc[i];
-    if (!INT4) r = _mm512_mul_ps(r, _mm512_loadu_ps(row_scale + t * 16));
-    O* o = out + (m0 + i) * ld + t * 16;
-    if constexpr (std::is_same_v<O, float>) {
-      _mm512_storeu_ps(o, r);
-    } else {
-      alignas(64) float tmp[16];
-      _mm512_store_ps(tmp, r);
-      for (int j = 0; j < 16; ++j) o[j] = from_f<O>(tmp[j]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NT; ++j) {
+      __m512 r = facc[i][j];
+      if (!INT4) r = _mm512_mul_ps(r, _mm512_loadu_ps(row_scale + (t + j) * 16));
+      O* o = out + (m0 + i) * ld + (t + j) * 16;
+      if constexpr (std::is_same_v<O, float>) {
+        _mm512_storeu_ps(o, r);
+      } else {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, r);
+        for (int jj = 0; jj < 16; ++jj) o[jj] = from_f<O>(tmp[jj]);
+      }
     }
-  }
 }
 
-template <bool INT4, typename O>
+template <int NT, bool INT4, typename O>
 void vnni_rows(const uint8_t* w, const uint16_t* s4, const uint16_t* z4, const float* row_scale,
                const QuantizedActs& a, int64_t m0, int64_t mr, int64_t k, int64_t t, O* out, int64_t ld) {
   switch (mr) {
-    case 1: return vnni_tile<1, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
-    case 2: return vnni_tile<2, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
-    case 3: return vnni_tile<3, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
-    default: return vnni_tile<4, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
+    case 1: return vnni_tile<1, NT, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
+    case 2: return vnni_tile<2, NT, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
+    case 3: return vnni_tile<3, NT, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
+    default: return vnni_tile<4, NT, INT4>(w, s4, z4, row_scale, a, m0, k, t, out, ld);
   }
 }
 
@@ -392,12 +410,15 @@ void vnni_gemv_impl(const Tensor& x, const Tensor& w, const Tensor& scale, const
   const uint16_t* z4 = int4 ? reinterpret_cast<const uint16_t*>(zero->data_ptr<BFloat16>()) : nullptr;
   const float* rs = int4 ? nullptr : scale.data_ptr<float>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)  // a tile's weights (16 rows x K) stay in L1 while x streams by
-      for (int64_t m0 = 0; m0 < m; m0 += 4) {  // 4 rows of x per pass over the tile
+  at::parallel_for(0, (tiles + 1) / 2, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 2 * begin; t < std::min(2 * end, tiles); t += 2)  // 2 tiles' weights stay in L1 while x streams by
+      for (int64_t m0 = 0; m0 < m; m0 += 4) {  // 4 rows of x per pass over them
         const int64_t mr = std::min<int64_t>(4, m - m0);
-        if (int4) vnni_rows<true>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
-        else vnni_rows<false>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
+        const bool two = t + 1 < tiles;
+        if (int4 && two) vnni_rows<2, true>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
+        else if (int4) vnni_rows<1, true>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
+        else if (two) vnni_rows<2, false>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
+        else vnni_rows<1, false>(wp, s4, z4, rs, a, m0, mr, k, t, op, tiles * 16);
       }
   });
 }
