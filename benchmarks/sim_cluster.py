@@ -29,7 +29,8 @@ Systems:
   static, equal cost  the best fixed (prefill type x count, decode type x count) whose cost per
                       hour is at most the autoscaler's mean: searched over every type pair and split,
                       at most ``--max-instances`` per pool (the autoscaler's own limit)
-  single type         the policy with the measured type only
+  single type         the policy with the measured type only, and with gpu-l4 only (the declared type
+                      with the most capacity per dollar: the single-type deployment to beat)
 
 Writes benchmarks/results/sim_cluster.md / .json and sim_cluster_<trace>.png (instances over time
 against the load). Aims (issue 11): >= 1.3x the goodput of the best equal-cost static configuration
@@ -162,6 +163,7 @@ def main() -> int:
     args = ap.parse_args()
     cat = catalog()
     local_only = Catalog([cat.get("local")])
+    l4_only = Catalog([cat.get("gpu-l4")])  # the declared type with the most capacity per dollar
     w, d, r = args.warmup, args.duration, args.rate
     traces = {"bursty": gamma(r, w + d, cv=args.cv, prompt=PROMPT, output=OUTPUT, seed=args.seed),
               "bursts of minutes": mmpp(r / 3, r * 3, 300.0, 90.0, w + d, prompt=PROMPT, output=OUTPUT,
@@ -193,6 +195,8 @@ def main() -> int:
         static_cfg, s = best_static(cat, trace, budget, w, args.max_instances)
         single = run(local_only, trace, start, objectives(args.max_instances, args.hold), warmup_s=w).summary(
             SLO_TTFT, SLO_TPOT)
+        l4 = run(l4_only, trace, {"prefill": {"gpu-l4": 1}, "decode": {"gpu-l4": 1}},
+                 objectives(args.max_instances, args.hold), warmup_s=w).summary(SLO_TTFT, SLO_TPOT)
         for hold in (60.0, 300.0, 900.0):  # the scale-down hold's trade of cost for attainment, autoscaler alone
             h = run(cat, trace, start, objectives(args.max_instances, hold), warmup_s=w)
             hs = h.summary(SLO_TTFT, SLO_TPOT)
@@ -203,15 +207,16 @@ def main() -> int:
         peak = max(sum(sum(c[p].values()) for p in c) for _, c, _ in auto.timeline)
         kinds_used = sorted({a_.instance_type for d in auto.decisions for a_ in d.actions if a_.kind == "add"})
         out[name] = {"requests": len(trace), "autoscaler": a, "budget_per_hour": budget, "static": s,
-                     "static_config": static_cfg, "single_type": single, "peak_instances": peak,
+                     "static_config": static_cfg, "single_type": single, "gpu_l4_only": l4, "peak_instances": peak,
                      "types_added": kinds_used}
         for label, summ in (("autoscaler (all types)", a), (f"best static <= ${budget:.2f}/h: "
                                                              f"{json.dumps(static_cfg)}", s),
-                            ("autoscaler, measured type only", single)):
+                            ("autoscaler, measured type only", single), ("autoscaler, gpu-l4 only", l4)):
             rows.append(f"| {name} | {label} | {summ['attainment']:.1%} | {summ['goodput']:.2f} | "
                         f"${summ['cost']:.2f} | ${summ['cost_per_m_tokens']:.2f} | {summ['failed']} |")
         out[name]["goodput_vs_static"] = a["goodput"] / max(s["goodput"], 1e-9)
         out[name]["cost_vs_single"] = a["cost"] / max(single["cost"], 1e-9)
+        out[name]["cost_vs_gpu_l4_only"] = a["cost"] / max(l4["cost"], 1e-9)
     command = "python benchmarks/sim_cluster.py " + " ".join(sys.argv[1:])
     md = ["# The autoscaler at cluster scale (simulated)\n",
           f"`{command}`. The simulator (`splitserve/autoscaler/sim.py`) runs the real policy on snapshots built "
@@ -224,7 +229,9 @@ def main() -> int:
     for name, r in out.items():
         md.append(f"- {name}: goodput {r['goodput_vs_static']:.2f}x the best equal-cost static configuration; "
                   f"cost {r['cost_vs_single']:.2f}x the single-type autoscaler's (attainment "
-                  f"{r['autoscaler']['attainment']:.1%} vs {r['single_type']['attainment']:.1%}); peak "
+                  f"{r['autoscaler']['attainment']:.1%} vs {r['single_type']['attainment']:.1%}), "
+                  f"{r['cost_vs_gpu_l4_only']:.2f}x the gpu-l4-only autoscaler's (attainment "
+                  f"{r['gpu_l4_only']['attainment']:.1%}); peak "
                   f"{r['peak_instances']} instances; types added: {', '.join(r['types_added']) or 'none'}; "
                   f"plot `sim_cluster_{_slug(name)}.png`.")
     md += ["", f"The scale-down hold (`down_stable_s`; the runs above: {args.hold:.0f} s), autoscaler alone, same "

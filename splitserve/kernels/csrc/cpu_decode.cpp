@@ -573,7 +573,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store);
   m.def("paged_attention", &paged_attention);
   m.def("silu_mul", &silu_mul);
-  m.def("vnni_gemv", &vnni_gemv);
+  m.def("vnni_gemv", &vnni_gemv, py::call_guard<py::gil_scoped_release>());  // a prompt's matmuls: others run meanwhile
   m.attr("has_vnni") = kHasVnni;
   py::class_<Linear>(m, "Linear");
   py::class_<DecodeModel>(m, "DecodeModel")
