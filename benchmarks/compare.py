@@ -287,6 +287,8 @@ def render(doc: dict, out: str) -> None:
     a, results = doc["args"], doc["results"]
     workloads = [w for w in ("short_chat", "mixed") if all(w in r for r in results.values())]
     has_ramp = all(r.get("ramp") for r in results.values())
+    ramps = {n: {int(c): v for c, v in r.get("ramp", {}).items()} for n, r in results.items()}  # JSON keys: strings
+    levels = sorted({c for ramp in ramps.values() for c in ramp})  # the concurrencies that ran
     rates = sorted({float(k) for r in results.values() for k in r.get("mixed", {}).get("summaries", {})})
     common = [x for x in rates if all(x in {float(k) for k in r["mixed"]["summaries"]} for r in results.values())]
 
@@ -306,13 +308,12 @@ def render(doc: dict, out: str) -> None:
                                 "not installed here, skipped (see README for the optional install)"), "",
              "## Goodput and served throughput", "",
              "| system | " + " | ".join(f"goodput {NAMES[w]}" for w in workloads) +
-             (" | served output tok/s, ramp @1 / @4 / @16 / @32 |" if has_ramp else " |"),
+             (f" | served output tok/s, ramp {' / '.join(f'@{c}' for c in levels)} |" if has_ramp else " |"),
              "|---|" + "---|" * (len(workloads) + has_ramp)]
     for n, r in results.items():
         cells = [f"{r[w]['goodput']:.2f} req/s" for w in workloads]
         if has_ramp:
-            cells.append(" / ".join(f"{r['ramp'].get(c, r['ramp'].get(str(c), float('nan'))):.0f}"
-                                    for c in (1, 4, 16, 32)))
+            cells.append(" / ".join(f"{ramps[n][c]:.0f}" if c in ramps[n] else "-" for c in levels))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     llama = results.get("llama.cpp")
     if llama and has_ramp:
