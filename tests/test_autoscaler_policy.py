@@ -422,3 +422,21 @@ def test_a_pool_is_sized_for_the_peak_demand_of_the_last_down_stable_s():
     later = decide(snapshot(*steady(rate=0.3, prompt=1500), now=1031.0), CATALOG, OBJ, state)
     assert later.model["prefill"]["demand"] == pytest.approx(later.model["prefill"]["measured"])
     assert sum(later.targets["prefill"].values()) < sum(burst.targets["prefill"].values())
+
+
+def test_under_traffic_spare_prefill_drains_by_halves_one_cooldown_apart():
+    """Five prefill instances where one carries the demand: two go, then one, then one (never all spare at
+    once while requests arrive: a surge just after the hold must find some capacity)."""
+    state, now = PolicyState(below_since={"prefill": 0.0}), 1000.0
+    dec = [("small", "up", export(tokens=10.0))]
+    names = [f"prefill-{i}" for i in range(5)]
+    drained = []
+    for step in range(4):
+        left = [n for n in names if n not in drained]
+        pre = [("small", "up", export(arrivals=0.05 / len(left), prompt=256)) for _ in left]
+        d = decide(snapshot(pre, dec, now + step * 31), CATALOG, OBJ, state)
+        assert d.targets["prefill"] == {"small": 1}
+        gone = [left[int(a.worker.split("-")[1])] for a in drains(d, "prefill")]
+        assert len(gone) == [2, 1, 1, 0][step], (step, d.reasons)
+        drained += gone
+    assert len(drained) == 4  # down to the target, in three cooldowns

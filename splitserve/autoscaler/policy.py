@@ -34,9 +34,10 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     a change of types, once the new ones are up): drain the
                                     type over target with the least capacity per cost (the
                                     workers with least work): decode one instance at a time,
-                                    prefill every one over target at once (a prefill drain moves
-                                    nothing), only after the target (which holds the peak of
-                                    ``down_stable_s``) stayed below for the type's start-up time
+                                    prefill half of those over target per cooldown (a prefill
+                                    drain moves nothing; at zero traffic all of them), only after
+                                    the target (which holds the peak of ``down_stable_s``) stayed
+                                    below for the type's start-up time
                                     (it may be wanted again), not within ``down_cooldown_s`` of the
                                     last change, never while an objective is missed or KV is
                                     high, never leaving less capacity than the demand
@@ -407,9 +408,13 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
     else:
         cap = model["capacity"]
         left = sum(cap.get(k, 0.0) * n for k, n in current.items())
-        # prefill: every instance of the kind over target that the rest carries without it, at once;
-        # decode: one (its requests migrate)
-        workers = _pick_drains(pool, kind, snapshot)[: over[kind] if pool == "prefill" else 1]
+        # prefill: half of the kind's instances over target (at least one; all of them at zero traffic),
+        # each only if the rest carries the demand without it: capacity falls by halves, one cooldown
+        # apart, so a surge that comes back soon after the hold still finds some (draining a whole
+        # pool's spare at once left one instance for an 8x surge, simulated); decode: one (its requests
+        # migrate)
+        n = (over[kind] if _idle(snapshot) else -(-over[kind] // 2)) if pool == "prefill" else 1
+        workers = _pick_drains(pool, kind, snapshot)[:n]
         for i, worker in enumerate(workers):
             rest = left - cap.get(kind, 0.0)
             if rest < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
