@@ -187,3 +187,16 @@ def test_no_extension_means_the_python_model(tmp_path, monkeypatch):
     assert engine.runner.decoder is None
     out = engine.generate(["hi"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+def test_a_torch_int4_layout_the_vnni_packer_cannot_read_leaves_the_layer_on_torchs_kernel(monkeypatch):
+    from splitserve.kernels.linear import QuantLinear
+    from splitserve.kernels.quant import quantize_int4
+
+    def unreadable(*_):
+        raise cpu_decode.Unsupported("torch's int4 packing is not the layout torch_int4_values knows")
+    monkeypatch.setattr(cpu_decode, "vnni_int4", unreadable)
+    layer = QuantLinear(quantize_int4(torch.randn(32, 64) * 0.05, 32), None, torch.float32)
+    assert layer.vnni is None
+    x = torch.randn(3, 64)
+    assert layer(x).shape == (3, 32)

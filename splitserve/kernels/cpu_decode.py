@@ -110,7 +110,7 @@ class FusedDecoder:
             return None
         try:
             native = _build_native(ext, model)
-        except _Unsupported as e:
+        except Unsupported as e:
             log.info("decoding runs the Python model: %s", e)
             return None
         return cls(native, model)
@@ -123,8 +123,8 @@ class FusedDecoder:
                                    self.rope.cos, self.rope.signed_sin)
 
 
-class _Unsupported(Exception):
-    pass
+class Unsupported(Exception):
+    """This model (or this torch's weight layout) has no C++ counterpart: the Python path serves it."""
 
 
 def _build_native(ext, model: nn.Module):
@@ -134,13 +134,13 @@ def _build_native(ext, model: nn.Module):
     cfg = model.cfg
     native = ext.DecodeModel(cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, model.dtype == torch.bfloat16)
     if model.dtype not in (torch.float32, torch.bfloat16):
-        raise _Unsupported(f"model dtype {model.dtype}")
+        raise Unsupported(f"model dtype {model.dtype}")
 
     def linear(m: nn.Module):
         make = ext.DecodeModel.make_linear
         if isinstance(m, QuantLinear):
             if m.backend != "torch":
-                raise _Unsupported(f"a {m.backend} quantized linear")
+                raise Unsupported(f"a {m.backend} quantized linear")
             tiles = m.vnni or (None, None, None)  # the layer's own VNNI tiles (linear.py), when it has them
             if m.bits == 8:
                 return make(1, m.qweight, m.scale, m.bias, None, m.out_features, 32, 0.0, *tiles)
@@ -152,7 +152,7 @@ def _build_native(ext, model: nn.Module):
         if type(m) is nn.Linear:
             return make(0, m.weight.detach(), None, _detached(m.bias), None, m.out_features, 0, 0.0,
                         None, None, None)
-        raise _Unsupported(f"no C++ counterpart for {type(m).__name__}")
+        raise Unsupported(f"no C++ counterpart for {type(m).__name__}")
 
     embed = model.embed_tokens
     if isinstance(embed, QuantEmbedding):
@@ -160,7 +160,7 @@ def _build_native(ext, model: nn.Module):
     elif type(embed) is nn.Embedding:
         native.set_embedding(embed.weight.detach(), None)
     else:
-        raise _Unsupported(f"no C++ counterpart for {type(embed).__name__}")
+        raise Unsupported(f"no C++ counterpart for {type(embed).__name__}")
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         native.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
@@ -203,7 +203,7 @@ def vnni_int4(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> tuple:
     k = groups * 32
     values = torch_int4_values(qweight, k)  # [N', K]
     if not torch.equal(torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1), qweight):
-        raise _Unsupported("torch's int4 packing is not the layout torch_int4_values knows")
+        raise Unsupported("torch's int4 packing is not the layout torch_int4_values knows")
     v = values.view(n // 16, 16, k // 8, 8)
     tiles = (v[..., :4] | (v[..., 4:] << 4)).permute(0, 2, 1, 3).contiguous()  # [N'/16, K/8, 16, 4]
     per_tile = scales_zeros.view(groups, n // 16, 16, 2).permute(1, 0, 2, 3)  # [N'/16, K/32, 16, 2]

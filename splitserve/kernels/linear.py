@@ -24,6 +24,8 @@ Shapes: x [M, in] -> [M, out].
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,7 @@ from splitserve.kernels.dispatch import backend_for, triton_module
 from splitserve.kernels.quant import Int8Weight, QuantizedWeight, quantize_int4, quantize_int8
 
 QUANTIZATION_MODES = ("none", "int8", "int4")
+log = logging.getLogger(__name__)
 
 
 class QuantLinear(nn.Module):
@@ -101,7 +104,8 @@ _vnni_gemv = None  # the extension's vnni_gemv, once a layer found it usable
 
 def _vnni_tiles(layer: QuantLinear) -> tuple | None:
     """The layer's weights as cpu_decode's VNNI tiles; None where that kernel cannot run (no C++
-    extension, no AVX512-VNNI, K not a multiple of 32, int4 groups other than 32)."""
+    extension, no AVX512-VNNI, K not a multiple of 32, int4 groups other than 32, a torch whose int4
+    packing cpu_decode cannot read): torch's kernels then serve the layer."""
     global _vnni_gemv
     if layer.in_features % 32 or (layer.bits == 4 and layer.group_size != 32):
         return None
@@ -109,10 +113,14 @@ def _vnni_tiles(layer: QuantLinear) -> tuple | None:
     ext = cpu_decode.extension()
     if ext is None or not ext.has_vnni:
         return None
+    try:
+        tiles = (cpu_decode.vnni_int8(layer.qweight, layer.scale) if layer.bits == 8
+                 else cpu_decode.vnni_int4(layer.qweight, layer.scales_zeros))
+    except cpu_decode.Unsupported as e:
+        log.info("quantized linears run torch's kernels: %s", e)
+        return None
     _vnni_gemv = ext.vnni_gemv
-    if layer.bits == 8:
-        return cpu_decode.vnni_int8(layer.qweight, layer.scale)
-    return cpu_decode.vnni_int4(layer.qweight, layer.scales_zeros)
+    return tiles
 
 
 class QuantEmbedding(nn.Module):

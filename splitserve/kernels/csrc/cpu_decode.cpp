@@ -9,8 +9,9 @@
 //   paged_attention  one query per sequence over its blocks, read in place (no gather, no mask)
 //   silu_mul         gate_up [B, 2I] -> silu(gate) * up [B, I]
 //
-// Quantized matmuls of a few rows are ours (vnni_gemv: int8 activations, AVX512-VNNI dot products;
-// torch's int4 / int8 kernels read the weights at under half the memory bandwidth at one row); the
+// Quantized matmuls are ours (vnni_gemv: int8 activations, AVX512-VNNI dot products; any number of rows,
+// so kernels/linear.py runs prompts through it too; torch's int4 / int8 kernels read the weights at under
+// half the memory bandwidth at one row); the
 // rest stay torch's (int4 / int8 weight-only packs, bf16/fp32 GEMM, fp16 GEMV).
 //
 // Numerics follow the Python path (splitserve/engine/model.py, kernels/ops.py) op for op where
