@@ -170,13 +170,14 @@ class KVSender:
 
             async def parts(last: list):
                 nonlocal stopped_at
-                sent = 0
+                sent, reserved = 0, num_tokens  # blocks sent; tokens the receiver holds room for
                 for stage in range(self.max_stages):
                     pinned = port.pin(request_id)  # the full blocks: their KV never changes
                     if stage and len(pinned) - sent <= self.last_stage_blocks:
                         break  # few enough to stop the request for
                     if len(pinned) > sent:
-                        yield pb.TransferMessage(grow=pb.Grow(num_tokens=len(pinned) * block_size))
+                        reserved = max(reserved, len(pinned) * block_size)
+                        yield pb.TransferMessage(grow=pb.Grow(num_tokens=reserved))
                         for job in self._block_jobs(port, pinned, sent, live=True):
                             yield job
                         sent = len(pinned)
@@ -189,7 +190,8 @@ class KVSender:
                     on_suspend(snapshot)
                 needed = self._needed(port, snapshot)
                 result.last_stage_blocks = needed - sent
-                if sent:  # the request grew since the reservation
+                if snapshot.num_tokens > reserved:  # it grew since the room was reserved (even with no live
+                    # stage sent: a request that filled its first block meanwhile needs a second)
                     yield pb.TransferMessage(grow=pb.Grow(num_tokens=snapshot.num_tokens))
                 for job in self._block_jobs(port, table[:needed], sent, live=False):
                     yield job
