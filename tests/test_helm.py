@@ -332,6 +332,7 @@ def test_gpu_prefill_cpu_decode(rendered):
     assert cpu["resources"] == {"splitserve-decode": "1"} and (cpu["replicas"], cpu["maxReplicas"]) == (4, 4)
     cfg = ServeConfig.from_dict(app_args(rendered["gpu-prefill-cpu-decode"]))
     assert (cfg.prefill.quantization, cfg.decode.quantization, cfg.decode.replicas) == ("none", "int4", 4)
+    assert (cfg.prefill.device, cfg.decode.device) == ("cuda", "cpu")
 
 
 def test_in_tree_autoscaling(rendered):

@@ -83,7 +83,7 @@ def paged_attention(
             kv = kv.transpose(0, 1).reshape(2, -1, num_kv_heads, head_dim)[:, :total]  # [2, T, Hkv, D]
             kc, vc = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, Hkv, T, D]
             # query i (absolute position context_start + i) sees keys 0..context_start + i
-            mask = torch.ones(length, total, dtype=torch.bool).tril(diagonal=c.context_start)
+            mask = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(diagonal=c.context_start)
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=True)
         outs.append(oc[0].transpose(0, 1))  # [L, Hq, D]
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from splitserve.engine.block_pool import KVCacheManager
+from splitserve.engine.device import to_host
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from splitserve.engine.runner import StepSequence, prepare_step
 from splitserve.engine.sampler import target_probs
@@ -36,7 +37,7 @@ class DraftModelProposer:
         self.model = model
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(KVCacheSpec(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
-                                                      cfg.head_dim, model.dtype))
+                                                      cfg.head_dim, model.dtype), model.rope.cos.device)
         self.kv = KVCacheManager(num_blocks, block_size)
         self.computed: dict[str, int] = {}
         self.generator = torch.Generator().manual_seed(seed)
@@ -44,7 +45,7 @@ class DraftModelProposer:
     def _forward(self, request_id: str, token_ids: list[int], start: int) -> torch.Tensor:
         # token_ids: the chunk at positions [start, start + n) -> logits of its last position [V] fp32
         seq = StepSequence(token_ids, start, tuple(self.kv.block_table(request_id)), True)
-        step = prepare_step([seq], self.block_size, self.kv_cache.dtype)
+        step = prepare_step([seq], self.block_size, self.kv_cache.dtype, self.kv_cache.device)
         return self.model(step.input_ids, self.kv_cache, step.meta, step.logits_indices)[0]
 
     def propose(self, token_ids: list[int], k: int, request_id: str = "", params: SamplingParams | None = None):
@@ -59,7 +60,7 @@ class DraftModelProposer:
             if greedy:
                 drafts.append(int(logits.argmax()))
             else:
-                q = target_probs(logits[None], [params])[0]  # the same transforms the target applies
+                q = target_probs(to_host(logits)[None], [params])[0]  # the target's transforms (host: CPU draws)
                 qs.append(q)
                 drafts.append(int(torch.multinomial(q, 1, generator=self.generator)))
             if i + 1 < k:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.engine.block_pool import KVCacheManager
+from splitserve.engine.device import HOST, auto_dtype, resolve_device
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache
 from splitserve.engine.kv_stream import KVStream, layer_hook
 from splitserve.engine.model import LlamaForCausalLM
@@ -51,7 +52,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # .gguf file or HF directory; None = the default model
-    dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
+    device: str = "auto"  # "auto" (a GPU if there is one) | "cpu" | "cuda" | "cuda:N"; see engine/device.py
+    dtype: str = "auto"  # "auto" (bfloat16 on a GPU; on CPU see dtype_name) | "float32" | "bfloat16"
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool (ignored if num_kv_blocks is set)
     num_kv_blocks: int | None = None
@@ -83,17 +85,18 @@ class EngineConfig:
     show_progress: bool = True
 
 
-def dtype_name(name: str) -> str:
-    """The dtype ``name`` means on this machine: ``auto`` is bfloat16 where the CPU has AMX, else float32."""
+def dtype_name(name: str, device: torch.device = HOST) -> str:
+    """The dtype ``name`` means on ``device`` of this machine: ``auto`` is bfloat16 on a GPU, and on CPU
+    where it has AMX; else float32."""
     if name == "auto":
-        return "bfloat16" if _cpu_has_fast_bf16() else "float32"
+        return auto_dtype(device, device.type == "cpu" and _cpu_has_fast_bf16())
     if name not in DTYPES:
         raise InvalidRequestError("dtype", f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return name
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return DTYPES[dtype_name(name)]
+def resolve_dtype(name: str, device: torch.device = HOST) -> torch.dtype:
+    return DTYPES[dtype_name(name, device)]
 
 
 def _cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -120,7 +123,8 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self.config = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.dtype = resolve_dtype(cfg.dtype)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model_path = cfg.model or default_model_path()
         bar = (lambda items, desc: progress(items, desc)) if cfg.show_progress else None
         from splitserve.kernels.linear import QUANTIZATION_MODES, quantize_model
@@ -147,16 +151,17 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self.max_model_len = min(self.model_config.max_position_embeddings, spec.num_blocks * spec.block_size,
                                  cfg.max_model_len or 1 << 62)
         self.model = LlamaForCausalLM.from_state_dict(self.model_config, loaded.state, self.dtype,
-                                                      self.max_model_len)
+                                                      self.max_model_len, self.device)
         quantize_model(self.model, cfg.quantization, cfg.int4_group_size)  # float linears left (HF dirs)
-        if cfg.gemv_dispatch and self.dtype == torch.bfloat16 and cfg.quantization == "none":
+        on_cpu = self.device.type == "cpu"  # the CPU-only transforms: GEMV dispatch, the C++ decode step
+        if on_cpu and cfg.gemv_dispatch and self.dtype == torch.bfloat16 and cfg.quantization == "none":
             from splitserve.kernels.cpu_linear import use_gemv_dispatch
             use_gemv_dispatch(self.model)
-        self.kv_cache = allocate_kv_cache(spec)
+        self.kv_cache = allocate_kv_cache(spec, self.device)
         self.kv = KVCacheManager(spec.num_blocks, spec.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         decoder = None
-        if cfg.fused_decode:
+        if on_cpu and cfg.fused_decode:
             from splitserve.kernels.cpu_decode import FusedDecoder
             decoder = FusedDecoder.wrap(self.model)
         self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size, decoder)

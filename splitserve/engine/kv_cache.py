@@ -53,7 +53,7 @@ class KVCacheSpec:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across all layers (what one block costs to hold or send)."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.dtype, device="cpu").element_size()
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     @classmethod
@@ -63,11 +63,7 @@ class KVCacheSpec:
         return cls(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
 
 
-def allocate_kv_cache(spec: KVCacheSpec) -> torch.Tensor:
+def allocate_kv_cache(spec: KVCacheSpec, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     # Zeroed so that padded (masked) slots never hold NaN/inf garbage.
-    return torch.zeros(spec.shape, dtype=spec.dtype)
+    return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
 
-
-def sequence_kv(kv_cache: torch.Tensor, layer: int, block_table: list[int]) -> torch.Tensor:
-    """One sequence's KV for one layer: [num_seq_blocks, 2, bs, H, D], a copy of its slabs only."""
-    return kv_cache[layer, torch.tensor(block_table, dtype=torch.long)]

@@ -30,6 +30,8 @@ import threading
 
 import torch
 
+from splitserve.engine.device import to_host
+
 
 def final_blocks(end: int, samples: bool, block_size: int) -> int:
     """Blocks whose KV can no longer change once the tokens before ``end`` are computed: the full ones, and
@@ -58,7 +60,8 @@ class KVStream:
         if not self._room.acquire(blocking=False):
             self.num_skipped += 1
             return
-        data = kv_layer[torch.tensor(block_table[first:num_final], dtype=torch.long)]  # a copy: [n, 2, bs, Hkv, D]
+        ids = torch.tensor(block_table[first:num_final], dtype=torch.long, device=kv_layer.device)
+        data = to_host(kv_layer[ids])  # a copy in host memory: [n, 2, bs, Hkv, D]
         self.sent[layer] = num_final
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, data))

@@ -25,6 +25,7 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, paged_attention
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.device import HOST
 from splitserve.errors import CorruptModelError
 from splitserve.engine.rope import RotaryEmbedding
 from splitserve.kernels import ops
@@ -118,17 +119,24 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                        max_positions: int | None = None) -> "LlamaForCausalLM":
-        """Build the model from Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...)."""
+                        max_positions: int | None = None, device: torch.device = HOST) -> "LlamaForCausalLM":
+        """Build the model on ``device`` from Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight``
+        ...) that the loader read into host memory."""
         fused = _fuse(cfg, state, dtype)
         quantized = {k: fused.pop(k) for k in list(fused) if not isinstance(fused[k], torch.Tensor)}
         with torch.device("meta"):
             model = cls(cfg, dtype, max_positions)
         if quantized:  # int8/int4 weights straight from the file: swap in quantized modules
             from splitserve.kernels.linear import install_quantized
-            install_quantized(model, quantized, fused, dtype)
+            install_quantized(model, quantized, fused, dtype, device)
+        if device.type != "cpu":  # tied weights (the LM head and the embedding) stay one tensor
+            moved: dict[int, torch.Tensor] = {}
+            for k, t in fused.items():
+                if id(t) not in moved:
+                    moved[id(t)] = t.to(device)
+                fused[k] = moved[id(t)]
         model.load_state_dict(fused, strict=True, assign=True)
-        model.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype)
+        model.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
         return model.eval()
 
 

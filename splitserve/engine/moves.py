@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.engine.device import to_host
 from splitserve.engine.output import RequestOutput, TextState
 from splitserve.engine.request import Request, RequestSnapshot, RequestStatus
 from splitserve.errors import InvalidRequestError, RequestStateError, UnknownRequestError
@@ -86,8 +87,8 @@ class MovesMixin:
         self.kv.pool.free(self.pinned.pop(request_id, []))
 
     def read_kv(self, block_ids: list[int], layer: int) -> torch.Tensor:
-        """KV of the given blocks for one layer: [n, 2, bs, Hkv, D] (a copy)."""
-        return self.kv_cache[layer, torch.tensor(block_ids, dtype=torch.long)]
+        """KV of the given blocks for one layer: [n, 2, bs, Hkv, D] (a copy in host memory)."""
+        return to_host(self.kv_cache[layer, torch.tensor(block_ids, dtype=torch.long, device=self.kv_cache.device)])
 
     def release(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_PREFILLED,
                 moved_to: str | None = None) -> int:
@@ -149,8 +150,8 @@ class MovesMixin:
         if not (0 <= layer < self.kv_cache.shape[0]) or first_block < 0 or first_block + n > len(table):
             raise InvalidRequestError("kv", f"chunk (layer {layer}, blocks {first_block}..{first_block + n}) is "
                                             f"outside the reservation ({len(table)} blocks)")
-        ids = torch.tensor(table[first_block:first_block + n], dtype=torch.long)
-        self.kv_cache[layer, ids] = data.to(self.kv_cache.dtype)
+        ids = torch.tensor(table[first_block:first_block + n], dtype=torch.long, device=self.kv_cache.device)
+        self.kv_cache[layer, ids] = data.to(self.kv_cache.device, self.kv_cache.dtype)  # host -> device
 
     def commit(self, snap: RequestSnapshot) -> None:
         """Join a request whose KV (its first ``num_computed_tokens`` tokens) arrived into its reservation."""

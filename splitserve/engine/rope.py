@@ -94,13 +94,13 @@ class RotaryEmbedding:
     (``kernels.ops.rotary``).
     """
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype):
-        inv_freq, attention_factor = rope_parameters(cfg)
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device | None = None):
+        inv_freq, attention_factor = rope_parameters(cfg)  # computed on the host, the tables then moved
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # [P, D/2]
         cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
-        self.cos = torch.cat([cos, cos], dim=-1).to(dtype)  # [P, D]
-        self.signed_sin = torch.cat([-sin, sin], dim=-1).to(dtype)  # [P, D]
+        self.cos = torch.cat([cos, cos], dim=-1).to(device, dtype)  # [P, D]
+        self.signed_sin = torch.cat([-sin, sin], dim=-1).to(device, dtype)  # [P, D]
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for a step's positions: [N, 1, D] each (shared by every layer)."""

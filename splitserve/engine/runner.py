@@ -36,8 +36,10 @@ class PreparedStep:
                                    # rows are adjacent, in position order)
 
 
-def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype = torch.float32) -> PreparedStep:
-    """``dtype``: the KV cache's, which the decode attention mask is built in."""
+def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu")) -> PreparedStep:
+    """``dtype``: the KV cache's, which the decode attention mask is built in; ``device``: the KV cache's,
+    where every tensor of the step is made (from Python lists on the host)."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) != 1)  # decodes first, stable
     ids: list[int] = []
     positions: list[int] = []
@@ -64,23 +66,24 @@ def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype =
         else:
             num_blocks = -(-(s.start + n) // block_size)
             prefills.append(PrefillChunk(row0, row0 + n, s.start,
-                                         torch.tensor(s.block_table[:num_blocks], dtype=torch.long)))
+                                         torch.tensor(s.block_table[:num_blocks], dtype=torch.long, device=device)))
 
     decode_block_tables = decode_mask = decode_context_lens = None
     if decode_tables:
         width = max(len(t) for t in decode_tables)
         decode_block_tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in decode_tables],
-                                           dtype=torch.long)  # [B, width]
-        decode_context_lens = torch.tensor(decode_lens, dtype=torch.long)
+                                           dtype=torch.long, device=device)  # [B, width]
+        decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
         # additive float mask (0 = attend, -inf = padding): SDPA would convert a bool mask in every layer
-        visible = torch.arange(width * block_size)[None, :] < decode_context_lens[:, None]
-        decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        visible = torch.arange(width * block_size, device=device)[None, :] < decode_context_lens[:, None]
+        decode_mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(
+            ~visible, float("-inf"))[:, None, None, :]
 
     logits_rows.sort(key=lambda r: r[1])
     meta = AttentionMetadata(
-        positions=torch.tensor(positions, dtype=torch.long),
-        slot_blocks=torch.tensor(slot_blocks, dtype=torch.long),
-        slot_offsets=torch.tensor(slot_offsets, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
+        slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
         num_decodes=len(decode_tables),
         decode_block_tables=decode_block_tables,
         decode_mask=decode_mask,
@@ -88,9 +91,9 @@ def prepare_step(seqs: list[StepSequence], block_size: int, dtype: torch.dtype =
         prefills=tuple(prefills),
     )
     return PreparedStep(
-        input_ids=torch.tensor(ids, dtype=torch.long),
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         meta=meta,
-        logits_indices=torch.tensor([r for _, r in logits_rows], dtype=torch.long),
+        logits_indices=torch.tensor([r for _, r in logits_rows], dtype=torch.long, device=device),
         sample_order=tuple(i for i, _ in logits_rows),
     )
 
@@ -108,7 +111,7 @@ class ModelRunner:
     def execute(self, seqs: list[StepSequence], on_layer=None) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Run one step. Returns (logits [S, vocab] fp32, index into ``seqs`` of each row).
         ``on_layer(i)``: called once layer i's KV is written (the Python model runs the step)."""
-        step = prepare_step(seqs, self.block_size, self.kv_cache.dtype)
+        step = prepare_step(seqs, self.block_size, self.kv_cache.dtype, self.kv_cache.device)
         if self.decoder is not None and on_layer is None and \
                 step.meta.num_decodes == len(seqs) == len(step.sample_order):
             return self.decoder(step, self.kv_cache), step.sample_order

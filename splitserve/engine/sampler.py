@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from splitserve.engine.device import to_host
 from splitserve.engine.sampling_params import SamplingParams
 
 
@@ -40,12 +41,13 @@ def position_generator(params: SamplingParams, output_index: int) -> torch.Gener
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            shared: torch.Generator) -> list[int]:
-    # logits: [S, V] fp32
+    # logits: [S, V] fp32 on the engine's device; greedy rows are decided there, sampled rows drawn on
+    # the host (the generators are CPU ones: the same draws on any device)
     out = logits.argmax(dim=-1).tolist()
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
-    probs = target_probs(logits[rows], [params[i] for i in rows])  # [R, V]
+    probs = target_probs(to_host(logits[rows]), [params[i] for i in rows])  # [R, V]
     for j, i in enumerate(rows):
         g = generators[i] or shared
         out[i] = int(torch.multinomial(probs[j], 1, generator=g))
@@ -56,10 +58,10 @@ def target_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution each sampled row draws from: temperature, then top-k, then top-p.
     x: [R, V] logits of non-greedy rows -> [R, V] probabilities (also what speculative
     verification accepts against)."""
-    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype)
+    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=x.device)
     x = x / temps[:, None]
     top_ks = [p.top_k for p in params]
-    top_ps = torch.tensor([p.top_p for p in params], dtype=x.dtype)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=x.dtype, device=x.device)
     if any(k > 0 for k in top_ks) or bool((top_ps < 1).any()):
         x = _top_k_top_p(x, top_ks, top_ps)
     return torch.softmax(x, dim=-1)
@@ -69,8 +71,8 @@ def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: torch.Tensor) -> to
     # x: [R, V] scaled logits; masks everything outside each row's top-k and nucleus with -inf
     sorted_x, idx = x.sort(dim=-1, descending=True)  # [R, V]
     vocab = x.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks])
-    ranks = torch.arange(vocab)[None, :]
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=x.device)
+    ranks = torch.arange(vocab, device=x.device)[None, :]
     remove = ranks >= ks[:, None]  # outside top-k
     sorted_x = sorted_x.masked_fill(remove, float("-inf"))
     probs = torch.softmax(sorted_x, dim=-1)
@@ -94,7 +96,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs:
     for r, (p, ids) in enumerate(zip(params, outputs)):
         if not p.penalized or not ids:
             continue
-        counts = torch.bincount(torch.tensor(ids), minlength=vocab)[:vocab].to(logits.dtype)  # [V]
+        counts = torch.bincount(torch.tensor(ids, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
         logits[r] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
@@ -103,7 +105,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> l
     """logits [R, V] (raw) and the token chosen from each row -> per row, the chosen token's
     log-probability and the ``top[r]`` most likely tokens' (best first)."""
     lp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    chosen = lp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()  # [R]
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()  # [R]
     k = max(top, default=0)
     best_lp, best_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())  # [R, k]
     best_lp, best_ids = best_lp.tolist(), best_ids.tolist()

@@ -16,6 +16,7 @@ import torch
 from splitserve.errors import InvalidRequestError
 from splitserve.engine.request import Request
 from splitserve.engine.runner import StepSequence
+from splitserve.engine.device import to_host
 from splitserve.engine.sampler import position_generator, target_probs
 from splitserve.engine.speculative import NGramProposer, SpecConfig, choose_k, verify_greedy, verify_sampled
 from splitserve.stats import SpecStats
@@ -67,7 +68,8 @@ class SpeculativeMixin:
                                                           f"differs from the target's ({self.model_config.vocab_size}); "
                                                           f"a draft must share the target's tokenizer")
         from splitserve.engine.model import LlamaForCausalLM
-        draft = LlamaForCausalLM.from_state_dict(loaded.config, loaded.state, self.dtype, self.max_model_len)
+        draft = LlamaForCausalLM.from_state_dict(loaded.config, loaded.state, self.dtype, self.max_model_len,
+                                                 self.device)
         quantize_model(draft, quant, cfg.int4_group_size)
         blocks = cfg.spec_draft_kv_blocks or max(16, self.kv_spec.num_blocks // 4)
         return DraftModelProposer(draft, blocks, self.kv_spec.block_size, cfg.seed)
@@ -90,7 +92,7 @@ class SpeculativeMixin:
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                self.runner.execute([seq])
+                self.runner.execute([seq])[0].max().item()  # (.item(): waits for a GPU's step to finish)
                 times.append(time.perf_counter() - start)
             return min(times)
 
@@ -106,7 +108,7 @@ class SpeculativeMixin:
         if req.params.greedy:
             out = verify_greedy(logits, drafts)
         else:
-            probs = target_probs(logits, [req.params] * logits.shape[0])
+            probs = target_probs(to_host(logits), [req.params] * logits.shape[0])  # host: CPU draws
             out = verify_sampled(probs, drafts, q, position_generator(req.params, req.num_output_tokens)
                                  or self.generator)
         accepted = len(out) - 1

@@ -128,7 +128,7 @@ def verify_sampled(probs: torch.Tensor, drafts: list[int], q: torch.Tensor | Non
     for i, d in enumerate(drafts):
         p_d = probs[i, d].item()
         q_d = 1.0 if q is None else q[i, d].item()
-        u = torch.rand((), generator=generator).item()
+        u = torch.rand((), generator=generator, device="cpu").item()
         if q_d > 0 and u < min(1.0, p_d / q_d):
             out.append(d)
             continue

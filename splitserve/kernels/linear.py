@@ -153,12 +153,15 @@ def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 def install_quantized(model: nn.Module, quantized: dict[str, object], state: dict[str, torch.Tensor],
-                      dtype: torch.dtype) -> None:
-    """Swap the modules owning ``quantized`` weights (``"<module>.weight"`` names) for quantized ones.
+                      dtype: torch.dtype, device: torch.device | None = None) -> None:
+    """Swap the modules owning ``quantized`` weights (``"<module>.weight"`` names) for quantized ones,
+    built on ``device`` (default: where the weights are), which fixes their kernels' layout.
 
     Biases of swapped linears are taken out of ``state`` (they live in the new module).
     """
     for name, w in quantized.items():
+        if device is not None:
+            w = w.to(device)
         module_name = name.removesuffix(".weight")
         module = model.get_submodule(module_name)
         if isinstance(module, nn.Embedding):
@@ -167,6 +170,7 @@ def install_quantized(model: nn.Module, quantized: dict[str, object], state: dic
             _set_module(model, module_name, QuantEmbedding(w))
         else:
             bias = state.pop(module_name + ".bias", None)
+            bias = bias if bias is None or device is None else bias.to(device)
             _set_module(model, module_name, QuantLinear(w, bias, dtype))
 
 

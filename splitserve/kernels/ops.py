@@ -58,7 +58,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     num_kv_heads = kv_layer.shape[3]
     if mask is None:
         width = block_tables.shape[1] * kv_layer.shape[2]
-        mask = (torch.arange(width)[None, :] < context_lens[:, None])[:, None, None, :]
+        mask = (torch.arange(width, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
     # One gather of these sequences' blocks (never the pool), K/V-major so the reshape is a view:
     kv = kv_layer.transpose(0, 1)[:, block_tables]  # [2, B, W, bs, Hkv, D]
     kv = kv.view(2, b, -1, num_kv_heads, head_dim)  # [2, B, T, Hkv, D]

@@ -42,6 +42,9 @@ class Int8Weight:
     def index_rows(self, rows: torch.Tensor) -> "Int8Weight":
         return Int8Weight(self.qweight[rows], self.scale[rows])
 
+    def to(self, device: torch.device) -> "Int8Weight":
+        return Int8Weight(self.qweight.to(device), self.scale.to(device))
+
 
 @dataclass
 class Int4Weight:
@@ -64,6 +67,9 @@ class Int4Weight:
 
     def index_rows(self, rows: torch.Tensor) -> "Int4Weight":
         return Int4Weight(self.qweight[rows], self.scale[rows], self.zero[rows], self.group_size)
+
+    def to(self, device: torch.device) -> "Int4Weight":
+        return Int4Weight(self.qweight.to(device), self.scale.to(device), self.zero.to(device), self.group_size)
 
 
 QuantizedWeight = Int8Weight | Int4Weight
@@ -89,7 +95,8 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     w = w.float()  # [N, K]
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     scale_bf16 = scale.to(torch.bfloat16).float()
-    up = torch.nextafter(scale.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
+    up = torch.nextafter(scale.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16,
+                                                                   device=w.device)).float()
     scale = torch.where(scale_bf16 >= scale, scale_bf16, up)  # the next bf16 at or above: no clipping
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return Int8Weight(q, scale)

@@ -2,11 +2,12 @@
 
     splitserve generate --prompt TEXT [--chat] [--model PATH] [--max-tokens N]
                         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]
-                        [--dtype auto|float32|bfloat16] [--quantization none|int8|int4]
-                        [--speculative off|ngram|draft] [--threads N]
+                        [--device auto|cpu|cuda|cuda:N] [--dtype auto|float32|bfloat16]
+                        [--quantization none|int8|int4] [--speculative off|ngram|draft] [--threads N]
 
     splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
                      [--quantization none|int8|int4] [--kv-wire-codec raw|int8] [--speculative off|ngram|draft]
+                     [--prefill-device cpu|cuda] [--decode-device cpu|cuda]
                      [--http-port 8000] [--grpc-port 9000] [--address RAY_ADDRESS] [--api-key-file FILE]
                      [--autoscale --catalog FILE [--ttft-objective S] [--tpot-objective S]
                       [--budget-per-hour X] [--max-prefill N] [--max-decode N]] ...
@@ -43,7 +44,9 @@ def _generate_args(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on a GPU (and on CPUs with AMX), else float32")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the linears (GGUF Q4 tensors load straight into int4)")
     p.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
@@ -86,10 +89,10 @@ def cmd_generate(args) -> int:
                    top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     print("loading model ...", file=sys.stderr)
     t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                     quantization=args.quantization, speculative=args.speculative,
                                     kv_cache_memory=256 << 20))
-    print(f"loaded {engine.model_config.name} ({engine.dtype}) in {time.perf_counter() - t:.1f}s",
+    print(f"loaded {engine.model_config.name} ({engine.dtype} on {engine.device}) in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
     reason = asyncio.run(_stream(engine, args))
     return 0 if reason in ("stop", "length") else 1
@@ -113,6 +116,10 @@ def _serve_args(sub) -> None:
     p.add_argument("--decode-replicas", type=int, default=None)
     p.add_argument("--prefill-threads", type=int, default=None)
     p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument("--prefill-device", default=None, choices=["cpu", "cuda"],
+                   help="cuda: each prefill worker asks Ray for one GPU and runs there")
+    p.add_argument("--decode-device", default=None, choices=["cpu", "cuda"],
+                   help="cuda: each decode worker asks Ray for one GPU and runs there")
     p.add_argument("--host", default=None, help="HTTP/gRPC bind host (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
@@ -145,14 +152,15 @@ def cmd_serve(args) -> int:
            "quantization": args.quantization, "kv_wire_codec": args.kv_wire_codec, "speculative": args.speculative}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in top.items() if v is not None})
 
-    def pool(p: PoolConfig, replicas, threads) -> PoolConfig:
-        changes = {"replicas": replicas, "threads": threads}
+    def pool(p: PoolConfig, replicas, threads, device) -> PoolConfig:
+        changes = {"replicas": replicas, "threads": threads, "device": device}
         if args.no_chunked_prefill:
             changes["chunked_prefill"] = False
         return dataclasses.replace(p, **{k: v for k, v in changes.items() if v is not None})
 
-    cfg = dataclasses.replace(cfg, prefill=pool(cfg.prefill, args.prefill_replicas, args.prefill_threads),
-                              decode=pool(cfg.decode, args.decode_replicas, args.decode_threads))
+    cfg = dataclasses.replace(cfg, prefill=pool(cfg.prefill, args.prefill_replicas, args.prefill_threads,
+                                                args.prefill_device),
+                              decode=pool(cfg.decode, args.decode_replicas, args.decode_threads, args.decode_device))
     cfg = _autoscale(cfg, args)
     if args.api_key_file is not None:
         from splitserve.platform.auth import load_key_file

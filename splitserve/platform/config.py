@@ -1,10 +1,11 @@
 """Server configuration: from flags or one YAML file (``splitserve serve --config FILE``).
 
     model: null                # .gguf / HF dir; null = the default SmolLM2
-    dtype: auto                # auto (bfloat16 where the CPU has AMX, float32 otherwise) | float32 | bfloat16
+    dtype: auto                # auto (bfloat16 if a pool is on cuda or the CPU has AMX, else float32) | float32 | bfloat16
     mode: disaggregated        # or colocated (prefill and decode in one engine: the baseline)
     prefill: {replicas: 1, threads: 1, resources: {}, kv_cache_memory_mb: 256}
     decode:  {replicas: 1, threads: 1, resources: {}, kv_cache_memory_mb: 512}
+                               # device: cpu | cuda (each worker asks Ray for one GPU and runs there)
                                # instance_type: a catalog entry (with autoscale: where the workers go)
     http_port: 8000            # Ray Serve's own defaults
     grpc_port: 9000
@@ -39,13 +40,15 @@ from splitserve.platform.auth import check_keys, keys_from_env  # pure, no torch
 
 QUANTIZATION_MODES = ("none", "int8", "int4")  # = splitserve.kernels.linear.QUANTIZATION_MODES (not imported: no torch here)
 KV_CODECS = ("raw", "int8")  # = splitserve.kvtransfer.wire.KV_CODECS
+POOL_DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     replicas: int = 1
     threads: int = 1  # torch threads per actor (and the CPUs it reserves from Ray)
-    resources: dict = field(default_factory=dict)  # extra Ray resources / placement, e.g. {"GPU": 1}
+    resources: dict = field(default_factory=dict)  # extra Ray resources / placement, e.g. {"accelerator_type:L4": 1}
+    device: str = "cpu"  # "cpu" | "cuda": each worker asks Ray for one GPU (num_gpus=1) and its engine runs there
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
@@ -140,6 +143,12 @@ class ServeConfig:
                 object.__setattr__(self, name, PoolConfig(**pool))
             if getattr(self, name).replicas < 1:
                 raise ValueError(f"{name}.replicas must be >= 1")
+            if getattr(self, name).device not in POOL_DEVICES:
+                raise ValueError(f"{name}.device must be one of {POOL_DEVICES} (Ray assigns a cuda worker its GPU); "
+                                 f"got {getattr(self, name).device!r}")
+            if {"GPU", "CPU"} & set(getattr(self, name).resources):
+                raise ValueError(f"{name}.resources cannot name CPU or GPU (Ray takes them as num_cpus / num_gpus): "
+                                 f"use {name}.threads and {name}.device: cuda")
             if getattr(self, name).quantization not in (None, *QUANTIZATION_MODES):
                 raise ValueError(f"{name}.quantization must be one of {QUANTIZATION_MODES}; "
                                  f"got {getattr(self, name).quantization!r}")
@@ -203,9 +212,14 @@ def _check_keys(cls, raw, where: str) -> None:
 def engine_kwargs(cfg: ServeConfig, pool: PoolConfig, decodes: bool = True) -> dict:
     """LLMEngine keyword arguments for one worker of ``pool`` (``decodes``: it runs decode steps). ``dtype:
     auto`` is resolved here, on the machine that starts the workers, not on each worker's node: KV moves
-    between workers only in one dtype, and nodes of different CPUs would resolve it differently."""
+    between workers only in one dtype, and nodes of different CPUs would resolve it differently (with a
+    pool on GPUs: bfloat16 everywhere)."""
+    import torch
+
     from splitserve.engine.engine import dtype_name
-    return dict(speculative=cfg.speculative if decodes else "off", model=cfg.model, dtype=dtype_name(cfg.dtype),
+    on_gpu = any(p.device == "cuda" for p in (cfg.prefill, cfg.decode))
+    dtype = dtype_name(cfg.dtype, torch.device("cuda") if on_gpu else torch.device("cpu"))
+    return dict(speculative=cfg.speculative if decodes else "off", model=cfg.model, dtype=dtype, device=pool.device,
                 block_size=cfg.block_size, num_threads=pool.threads,
                 kv_cache_memory=pool.kv_cache_memory_mb << 20,
                 max_num_batched_tokens=pool.max_num_batched_tokens if pool.chunked_prefill else 1 << 20,

@@ -24,7 +24,7 @@ import ray
 
 from splitserve.decode.worker import STREAM_BACKPRESSURE, ray_node_id, reap_stalled_forever
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.platform.config import ServeConfig, engine_kwargs
+from splitserve.platform.config import PoolConfig, ServeConfig, engine_kwargs
 from splitserve.stats import WorkerStats
 
 MAX_RESTARTS = 3  # Ray restarts a crashed worker this often; after that the controller replaces it
@@ -74,20 +74,29 @@ class ColocatedWorkerImpl:
 ColocatedWorker = ray.remote(ColocatedWorkerImpl)
 
 
-def spawn(cfg: ServeConfig, pool: str, name: str, itype=None):
-    """Start one worker actor of ``pool`` (it loads its model in the background; ``start()`` waits).
-    ``itype``: an autoscaler catalog ``InstanceType``: its threads, and the Ray resources and labels
-    that put the worker on a node of that type."""
-    from splitserve.decode.worker import DecodeWorker
-    from splitserve.prefill.worker import PrefillWorker
-
+def actor_options(cfg: ServeConfig, pool: str, name: str, itype=None) -> tuple[dict, PoolConfig]:
+    """(Ray actor options, the pool's config as this worker gets it) for one worker of ``pool``: its CPUs
+    (threads), a GPU for a cuda pool, the pool's resources, and with ``itype`` (an autoscaler catalog
+    ``InstanceType``) its threads and the Ray resources and labels that put the worker on a node of that type."""
     pc = cfg.decode if pool in ("decode", "colocated") else cfg.prefill
     if itype is not None:
         pc = replace(pc, threads=itype.threads, resources={**pc.resources, **itype.worker_resources})
     options = {"name": name, "num_cpus": pc.threads, "resources": dict(pc.resources), "max_concurrency": 1000,
                "max_restarts": MAX_RESTARTS}
+    if pc.device == "cuda":
+        options["num_gpus"] = 1  # Ray assigns the GPU (CUDA_VISIBLE_DEVICES): the engine's "cuda" is it
     if itype is not None and itype.labels:
         options["label_selector"] = dict(itype.labels)
+    return options, pc
+
+
+def spawn(cfg: ServeConfig, pool: str, name: str, itype=None):
+    """Start one worker actor of ``pool`` (it loads its model in the background; ``start()`` waits);
+    ``itype``: see ``actor_options``."""
+    from splitserve.decode.worker import DecodeWorker
+    from splitserve.prefill.worker import PrefillWorker
+
+    options, pc = actor_options(cfg, pool, name, itype)
     if pool == "prefill":
         return PrefillWorker.options(**options).remote(engine_kwargs(cfg, pc, decodes=False), cfg.cluster_token,
                                                        cfg.kv_wire_codec, name, kv_tls=cfg.kv_tls,
