@@ -8,6 +8,7 @@ import torch
 
 from splitserve.kernels import ops
 from splitserve.kernels.dispatch import force_backend, triton_module
+from splitserve.kernels.triton.common import value_checks
 from splitserve.kernels.linear import QuantLinear
 from splitserve.kernels.quant import (Int4Weight, int4_from_gguf_blocks, pack_int4, quantize_int4, quantize_int8,
                                       reference_linear, unpack_int4)
@@ -122,9 +123,13 @@ def test_launchers_reject_bad_shapes_with_clear_errors():
     with pytest.raises(ValueError, match="multiple of KV heads"):
         paged.launch(torch.randn(1, 5, 8), torch.randn(4, 2, 4, 2, 8), torch.zeros(1, 1, dtype=torch.long),
                      torch.ones(1, dtype=torch.long))
-    with pytest.raises(ValueError, match="needs more than the block table"):
-        paged.launch(torch.randn(1, 4, 8), torch.randn(4, 2, 4, 2, 8), torch.zeros(1, 1, dtype=torch.long),
-                     torch.tensor([5]))
+    before = value_checks(True)  # the checks that read values on the host: off by default (CUDA graphs)
+    try:
+        with pytest.raises(ValueError, match="needs more than the block table"):
+            paged.launch(torch.randn(1, 4, 8), torch.randn(4, 2, 4, 2, 8), torch.zeros(1, 1, dtype=torch.long),
+                         torch.tensor([5]))
+    finally:
+        value_checks(before)
 
 
 # ---------------------------------------------------------------- element-wise kernels
@@ -203,6 +208,55 @@ def test_paged_decode_attention_triton_and_cpu_match_reference(layout, hq, hkv, 
     close(paged.launch(q, kv, tables, context), expected, 1e-4)
     close(ops.paged_decode_attention(q, kv, tables, context), expected, 1e-4)
     close(paged.launch(q, kv, tables.int(), context.int()), expected, 1e-4)
+
+
+@pytest.mark.parametrize("per_part", [1, 2, 3])  # blocks per partition: 4, 2 or 2 (ragged) partitions of 4
+def test_split_context_paged_attention_matches_reference(per_part):
+    """Flash-decoding: the context cut into partitions, partials reduced. Sequences end in every partition,
+    so some programs have no blocks at all (their partials must weigh nothing), one is a single token."""
+    bs, hq, hkv, d = 4, 6, 2, 16
+    lens = [1, 5, 8, 9, 14, 16]
+    kv, tables = _cache_and_tables("shuffled", lens, bs, hkv, d)  # 5 columns: 4 blocks + a garbage one
+    q = torch.randn(len(lens), hq, d)
+    context = torch.tensor(lens)
+    expected = paged.reference(q, kv, tables, context)
+    close(paged.launch(q, kv, tables, context, partition_tokens=per_part * bs), expected, 1e-4)
+    long = [700, 3]  # past the default partition (256 tokens): split without being asked
+    kv, tables = _cache_and_tables("contiguous", long, 16, hkv, d)
+    q = torch.randn(2, hq, d, dtype=torch.bfloat16)
+    kv = kv.to(torch.bfloat16)
+    close(paged.launch(q, kv, tables, torch.tensor(long)), paged.reference(q, kv, tables, torch.tensor(long)), 2e-2)
+
+
+def test_the_paged_attention_launch_reads_no_tensor_value_on_the_host():
+    """What CUDA-graph capture needs: no device-to-host read (``aten._local_scalar_dense``: ``int(t)``,
+    ``t.item()``, ``bool(t)``) in the launcher, split or not; with value checks on, the same launch reads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    lens = [3, 40]
+    kv, tables = _cache_and_tables("shuffled", lens, 4, 2, 16)
+    q, context = torch.randn(2, 4, 16), torch.tensor(lens)
+    for partition in (None, 8):
+        with HostReads() as reads:
+            out = paged.launch(q, kv, tables, context, partition_tokens=partition)
+        assert reads.count == 0
+        close(out, paged.reference(q, kv, tables, context), 1e-4)
+    before = value_checks(True)
+    try:
+        with HostReads() as reads:
+            paged.launch(q, kv, tables, context)
+        assert reads.count >= 2  # the mode sees host reads when there are some
+    finally:
+        value_checks(before)
 
 
 # ---------------------------------------------------------------- KV int8 codec

@@ -10,6 +10,21 @@ import triton
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Checks that read tensor values on the host (e.g. every context length within its block table) wait for
+# the GPU and cannot run while a CUDA graph is captured: on only with SPLITSERVE_KERNEL_CHECKS=1 (or
+# value_checks(True), as the tests do). Checks of shapes, dtypes and devices always run.
+_value_checks = os.environ.get("SPLITSERVE_KERNEL_CHECKS", "0") == "1"
+
+
+def value_checks(on: bool | None = None) -> bool:
+    """Whether launchers check tensor values (set it with ``on``); returns the setting before."""
+    global _value_checks
+    before = _value_checks
+    if on is not None:
+        _value_checks = bool(on)
+    return before
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
