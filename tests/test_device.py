@@ -147,3 +147,16 @@ def test_a_pool_on_cuda_asks_ray_for_a_gpu_and_the_servers_auto_dtype_follows_it
                        ({"resources": {"GPU": 1}}, "prefill.resources cannot name CPU or GPU.*device: cuda")):
         with pytest.raises(ValueError, match=match):
             ServeConfig.from_dict({"prefill": bad})
+
+
+def test_cuda_graphs_off_in_yaml_reaches_the_engines(tmp_path):
+    import yaml
+    from splitserve.platform.config import ServeConfig, engine_kwargs
+    path = tmp_path / "serve.yaml"
+    path.write_text("cuda_graphs: off\ndecode: {device: cuda}\n")  # a bare off: YAML's false
+    cfg = ServeConfig.from_yaml(str(path))
+    assert yaml.safe_load(path.read_text())["cuda_graphs"] is False
+    assert engine_kwargs(cfg, cfg.decode)["cuda_graphs"] == "off" and engine_kwargs(cfg, cfg.decode)["device"] == "cuda"
+    assert engine_kwargs(ServeConfig(), ServeConfig().decode)["cuda_graphs"] == "auto"
+    with pytest.raises(ValueError, match="cuda_graphs must be 'auto' or 'off'; got 'eager'"):
+        ServeConfig(cuda_graphs="eager")

@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,7 @@ from splitserve.errors import InvalidRequestError, PromptTooLongError, UnknownRe
 from splitserve.stats import EngineStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GRAPH_MODES = ("auto", "off", "eager")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class EngineConfig:
     # decode-only steps on CPU run the whole forward in C++ (splitserve/kernels/cpu_decode.py);
     # false keeps the Python layer loop for every step (the baseline of bench_kernels.py)
     fused_decode: bool = True
+    # decode-only steps on a GPU replay CUDA graphs captured per batch bucket (splitserve/engine/graphs.py):
+    # "auto" (on a GPU) | "off" | "eager" (the graphs' buffers and padding, each replay an eager forward)
+    cuda_graphs: str = "auto"
     # weight-only quantization of the linears: "none" | "int8" (per channel) | "int4" (group-wise);
     # GGUF Q4_0/Q4_1 tensors load straight into int4 (see splitserve/kernels/)
     quantization: str = "none"
@@ -157,11 +161,20 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         if on_cpu and cfg.gemv_dispatch and self.dtype == torch.bfloat16 and cfg.quantization == "none":
             from splitserve.kernels.cpu_linear import use_gemv_dispatch
             use_gemv_dispatch(self.model)
-        self.kv_cache = allocate_kv_cache(spec, self.device)
+        if cfg.cuda_graphs not in GRAPH_MODES:
+            raise InvalidRequestError("cuda_graphs", f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}; "
+                                                     f"got {cfg.cuda_graphs!r}")
+        graphs = {"auto": "off" if on_cpu else "capture"}.get(cfg.cuda_graphs, cfg.cuda_graphs)
+        # with graphs: one block more than the pool hands out, which the graphs' padding rows write to
+        self.kv_cache = allocate_kv_cache(replace(spec, num_blocks=spec.num_blocks + (graphs != "off")), self.device)
         self.kv = KVCacheManager(spec.num_blocks, spec.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
         decoder = None
-        if on_cpu and cfg.fused_decode:
+        if graphs != "off":
+            from splitserve.engine.graphs import GraphRunner, ladder_for
+            decoder = GraphRunner(self.model, self.kv_cache, spec.block_size, self.max_model_len,
+                                  ladder_for(cfg.max_num_seqs), graphs)
+        elif on_cpu and cfg.fused_decode:
             from splitserve.kernels.cpu_decode import FusedDecoder
             decoder = FusedDecoder.wrap(self.model)
         self.runner = ModelRunner(self.model, self.kv_cache, spec.block_size, decoder)
@@ -176,6 +189,8 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self._arrivals = itertools.count()
         self.on_step = None  # called with each model step's StepLoad (in the engine's thread)
         self._init_speculation(cfg)
+        if graphs == "capture":
+            decoder.capture(bar)
 
     # -- requests -----------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
     splitserve generate --prompt TEXT [--chat] [--model PATH] [--max-tokens N]
                         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]
-                        [--device auto|cpu|cuda|cuda:N] [--dtype auto|float32|bfloat16]
+                        [--device auto|cpu|cuda|cuda:N] [--cuda-graphs auto|off] [--dtype auto|float32|bfloat16]
                         [--quantization none|int8|int4] [--speculative off|ngram|draft] [--threads N]
 
     splitserve serve [--config FILE] [--model PATH] [--mode disaggregated|colocated]
@@ -45,6 +45,8 @@ def _generate_args(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "off"],
+                   help="on a GPU, replay decode steps from CUDA graphs captured per batch size (off: eager)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on a GPU (and on CPUs with AMX), else float32")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
@@ -89,7 +91,8 @@ def cmd_generate(args) -> int:
                    top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     print("loading model ...", file=sys.stderr)
     t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, cuda_graphs=args.cuda_graphs,
+                                    dtype=args.dtype, num_threads=args.threads,
                                     quantization=args.quantization, speculative=args.speculative,
                                     kv_cache_memory=256 << 20))
     print(f"loaded {engine.model_config.name} ({engine.dtype} on {engine.device}) in {time.perf_counter() - t:.1f}s",

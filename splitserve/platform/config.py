@@ -18,6 +18,7 @@
                                # server_name: a DNS name every worker certificate carries (else IP SANs)};
                                # or $SPLITSERVE_KV_TLS_CERT/_KEY/_CA/_SERVER_NAME (a mounted Secret)
     speculative: off           # off | ngram | draft: speculative decoding where decode runs (draft: int4 self-draft)
+    cuda_graphs: auto          # auto: workers on cuda replay decode steps from CUDA graphs | off
     autoscale:                 # optional: size the pools to latency objectives (splitserve/autoscaler)
       catalog: catalog.yaml    # instance types: cost, Ray resources, step-time models
       objectives: {ttft_s: 2.0, tpot_s: 0.1, percentile: 90, budget_per_hour: null,
@@ -127,6 +128,7 @@ class ServeConfig:
     quantization: str = "none"  # weights of every pool unless the pool says otherwise
     kv_wire_codec: str = "raw"
     speculative: str = "off"  # decode pool (or colocated engine): "off" | "ngram" | "draft" (int4 self-draft)
+    cuda_graphs: str = "auto"  # workers on cuda replay decode steps from CUDA graphs; "off": eager launches
     autoscale: AutoscaleConfig | None = None  # None: fixed pools (the replicas above)
     # front-door API keys (platform/auth.py); () = open. Default: $SPLITSERVE_API_KEYS (comma-separated)
     api_keys: tuple = field(default_factory=keys_from_env, repr=False)
@@ -162,6 +164,10 @@ class ServeConfig:
             object.__setattr__(self, "autoscale", AutoscaleConfig(**self.autoscale))
         if self.autoscale is not None and self.mode != "disaggregated":
             raise ValueError("autoscale sizes the prefill and decode pools: it needs mode 'disaggregated'")
+        if self.cuda_graphs is False:  # YAML reads a bare `off` as false
+            object.__setattr__(self, "cuda_graphs", "off")
+        if self.cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"cuda_graphs must be 'auto' or 'off'; got {self.cuda_graphs!r}")
         if self.kv_wire_codec not in KV_CODECS:
             raise ValueError(f"kv_wire_codec must be one of {KV_CODECS}; got {self.kv_wire_codec!r}")
         for name in ("max_queued_requests", "prefill_queue_limit", "retry_after_s"):
@@ -205,7 +211,7 @@ def _check_keys(cls, raw, where: str) -> None:
         default = known[key].default
         kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
         if kinds and not (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))):
-            if not (key == "speculative" and value is False):  # YAML reads a bare `off` as false
+            if not (key in ("speculative", "cuda_graphs") and value is False):  # YAML reads a bare `off` as false
                 raise ValueError(f"{where}.{key} must be {type(default).__name__}, got {value!r}")
 
 
@@ -224,4 +230,4 @@ def engine_kwargs(cfg: ServeConfig, pool: PoolConfig, decodes: bool = True) -> d
                 kv_cache_memory=pool.kv_cache_memory_mb << 20,
                 max_num_batched_tokens=pool.max_num_batched_tokens if pool.chunked_prefill else 1 << 20,
                 max_num_seqs=pool.max_num_seqs, quantization=pool.quantization or cfg.quantization,
-                prefix_caching=cfg.prefix_caching, show_progress=False)
+                prefix_caching=cfg.prefix_caching, cuda_graphs=cfg.cuda_graphs, show_progress=False)
