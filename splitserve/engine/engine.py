@@ -158,6 +158,9 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
                                                       self.max_model_len, self.device)
         quantize_model(self.model, cfg.quantization, cfg.int4_group_size)  # float linears left (HF dirs)
         on_cpu = self.device.type == "cpu"  # the CPU-only transforms: GEMV dispatch, the C++ decode step
+        if not on_cpu:  # each kernel op per shape: the implementation measured fastest on this GPU (cached)
+            from splitserve.kernels.cases import prepare
+            prepare(self.model, self.device, spec.block_size, cfg.max_num_seqs, cfg.quantization, bar)
         if on_cpu and cfg.gemv_dispatch and self.dtype == torch.bfloat16 and cfg.quantization == "none":
             from splitserve.kernels.cpu_linear import use_gemv_dispatch
             use_gemv_dispatch(self.model)

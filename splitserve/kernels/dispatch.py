@@ -1,6 +1,11 @@
-"""Which kernel implementation runs: Triton on CUDA tensors, torch's CPU kernels on CPU.
+"""Which kernel implementation runs: on CUDA tensors the one measured fastest at that shape, torch on CPU.
 
-``backend_for(tensor)`` is the one decision point. ``SPLITSERVE_KERNELS=triton``
+``backend_for(tensor, op, rows, context)`` is the one decision point: a forced
+backend if any; torch for CPU tensors; for CUDA tensors ``choice.choose`` (the
+GPU's measured table, ``choice.py``: "torch", "triton" or, for quantized
+linears, "triton-gemv"); with no op named, "triton" (where a module fixes its
+weights' layout: the canonical one, which every GPU implementation reads).
+``SPLITSERVE_KERNELS=triton``
 (or ``force_backend("triton")`` in tests) sends CPU tensors to the Triton
 kernels too; without a GPU that needs ``TRITON_INTERPRET=1`` set before Triton
 is imported, which ``triton_module`` does when it imports a kernel file with no
@@ -16,6 +21,8 @@ import os
 
 import torch
 
+from splitserve.kernels.choice import choose
+
 BACKENDS = ("torch", "triton")
 
 
@@ -30,10 +37,12 @@ def _env_backend() -> str | None:
 _forced: str | None = _env_backend()
 
 
-def backend_for(t: torch.Tensor) -> str:
+def backend_for(t: torch.Tensor, op: str | None = None, rows: int = 0, context: int = 0) -> str:
     if _forced:
         return _forced
-    return "triton" if t.is_cuda else "torch"
+    if not t.is_cuda:
+        return "torch"
+    return "triton" if op is None else choose(op, rows, context)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ linears in place of loading. Each module fixes its backend when built
                   and prompts; 2.2-2.6x torch's fp32 GEMM at a 110-token prompt, 5-12x at one row)
                   otherwise int8: torch._weight_int8pack_mm        (bf16 activations)
                             int4: torch._weight_int4pack_mm_for_cpu (bf16 activations, torch's tile layout)
-    triton        int8 / int4 kernels on the canonical layout (kernels/triton/w8_matmul.py, w4_matmul.py)
+    triton        the canonical layout; per number of rows the GPU's measured choice (kernels/choice.py):
+                  the int8 / int4 GEMMs (triton/w8_matmul.py, w4_matmul.py), the split-K GEMV
+                  (triton/gemv.py, <= 16 rows), or torch (dequantized weight through cuBLAS)
 
 torch's int8 kernel is fast only with bf16 activations (15-45x slower with
 fp32, ``../shared/ANCHORS.md``), so on CPU activations enter it as bf16 and
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels.dispatch import backend_for, triton_module
+from splitserve.kernels.choice import GEMV_MAX_ROWS
+from splitserve.kernels.dispatch import backend_for
 from splitserve.kernels.quant import Int8Weight, QuantizedWeight, quantize_int4, quantize_int8
 
 QUANTIZATION_MODES = ("none", "int8", "int4")
@@ -47,8 +50,9 @@ class QuantLinear(nn.Module):
         # Plain tensor attributes, not buffers: a buffer is looked up through nn.Module.__getattr__
         # on every access (measured ~0.6 ms of a 11 ms decode step over the model's 121 linears).
         self.bias = None if bias is None else bias.detach().to(out_dtype)
+        self.op = f"linear_int{self.bits}_{self.out_features}x{self.in_features}"  # its kernel-choice key
         if self.backend == "triton":
-            self.weight = weight  # canonical layout, read by the Triton kernels
+            self.weight = weight  # canonical layout, read by every GPU implementation
         elif self.bits == 8:
             self.qweight = weight.qweight  # [N, K] int8
             self.scale = weight.scale.to(torch.bfloat16)  # [N]
@@ -64,10 +68,12 @@ class QuantLinear(nn.Module):
         self.vnni = _vnni_tiles(self) if self.backend == "torch" else None  # (tiles, scale, zero) or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            kernel = triton_module("w8_matmul" if self.bits == 8 else "w4_matmul")
-            out = kernel.launch(x, self.weight, self.bias)
-            return out.to(self.out_dtype)
+        if self.backend == "triton":  # canonical weights: per rows, the GPU's measured choice (choice.py)
+            from splitserve.kernels.cases import linear_impl
+            impl = backend_for(x, self.op, x.shape[0])
+            if impl == "triton-gemv" and x.shape[0] > GEMV_MAX_ROWS:
+                impl = "triton"
+            return linear_impl(impl, self, x).to(self.out_dtype)
         if self.vnni is not None and x.dtype in (torch.float32, torch.bfloat16):
             out = _vnni_gemv(x.contiguous(), *self.vnni, 32)  # [M, N'] in x's dtype (N' = N padded to 16)
             if out.shape[1] != self.out_features:

@@ -6,8 +6,9 @@
     paged_decode_attention(q [B, Hq, D], kv_layer, block_tables [B, W], context_lens [B], mask) -> [B, Hq, D]
     kv_quantize(x [R, D]) -> (q int8 [R, D], scale fp32 [R]);  kv_dequantize(q, scale, dtype) -> [R, D]
 
-The choice is ``dispatch.backend_for`` on the first tensor argument: Triton for
-CUDA tensors (or when forced), torch otherwise. The torch paths are written for
+The choice is ``dispatch.backend_for`` on the first tensor argument and the
+shape: on a GPU the implementation measured fastest there (``choice.py``),
+Triton when forced, torch's CPU paths otherwise. The torch paths are written for
 CPU speed: few ops, fused torch kernels where they exist (``F.rms_norm``,
 the flash SDPA kernel), no copies of the cache beyond a sequence's own blocks.
 Quantized matmuls are modules (``linear.py``), since their weights need a
@@ -25,7 +26,7 @@ from splitserve.kernels.dispatch import backend_for, triton_module
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # residual: [N, H] fp32 stream; delta: [N, H] or None -> (residual + delta, normalised in weight's dtype)
-    if backend_for(residual) == "triton":
+    if backend_for(residual, "add_rms_norm", residual.shape[0]) == "triton":
         return triton_module("rmsnorm").launch(residual, delta, weight, eps)
     if delta is not None:
         residual = residual + delta
@@ -33,7 +34,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if backend_for(gate_up) == "triton":
+    if backend_for(gate_up, "silu_and_mul", gate_up.shape[0]) == "triton":
         return triton_module("silu_mul").launch(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -41,7 +42,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     # qk: [N, H, D]; cos, signed_sin: [N, 1, D] (engine/rope.py tables)
-    if backend_for(qk) == "triton":
+    if backend_for(qk, "rotary", qk.shape[0]) == "triton":
         return triton_module("rotary").launch(qk, cos[:, 0], signed_sin[:, 0])
     n, h, d = qk.shape
     swapped = qk.reshape(n, h, 2, d // 2).flip(2).reshape(n, h, d)  # [x2, x1]
@@ -52,7 +53,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                            context_lens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence over its cached K/V. ``mask`` ([B, 1, 1, W * bs], True or 0.0 = attend,
     False or -inf = not) may be passed precomputed from ``context_lens`` (the runner builds it once a step)."""
-    if backend_for(q) == "triton":
+    if backend_for(q, "paged_decode_attention", q.shape[0], block_tables.shape[1] * kv_layer.shape[2]) == "triton":
         return triton_module("paged_attention").launch(q, kv_layer, block_tables, context_lens)
     b, num_heads, head_dim = q.shape
     num_kv_heads = kv_layer.shape[3]

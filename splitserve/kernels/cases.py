@@ -1,0 +1,146 @@
+"""The cases ``choice.measure`` times for one model on its device, and ``prepare``, which installs the table.
+
+Each kernel op at the model's own shapes, once per row bucket (and, for decode
+attention, per batch and context bucket), with random inputs on the device:
+
+    add_rms_norm, silu_and_mul, rotary     torch | triton
+    paged_decode_attention                 torch (gather + SDPA) | triton (split context)
+    linear_int8 / linear_int4 (per N x K)  torch (dequantize + cuBLAS) | triton (GEMM) | triton-gemv (rows <= 16)
+
+``prepare(model, device)`` reads the table for this GPU type, versions and
+model shape if one was saved, else measures (about a minute on a GPU, with
+progress) and saves it, then installs it for the process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from splitserve.kernels import choice
+from splitserve.kernels.choice import CONTEXT_BUCKETS, ROW_BUCKETS, Case
+from splitserve.kernels.dispatch import force_backend, triton_module
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 4096  # the last row bucket is timed at this many rows
+MAX_KV_TOKENS = 1 << 20  # decode attention cases hold at most this many cached tokens
+
+
+def _with(backend: str, fn):
+    def run():
+        with force_backend(backend):
+            return fn()
+    return run
+
+
+def _elementwise(cfg, dtype, device, rows: tuple[int, ...]) -> list[Case]:
+    from splitserve.kernels import ops
+    h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    heads = cfg.num_heads + cfg.num_kv_heads
+    cases = []
+    for n in rows:
+        g = torch.Generator(device=device).manual_seed(n)
+        res = torch.randn(n, h, device=device, generator=g)
+        delta = torch.randn(n, h, device=device, generator=g).to(dtype)
+        weight = torch.rand(h, device=device, generator=g).to(dtype)
+        gate_up = torch.randn(n, 2 * inter, device=device, generator=g).to(dtype)
+        qk = torch.randn(n, heads, d, device=device, generator=g).to(dtype)
+        angle = torch.rand(n, 1, d // 2, device=device, generator=g) * 6.28
+        cos, sin = torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([-angle.sin(), angle.sin()], -1).to(dtype)
+        norm = lambda: ops.add_rms_norm(res.clone(), delta, weight, cfg.rms_norm_eps)  # noqa: E731
+        silu = lambda: ops.silu_and_mul(gate_up)  # noqa: E731
+        rot = lambda: ops.rotary(qk.clone(), cos, sin)  # noqa: E731
+        for op, fn in (("add_rms_norm", norm), ("silu_and_mul", silu), ("rotary", rot)):
+            cases.append(Case(op, n, 0, {b: _with(b, fn) for b in ("torch", "triton")}, str(dtype).split(".")[-1]))
+    return cases
+
+
+def _attention(cfg, dtype, device, batches: tuple[int, ...], contexts: tuple[int, ...], block_size: int) -> list[Case]:
+    from splitserve.kernels import ops
+    cases = []
+    for b in batches:
+        for ctx in contexts:
+            if b * ctx > MAX_KV_TOKENS:
+                continue
+            width = -(-ctx // block_size)
+            g = torch.Generator(device=device).manual_seed(b * 7919 + ctx)
+            kv = torch.randn(b * width + 1, 2, block_size, cfg.num_kv_heads, cfg.head_dim, device=device,
+                             generator=g).to(dtype)
+            tables = torch.randperm(b * width, device=device, generator=g).view(b, width)
+            lens = torch.randint(max(1, ctx // 2), ctx + 1, (b,), device=device, generator=g)
+            q = torch.randn(b, cfg.num_heads, cfg.head_dim, device=device, generator=g).to(dtype)
+            fn = lambda q=q, kv=kv, t=tables, n=lens: ops.paged_decode_attention(q, kv, t, n)  # noqa: E731
+            cases.append(Case("paged_decode_attention", b, ctx, {x: _with(x, fn) for x in ("torch", "triton")},
+                              str(dtype).split(".")[-1]))
+    return cases
+
+
+def linear_impl(name: str, layer, x: torch.Tensor) -> torch.Tensor:
+    """One implementation of a quantized linear (canonical weights on the GPU): x [M, K] -> [M, N]."""
+    w = layer.weight
+    if name == "torch":
+        return F.linear(x, w.dequantize().to(x.dtype), layer.bias)
+    if name == "triton-gemv":
+        gemv = triton_module("gemv")
+        return (gemv.launch_w8 if layer.bits == 8 else gemv.launch_w4)(x, w, layer.bias)
+    return triton_module("w8_matmul" if layer.bits == 8 else "w4_matmul").launch(x, w, layer.bias).to(x.dtype)
+
+
+def _linears(model, dtype, device, rows: tuple[int, ...]) -> list[Case]:
+    from splitserve.kernels.choice import GEMV_MAX_ROWS
+    from splitserve.kernels.linear import QuantLinear
+    seen, cases = set(), []
+    for layer in model.modules():
+        if not isinstance(layer, QuantLinear) or layer.backend != "triton":
+            continue
+        shape = (layer.bits, layer.out_features, layer.in_features, getattr(layer.weight, "group_size", 0))
+        if shape in seen:
+            continue
+        seen.add(shape)
+        for n in rows:
+            x = torch.randn(n, layer.in_features, device=device).to(dtype)
+            names = ("torch", "triton") + (("triton-gemv",) if n <= GEMV_MAX_ROWS else ())
+            cands = {name: (lambda name=name, x=x, layer=layer: linear_impl(name, layer, x)) for name in names}
+            cases.append(Case(f"linear_int{layer.bits}_{layer.out_features}x{layer.in_features}", n, 0, cands,
+                              str(dtype).split(".")[-1]))
+    return cases
+
+
+def model_cases(model, device: torch.device, block_size: int, max_batch: int,
+                rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None) -> list[Case]:
+    """Every case for ``model`` (built on ``device``); ``rows`` / ``contexts``: the buckets to time (default:
+    all up to ``MAX_ROWS`` rows and the model's context)."""
+    cfg, dtype = model.cfg, model.dtype
+    rows = rows or tuple(min(r, MAX_ROWS) for r in ROW_BUCKETS)
+    contexts = contexts or tuple(c for c in CONTEXT_BUCKETS[1:] if c <= max(cfg.max_position_embeddings, 512))
+    batches = tuple(r for r in rows if r <= max_batch)
+    return (_elementwise(cfg, dtype, device, rows) + _attention(cfg, dtype, device, batches, contexts, block_size)
+            + _linears(model, dtype, device, rows))
+
+
+def prepare(model, device: torch.device, block_size: int, max_batch: int, quantization: str, progress=None,
+            rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None):
+    """Read this GPU's table for this model shape, or measure and save it; install it. Returns the table.
+    ``rows`` / ``contexts``: as in ``model_cases`` (tests time a few small buckets)."""
+    import triton
+    cfg = model.cfg
+    meta = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "torch": torch.__version__, "triton": triton.__version__, "dtype": str(model.dtype).split(".")[-1],
+            "model": f"{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.num_kv_heads}x{cfg.head_dim}",
+            "quantization": quantization, "block_size": block_size, "max_batch": max_batch}
+    path = choice.table_path(meta)
+    try:
+        table = choice.KernelTable.load(path)
+        log.info("kernel choices from %s", path)
+    except (OSError, ValueError, KeyError):
+        table = choice.measure(model_cases(model, device, block_size, max_batch, rows, contexts), progress=progress)
+        table.meta = {**meta, "date": datetime.date.today().isoformat()}
+        try:
+            table.save(path)
+        except OSError as e:
+            log.warning("kernel choices not saved (%s): measured again at the next start", e)
+    choice.install(table)
+    return table

@@ -1,0 +1,150 @@
+"""Which implementation runs each kernel operation on a GPU, per shape bucket: measured, not assumed.
+
+A Triton kernel is used where it was measured faster than torch's (cuBLAS,
+SDPA, torch's fused ops) at that shape on this GPU, and correct; nowhere else.
+
+    key(op, rows, context=0) -> (op, rows bucket, context bucket)
+    measure(cases, timer)     for each case (an op at one bucket's representative shape): run every
+                              candidate, drop the ones that fail or differ from the torch candidate
+                              beyond the op's tolerance, keep the fastest -> KernelTable
+    KernelTable               {key: implementation}; JSON on disk, one file per GPU type, torch and
+                              Triton version and model shape (``table_path``): measured once at the
+                              first start-up (``prepare``), then read; it can be checked in
+    choose(op, rows, context) the table's implementation; without an entry: "torch"
+
+Implementations: "torch" | "triton" for every op; the quantized linears also
+"triton-gemv" (rows <= 16, ``triton/gemv.py``). ``dispatch.backend_for`` asks
+``choose`` for CUDA tensors; CPU tensors always take torch's paths (unless a
+backend is forced, as the interpreter tests do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 8192)  # a bucket is the smallest bound >= rows
+CONTEXT_BUCKETS = (0, 512, 2048, 8192, 32768)  # decode attention: by its block table's token width
+GEMV_MAX_ROWS = 16  # the split-K GEMV (triton/gemv.py) takes at most this many rows
+TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 1e-2}
+
+
+def _bucket(value: int, bounds: tuple[int, ...]) -> int:
+    return next((b for b in bounds if value <= b), bounds[-1])
+
+
+def key(op: str, rows: int, context: int = 0) -> str:
+    return f"{op}|{_bucket(rows, ROW_BUCKETS)}|{_bucket(context, CONTEXT_BUCKETS)}"
+
+
+@dataclass
+class KernelTable:
+    choices: dict = field(default_factory=dict)  # key -> implementation
+    timings: dict = field(default_factory=dict)  # key -> {implementation: seconds, or the reason it was dropped}
+    meta: dict = field(default_factory=dict)  # GPU, versions, model shape, date
+
+    def choose(self, op: str, rows: int, context: int = 0) -> str:
+        return self.choices.get(key(op, rows, context), "torch")
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"meta": self.meta, "choices": self.choices, "timings": self.timings}, f, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "KernelTable":
+        with open(path) as f:
+            raw = json.load(f)
+        return cls(dict(raw["choices"]), dict(raw.get("timings", {})), dict(raw.get("meta", {})))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one bucket: ``candidates`` {implementation: zero-argument callable returning a tensor (or a
+    tuple, whose last item is compared)}; "torch" among them is the reference the others must match."""
+    op: str
+    rows: int
+    context: int
+    candidates: dict
+    dtype: str = "float32"
+
+
+def _output(result):
+    return result[-1] if isinstance(result, tuple) else result
+
+
+def _differs(out, ref, tol: float) -> str | None:
+    out, ref = _output(out).float(), _output(ref).float()
+    if out.shape != ref.shape:
+        return f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    scale = max(ref.abs().max().item(), 1e-6)
+    err = (out - ref).abs().max().item() / scale
+    return None if math.isfinite(err) and err <= tol else f"error {err:.2e} of the output's range > {tol:g}"
+
+
+def wall_timer(fn, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` (a warm-up call first); CUDA work is waited for."""
+    import torch
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(cases: list[Case], timer=wall_timer, progress=None) -> KernelTable:
+    """The fastest correct implementation per case's key (see the module docstring)."""
+    table = KernelTable()
+    for case in (progress(cases, "choosing kernels") if progress else cases):
+        k = key(case.op, case.rows, case.context)
+        ref = case.candidates["torch"]()
+        timings, best = {}, None
+        for name, fn in case.candidates.items():
+            try:
+                wrong = None if name == "torch" else _differs(fn(), ref, TOLERANCE.get(case.dtype, 1e-3))
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run this shape is not chosen
+                wrong = f"failed: {type(e).__name__}: {e}"
+            if wrong:
+                timings[name] = wrong
+                continue
+            timings[name] = timer(fn)
+            if best is None or timings[name] < timings[best]:
+                best = name
+        table.choices[k], table.timings[k] = best, timings
+    return table
+
+
+def table_path(meta: dict) -> str:
+    """Where the table of this GPU type, these versions and this model shape lives
+    (``SPLITSERVE_KERNEL_TABLE`` overrides)."""
+    if os.environ.get("SPLITSERVE_KERNEL_TABLE"):
+        return os.environ["SPLITSERVE_KERNEL_TABLE"]
+    name = "-".join(str(meta[k]) for k in sorted(meta) if k != "date")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "splitserve", "kernels", safe + ".json")
+
+
+_table = KernelTable()  # the process's table (one GPU type per worker process)
+
+
+def current() -> KernelTable:
+    return _table
+
+
+def install(table: KernelTable) -> None:
+    global _table
+    _table = table
+
+
+def choose(op: str, rows: int, context: int = 0) -> str:
+    return _table.choose(op, rows, context)
