@@ -103,3 +103,24 @@ def test_captured_graphs_replay_what_the_eager_model_computes(tiny_path):
     assert [g.token_ids for g in got] == [e.token_ids for e in eager]
     assert sum(eng.runner.decoder.replays.values()) > 0
     assert_no_leaks(eng)
+
+
+def test_the_gpu_benchmark_runs_its_code_at_tiny_shapes(tmp_path):
+    """``bench_gpu.py --smoke``: every section (kernels beside torch, eager vs graph-buffer decode,
+    transformers' static cache) on CPU, so the GPU run cannot fail on the script itself."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_gpu.py"), "--smoke",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    kinds = {r["kernel"] for r in out["kernels"]}
+    assert kinds == {"int8 GEMV", "int4 GEMV", "int8 GEMM", "int4 GEMM", "paged decode attention", "add+RMSNorm",
+                     "SiLU-and-mul"}
+    assert all(r["ours_us"] > 0 and r["baseline_us"] > 0 for r in out["kernels"])
+    assert [r["batch"] for r in out["decode"]] == [1, 8] and [r["batch"] for r in out["hf"]] == [1, 8]
+    assert "| decode batch |" in (tmp_path / "gpu_smoke.md").read_text()
