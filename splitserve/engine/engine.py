@@ -276,6 +276,8 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
             else None
         try:
             logits, order = self.runner.execute(self._step_sequences(plan), hook)
+            if self.device.type == "cuda":  # the step's time is its GPU time (the sampling waits for it anyway)
+                torch.cuda.synchronize(self.device)
         except Exception as e:  # a failed forward fails the requests in it, with the reason
             return outputs + self._fail_all(plan, f"model step failed: {type(e).__name__}: {e}")
         if self.on_step is not None:
