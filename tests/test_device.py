@@ -59,6 +59,8 @@ def test_auto_dtype_is_bfloat16_on_a_gpu_and_the_cpu_rule_on_cpu(monkeypatch):
     gpu = torch.device("cuda", 0)  # a device name only: nothing runs on it
     assert dtype_name("auto", gpu) == "bfloat16"
     assert dtype_name("float32", gpu) == "float32"  # an explicit dtype is kept
+    from splitserve.engine.device import auto_dtype
+    assert auto_dtype(gpu, False, gpu_has_bf16=False) == "float32"  # a GPU older than Ampere
     import splitserve.engine.engine as eng
     monkeypatch.setattr(eng, "_cpu_has_fast_bf16", lambda: False)
     assert dtype_name("auto", HOST) == "float32"

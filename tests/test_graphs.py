@@ -73,6 +73,17 @@ def test_a_batch_bigger_than_every_bucket_runs_the_model_eagerly(tiny_path):
     assert runner.replays[2] == 1
 
 
+def test_a_bucket_without_a_captured_graph_runs_eagerly(tiny_path):
+    """Steps before the capture (speculation's start-up calibration runs some) find no graph: eager."""
+    eng = engine(tiny_path, cuda_graphs="off")
+    cache = torch.zeros(eng.kv_cache.shape[0], eng.kv_cache.shape[1] + 1, *eng.kv_cache.shape[2:])
+    runner = GraphRunner(eng.model, cache, 4, eng.max_model_len, (1, 2), mode="capture")  # nothing captured
+    step = prepare_step([StepSequence([5], 2, (0,), True)], 4)
+    torch.testing.assert_close(runner(step, cache), eng.model(step.input_ids, cache.clone(), step.meta,
+                                                               step.logits_indices))
+    assert runner.eager_steps == 1 and runner.replays == {1: 0, 2: 0}
+
+
 def test_padding_rows_write_only_the_pad_block(tiny_path):
     """A step smaller than its bucket after a bigger one: the rows it does not use are padding again, not
     the last step's requests (whose blocks may belong to another request by now)."""

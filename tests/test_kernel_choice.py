@@ -18,7 +18,10 @@ def test_buckets_and_keys():
     assert key("rotary", 1) == "rotary|1|0" and key("rotary", 2) == "rotary|4|0"
     assert key("rotary", 5000) == key("rotary", 10 ** 6) == "rotary|8192|0"
     assert key("paged_decode_attention", 3, 600) == "paged_decode_attention|4|2048"
-    assert KernelTable().choose("anything", 3) == "torch"  # not measured: torch's path
+    empty = KernelTable()  # nothing measured: torch's paths, but in-place Triton reads for these two
+    assert empty.choose("anything", 3) == "torch" and empty.choose("add_rms_norm", 3) == "torch"
+    assert empty.choose("paged_decode_attention", 64, 32768) == "triton"
+    assert empty.choose("linear_int4_64x128", 16) == "triton-gemv" and empty.choose("linear_int4_64x128", 17) == "triton"
 
 
 def test_the_fastest_correct_candidate_wins_and_wrong_or_failing_ones_never_do():

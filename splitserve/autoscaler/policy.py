@@ -91,6 +91,9 @@ class Objectives:
     stale_s: float = 30.0  # an older snapshot is no data
     trend_s: float = 300.0  # demand growth is measured over this long and planned for a start-up ahead
     switch_saving: float = 0.2  # a different mix of types replaces what is there only if it costs this much less
+    switch_headroom: float = 0.5  # ... and it is chosen for this much more demand than now
+    down_margin: float = 0.15  # an instance is drained only if the rest carries this much more than the demand
+    #                            (a demand wobbling around a boundary does not add and drain one in turn)
     rebalance_gap: float = 0.3
     max_migrations: int = 4  # per rebalancing proposal
     default_prompt_tokens: int = 256  # the demand's shape before anything was measured
@@ -185,7 +188,12 @@ def _decode_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict
     out_mean = ps.output_tokens.mean if ps.output_tokens.n else obj.default_output_tokens
     prompt_mean = pre.prompt_tokens.mean if pre.prompt_tokens.n else obj.default_prompt_tokens
     demand = max(ps.token_rate, ps.recent_token_rate, max(pre.arrival_rate, pre.recent_arrival_rate) * out_mean)
-    context = ps.kv_tokens_used / ps.running if ps.running else prompt_mean + out_mean / 2
+    if ps.steps >= obj.min_samples and ps.step_x > 0:  # the window's mean context of a decoding sequence
+        context = ps.step_y / ps.step_x
+    elif ps.running:  # the instant one (a few running requests make it jump: the window's is steadier)
+        context = ps.kv_tokens_used / ps.running
+    else:
+        context = prompt_mean + out_mean / 2
     corr = _correction("decode", snapshot, catalog, obj)
     cap = {t.name: decode_capacity(t, context, obj.tpot_s * obj.headroom, corr, p=obj.percentile / 100)[1]
            for t in catalog.for_pool("decode")}
@@ -271,16 +279,23 @@ def _plan(model: dict, cost: dict, current: dict, limits: PoolLimits, obj: Objec
     the cheapest addition; a different mix altogether only when it costs ``switch_saving`` less."""
     cap, demand = model["capacity"], model["demand"]
     known = {k: n for k, n in current.items() if k in cap}
-    if _carries(model, known) >= demand:
-        keep = cheapest_mix(cap, cost, demand, limits.min, limits.max, known, upper=known)
+    if _carries(model, known) >= demand:  # fewer of them only if the rest carries down_margin more (hysteresis)
+        keep = cheapest_mix(cap, cost, demand * (1 + obj.down_margin), limits.min, limits.max, known,
+                            upper=known) or known
     else:
         more = cheapest_mix(cap, cost, demand - _carries(model, known), 0, limits.max - sum(known.values()))
         keep = None if more is None else {k: known.get(k, 0) + more.get(k, 0) for k in {*known, *more}}
         if keep is not None and sum(keep.values()) < limits.min:
             keep = None
     fresh = cheapest_mix(cap, cost, demand, limits.min, limits.max, current)
-    if keep is None or (fresh is not None and _price(fresh, cost) < (1 - obj.switch_saving) * _price(keep, cost)):
+    if keep is None:
         return fresh
+    # another mix of types is planned for switch_headroom more demand: a switch is slow to undo (the new
+    # instances start, the old ones stay until they are up), so a mix that only just carries today's demand
+    # is not worth switching to
+    other = cheapest_mix(cap, cost, demand * (1 + obj.switch_headroom), limits.min, limits.max, current)
+    if other is not None and _price(other, cost) < (1 - obj.switch_saving) * _price(keep, cost):
+        return other
     return {k: n for k, n in keep.items() if n}
 
 
@@ -417,7 +432,7 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
         workers = _pick_drains(pool, kind, snapshot)[:n]
         for i, worker in enumerate(workers):
             rest = left - cap.get(kind, 0.0)
-            if rest < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
+            if rest < model["demand"] * (1 + obj.down_margin) and not _idle(snapshot):
                 if i == 0:
                     reasons.append(f"{pool}: draining a {kind} would leave {rest:.2f} {model['unit']} for a "
                                    f"demand of {model['demand']:.2f}: the new instances first")

@@ -45,11 +45,11 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device("cuda", i)
 
 
-def auto_dtype(device: torch.device, cpu_has_fast_bf16: bool) -> str:
-    """``dtype: auto`` on ``device``: bfloat16 on a GPU; on CPU bfloat16 only where its GEMMs beat
-    float32 (``cpu_has_fast_bf16``: AMX tiles)."""
+def auto_dtype(device: torch.device, cpu_has_fast_bf16: bool, gpu_has_bf16: bool = True) -> str:
+    """``dtype: auto`` on ``device``: bfloat16 on a GPU that has it (Ampere and later; float32 on older
+    ones); on CPU bfloat16 only where its GEMMs beat float32 (``cpu_has_fast_bf16``: AMX tiles)."""
     if device.type == "cuda":
-        return "bfloat16"
+        return "bfloat16" if gpu_has_bf16 else "float32"
     return "bfloat16" if cpu_has_fast_bf16 else "float32"
 
 

@@ -20,6 +20,7 @@ is the whole loop:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -93,7 +94,8 @@ def dtype_name(name: str, device: torch.device = HOST) -> str:
     """The dtype ``name`` means on ``device`` of this machine: ``auto`` is bfloat16 on a GPU, and on CPU
     where it has AMX; else float32."""
     if name == "auto":
-        return auto_dtype(device, device.type == "cpu" and _cpu_has_fast_bf16())
+        gpu_bf16 = device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        return auto_dtype(device, device.type == "cpu" and _cpu_has_fast_bf16(), gpu_bf16)
     if name not in DTYPES:
         raise InvalidRequestError("dtype", f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return name
@@ -129,6 +131,9 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.cuda_graphs not in GRAPH_MODES:
+            raise InvalidRequestError("cuda_graphs", f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}; "
+                                                     f"got {cfg.cuda_graphs!r}")
         self.model_path = cfg.model or default_model_path()
         bar = (lambda items, desc: progress(items, desc)) if cfg.show_progress else None
         from splitserve.kernels.linear import QUANTIZATION_MODES, quantize_model
@@ -160,13 +165,12 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         on_cpu = self.device.type == "cpu"  # the CPU-only transforms: GEMV dispatch, the C++ decode step
         if not on_cpu:  # each kernel op per shape: the implementation measured fastest on this GPU (cached)
             from splitserve.kernels.cases import prepare
-            prepare(self.model, self.device, spec.block_size, cfg.max_num_seqs, cfg.quantization, bar)
+            with self.on_device():
+                prepare(self.model, self.device, spec.block_size, cfg.max_num_seqs, cfg.quantization, bar,
+                        max_context=self.max_model_len)
         if on_cpu and cfg.gemv_dispatch and self.dtype == torch.bfloat16 and cfg.quantization == "none":
             from splitserve.kernels.cpu_linear import use_gemv_dispatch
             use_gemv_dispatch(self.model)
-        if cfg.cuda_graphs not in GRAPH_MODES:
-            raise InvalidRequestError("cuda_graphs", f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}; "
-                                                     f"got {cfg.cuda_graphs!r}")
         graphs = {"auto": "off" if on_cpu else "capture"}.get(cfg.cuda_graphs, cfg.cuda_graphs)
         # with graphs: one block more than the pool hands out, which the graphs' padding rows write to
         self.kv_cache = allocate_kv_cache(replace(spec, num_blocks=spec.num_blocks + (graphs != "off")), self.device)
@@ -191,9 +195,16 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         self._pending: list[RequestOutput] = []  # outputs produced outside step (aborts, moves)
         self._arrivals = itertools.count()
         self.on_step = None  # called with each model step's StepLoad (in the engine's thread)
-        self._init_speculation(cfg)
-        if graphs == "capture":
-            decoder.capture(bar)
+        if graphs == "capture":  # before any step (speculation's calibration runs some)
+            with self.on_device():
+                decoder.capture(bar)
+        with self.on_device():
+            self._init_speculation(cfg)
+
+    def on_device(self):
+        """The engine's GPU as the current one (Triton launches, streams and graphs use the current device;
+        it is per thread, and the engine's steps run in its loop thread); nothing on CPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     # -- requests -----------------------------------------------------------
 
@@ -275,7 +286,8 @@ class LLMEngine(MovesMixin, SpeculativeMixin):
         hook = layer_hook(plan.chunks, self.kv_streams, self.kv_cache, self.kv.block_size) if self.kv_streams \
             else None
         try:
-            logits, order = self.runner.execute(self._step_sequences(plan), hook)
+            with self.on_device():
+                logits, order = self.runner.execute(self._step_sequences(plan), hook)
             if self.device.type == "cuda":  # the step's time is its GPU time (the sampling waits for it anyway)
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # a failed forward fails the requests in it, with the reason

@@ -109,10 +109,11 @@ class GraphRunner:
 
     def __call__(self, step, kv_cache: torch.Tensor) -> torch.Tensor:
         """``step``: a runner ``PreparedStep`` of decodes only -> logits [B, vocab] fp32, in input order (a
-        view of the bucket's static output: valid until the next step)."""
+        view of the bucket's static output: valid until the next step). Eager when no graph holds it (too
+        many rows, or not captured yet)."""
         meta, b = step.meta, step.meta.num_decodes
         n = self.bucket(b)
-        if n is None or kv_cache is not self.kv_cache:
+        if n is None or kv_cache is not self.kv_cache or (self.mode == "capture" and n not in self.graphs):
             self.eager_steps += 1
             return self.model(step.input_ids, kv_cache, meta, step.logits_indices)
         width = meta.decode_block_tables.shape[1]

@@ -110,19 +110,32 @@ def _linears(model, dtype, device, rows: tuple[int, ...]) -> list[Case]:
 
 
 def model_cases(model, device: torch.device, block_size: int, max_batch: int,
-                rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None) -> list[Case]:
+                rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None,
+                max_context: int = 0) -> list[Case]:
     """Every case for ``model`` (built on ``device``); ``rows`` / ``contexts``: the buckets to time (default:
-    all up to ``MAX_ROWS`` rows and the model's context)."""
+    all up to ``MAX_ROWS`` rows, and the decode attention's up to the buckets that hold ``max_batch`` rows and
+    ``max_context`` tokens: the shapes CUDA graphs replay). Cases over ``MAX_KV_TOKENS`` are left out (the
+    op's default then serves them: ``choice.default``)."""
     cfg, dtype = model.cfg, model.dtype
     rows = rows or tuple(min(r, MAX_ROWS) for r in ROW_BUCKETS)
-    contexts = contexts or tuple(c for c in CONTEXT_BUCKETS[1:] if c <= max(cfg.max_position_embeddings, 512))
-    batches = tuple(r for r in rows if r <= max_batch)
+    top = next((c for c in CONTEXT_BUCKETS if c >= max_context), CONTEXT_BUCKETS[-1])  # the bucket covering it
+    contexts = contexts or tuple(c for c in CONTEXT_BUCKETS[1:] if c <= max(top, 512))
+    batch_top = next((r for r in ROW_BUCKETS if r >= max_batch), ROW_BUCKETS[-1])
+    batches = tuple(r for r in rows if r <= batch_top)  # up to the bucket holding max_batch
     return (_elementwise(cfg, dtype, device, rows) + _attention(cfg, dtype, device, batches, contexts, block_size)
             + _linears(model, dtype, device, rows))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("splitserve")
+    except PackageNotFoundError:
+        return "source"
+
+
 def prepare(model, device: torch.device, block_size: int, max_batch: int, quantization: str, progress=None,
-            rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None):
+            rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None, max_context: int = 0):
     """Read this GPU's table for this model shape, or measure and save it; install it. Returns the table.
     ``rows`` / ``contexts``: as in ``model_cases`` (tests time a few small buckets)."""
     import triton
@@ -130,13 +143,15 @@ def prepare(model, device: torch.device, block_size: int, max_batch: int, quanti
     meta = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "torch": torch.__version__, "triton": triton.__version__, "dtype": str(model.dtype).split(".")[-1],
             "model": f"{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.num_kv_heads}x{cfg.head_dim}",
-            "quantization": quantization, "block_size": block_size, "max_batch": max_batch}
+            "quantization": quantization, "block_size": block_size, "max_batch": max_batch,
+            "max_context": max_context, "splitserve": _version()}
     path = choice.table_path(meta)
     try:
         table = choice.KernelTable.load(path)
         log.info("kernel choices from %s", path)
     except (OSError, ValueError, KeyError):
-        table = choice.measure(model_cases(model, device, block_size, max_batch, rows, contexts), progress=progress)
+        table = choice.measure(model_cases(model, device, block_size, max_batch, rows, contexts, max_context),
+                               progress=progress)
         table.meta = {**meta, "date": datetime.date.today().isoformat()}
         try:
             table.save(path)

@@ -10,7 +10,11 @@ SDPA, torch's fused ops) at that shape on this GPU, and correct; nowhere else.
     KernelTable               {key: implementation}; JSON on disk, one file per GPU type, torch and
                               Triton version and model shape (``table_path``): measured once at the
                               first start-up (``prepare``), then read; it can be checked in
-    choose(op, rows, context) the table's implementation; without an entry: "torch"
+    choose(op, rows, context) the table's implementation; without an entry, the op's default: torch's,
+                              except decode attention and the quantized linears, whose Triton
+                              kernels read the cache and the weights in place (torch's paths would
+                              gather every row's whole block table, or dequantize the whole weight,
+                              at every call)
 
 Implementations: "torch" | "triton" for every op; the quantized linears also
 "triton-gemv" (rows <= 16, ``triton/gemv.py``). ``dispatch.backend_for`` asks
@@ -41,6 +45,15 @@ def key(op: str, rows: int, context: int = 0) -> str:
     return f"{op}|{_bucket(rows, ROW_BUCKETS)}|{_bucket(context, CONTEXT_BUCKETS)}"
 
 
+def default(op: str, rows: int) -> str:
+    """The implementation of an op at a shape the table has no entry for (see the module docstring)."""
+    if op == "paged_decode_attention":
+        return "triton"
+    if op.startswith("linear_int"):
+        return "triton-gemv" if rows <= GEMV_MAX_ROWS else "triton"
+    return "torch"
+
+
 @dataclass
 class KernelTable:
     choices: dict = field(default_factory=dict)  # key -> implementation
@@ -48,12 +61,15 @@ class KernelTable:
     meta: dict = field(default_factory=dict)  # GPU, versions, model shape, date
 
     def choose(self, op: str, rows: int, context: int = 0) -> str:
-        return self.choices.get(key(op, rows, context), "torch")
+        return self.choices.get(key(op, rows, context)) or default(op, rows)
 
     def save(self, path: str) -> None:
+        """Written whole or not at all (workers starting together may write the same file)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"meta": self.meta, "choices": self.choices, "timings": self.timings}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "KernelTable":
@@ -87,9 +103,13 @@ def _differs(out, ref, tol: float) -> str | None:
 
 
 def wall_timer(fn, repeats: int = 5) -> float:
-    """Median seconds of ``fn()`` (a warm-up call first); CUDA work is waited for."""
+    """Median seconds of ``fn()`` (a warm-up call first). On a GPU: its device time (CUDA events, Triton's
+    ``do_bench``), not the host's launch time, which CUDA graphs take away."""
     import torch
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=5, rep=max(10, 2 * repeats), return_mode="median") / 1e3
+    sync = lambda: None  # noqa: E731
     fn()
     sync()
     times = []

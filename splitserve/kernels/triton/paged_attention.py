@@ -76,11 +76,12 @@ def _paged_decode_kernel(q_ptr, kv_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
     omask = gmask[:, None] & dmask[None, :]
-    if SPLIT:
+    if SPLIT:  # a partition past the context stores nothing (the reduce reads only those with blocks)
+        has = gmask & (g * 0 + first < last)  # [GP]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + part * stride_op + d[None, :], acc,
-                 mask=omask)
-        tl.store(m_ptr + b * stride_mb + heads * stride_mh + part, m_i, mask=gmask)
-        tl.store(l_ptr + b * stride_mb + heads * stride_mh + part, l_i, mask=gmask)
+                 mask=omask & has[:, None])
+        tl.store(m_ptr + b * stride_mb + heads * stride_mh + part, m_i, mask=has)
+        tl.store(l_ptr + b * stride_mb + heads * stride_mh + part, l_i, mask=has)
     else:
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -88,13 +89,15 @@ def _paged_decode_kernel(q_ptr, kv_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, stride_ab, stride_ah, stride_ap, stride_mb, stride_mh,
-                   stride_ob, stride_oh, NUM_PARTS, D, PARTS_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def _reduce_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, lens_ptr, stride_ab, stride_ah, stride_ap, stride_mb, stride_mh,
+                   stride_ob, stride_oh, NUM_PARTS, D, PART_TOKENS: tl.constexpr, PARTS_PAD: tl.constexpr,
+                   D_PAD: tl.constexpr):
     # one program per (sequence b, query head h): out = sum_p acc_p * e^(m_p - M) / sum_p l_p * e^(m_p - M)
+    # over the partitions that hold some of its context (the others were not written)
     b, h = tl.program_id(0), tl.program_id(1)
     p = tl.arange(0, PARTS_PAD)
     d = tl.arange(0, D_PAD)
-    pmask = p < NUM_PARTS
+    pmask = p < tl.minimum(NUM_PARTS, tl.cdiv(tl.load(lens_ptr + b), PART_TOKENS))
     m = tl.load(m_ptr + b * stride_mb + h * stride_mh + p, mask=pmask, other=float("-inf"))  # [PP]
     l = tl.load(l_ptr + b * stride_mb + h * stride_mh + p, mask=pmask, other=0.0)
     big = tl.max(m, axis=0)
@@ -121,7 +124,8 @@ def launch(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, 
     check(bs & (bs - 1) == 0, f"block size must be a power of two; got {bs}")
     check(block_tables.shape[0] == b and context_lens.shape[0] == b,
           f"block_tables and context_lens must have {b} rows; got {block_tables.shape[0]}, {context_lens.shape[0]}")
-    if b and value_checks():  # reads the lengths on the host: not while a CUDA graph is captured
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if b and value_checks() and not capturing:  # reads the lengths on the host: never inside a CUDA graph
         check(int(context_lens.min()) >= 1, "every context length must be >= 1")
         check(int(context_lens.max()) <= block_tables.shape[1] * bs,
               f"a context of {int(context_lens.max())} tokens needs more than the block table's "
@@ -148,9 +152,9 @@ def launch(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, 
     _paged_decode_kernel[(b, hkv, parts)](q, kv_layer, block_tables, context_lens, acc, m, l_sum, sm_scale, *strides,
                                           acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), d,
                                           SPLIT=True, **shapes)
-    _reduce_kernel[(b, hq)](acc, m, l_sum, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-                            out.stride(0), out.stride(1), parts, d, PARTS_PAD=max(2, triton.next_power_of_2(parts)),
-                            D_PAD=triton.next_power_of_2(d))
+    _reduce_kernel[(b, hq)](acc, m, l_sum, out, context_lens, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0),
+                            m.stride(1), out.stride(0), out.stride(1), parts, d, PART_TOKENS=per_part * bs,
+                            PARTS_PAD=max(2, triton.next_power_of_2(parts)), D_PAD=triton.next_power_of_2(d))
     return out
 
 
