@@ -331,7 +331,8 @@ def test_a_change_of_types_drains_the_old_ones_once_the_new_are_up_and_carry_the
     busy = [("small", "up", export(tokens=2500 / 3, output=300, running=3, kv_used=40)) for _ in range(3)]
     obj = Objectives(**{**OBJ.__dict__, "budget_per_hour": 0.36})
     d = decide(snapshot(pre, busy + [("big", "up", export(tokens=0))]), cheap, obj, PolicyState(below_since={"decode": 0.0}))
-    assert d.targets["decode"] == {"big": 2} and not adds(d, "decode") and not drains(d, "decode"), d
+    # (the switch is planned for switch_headroom more demand: 3 bigs for 1.5 x 2500 tokens/s)
+    assert d.targets["decode"] == {"big": 3} and not adds(d, "decode") and not drains(d, "decode"), d
     assert any("draining a small would leave" in r for r in d.reasons)
 
 
@@ -350,6 +351,21 @@ def test_what_is_there_stays_while_it_carries_the_demand_unless_a_switch_saves_e
     pre, dec = steady(n_dec=2, kind="big", rate=10.0, prompt=64, output=300)
     d = decide(snapshot(pre, dec), near, Objectives(**{**OBJ.__dict__, "decode": {"min": 1, "max": 8}}), PolicyState())
     assert d.targets["decode"]["big"] >= 2 and adds(d, "decode") >= 1
+
+
+def test_a_change_of_types_must_carry_more_than_the_demand_of_now():
+    # one big decode worker; three small ones cost 28% less (0.18 vs 0.25/h) and carry today's demand, but
+    # not half as much again (that takes four: 0.24/h): a switch that the next rise would undo is not made
+    pre, dec = steady(n_dec=1, kind="big", rate=4.0, prompt=64, output=300)
+    cheap = Catalog([InstanceType.from_dict({**SMALL.to_dict(), "cost_per_hour": 0.06}), BIG])
+    d = decide(snapshot(pre, dec), cheap, OBJ, PolicyState())
+    model = d.model["decode"]
+    small, demand = model["capacity"]["small"], model["demand"]
+    assert 2 * small < demand <= 3 * small < 1.5 * demand <= 4 * small
+    assert d.targets["decode"] == {"big": 1} and not adds(d, "decode")
+    # with no headroom asked of a switch, the three small ones replace it
+    d = decide(snapshot(pre, dec), cheap, Objectives(**{**OBJ.__dict__, "switch_headroom": 0.0}), PolicyState())
+    assert d.targets["decode"] == {"small": 3} and adds(d, "decode") == 3
 
 
 def test_a_miss_measured_before_the_last_instances_came_up_is_stale():
@@ -440,3 +456,15 @@ def test_under_traffic_spare_prefill_drains_by_halves_one_cooldown_apart():
         assert len(gone) == [2, 1, 1, 0][step], (step, d.reasons)
         drained += gone
     assert len(drained) == 4  # down to the target, in three cooldowns
+
+
+def test_decode_capacity_is_planned_at_the_windows_mean_context_not_the_instant_one():
+    # 30 steps of 4 sequences holding 2,000 KV tokens in all (500 each) over the window; right now two running
+    # requests hold 4,000 tokens (2,000 each): the window's 500 is what the pool's steps cost
+    pre = steady()[0]
+    dec = [("small", "up", export(tokens=64, output=128, running=2, kv_used=250, steps=(30, 0.05, 4, 2000)))]
+    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
+    assert d.model["decode"]["context"] == pytest.approx(500)
+    few = [("small", "up", export(tokens=64, output=128, running=2, kv_used=250, steps=(5, 0.05, 4, 2000)))]
+    d = decide(snapshot(pre, few), CATALOG, OBJ, PolicyState())  # fewer steps than min_samples: the instant one
+    assert d.model["decode"]["context"] == pytest.approx(250 * 16 / 2)

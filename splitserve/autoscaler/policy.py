@@ -6,8 +6,9 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
     1. demand from the snapshot     prefill: arrivals/s (over the window or the last seconds,
                                     whichever is higher) and the prompt lengths; decode: output
                                     tokens/s (measured, or arrivals x mean output) and the mean
-                                    context of a running request; plus its growth over
-                                    ``trend_s`` (while it goes on: a levelled step is no trend) times
+                                    context of a decoding request over the window's steps; plus
+                                    its growth over ``trend_s`` (while it goes on: a levelled step
+                                    is no trend) times
                                     the pool's longest start-up (a new instance meets the demand of
                                     when it is up); at least the peak measured demand of the
                                     last ``down_stable_s`` (bursts that recur sooner find their
@@ -19,7 +20,9 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     objective x headroom carries the demand (``capacity.py``),
                                     within min/max: fewer of the instances there when they carry
                                     it, else those plus the cheapest addition; another mix of
-                                    types only when it costs ``switch_saving`` less; an objective missed on the server,
+                                    types only when, planned for ``switch_headroom`` more demand
+                                    (a switch is slow to undo), it costs ``switch_saving`` less; an
+                                    objective missed on the server,
                                     requests refused for lack of the pool's room (prefill: queue
                                     full or not started in time; decode: no room for the KV), or
                                     decode KV use above ``kv_high``, asks for more capacity than now
@@ -92,8 +95,6 @@ class Objectives:
     trend_s: float = 300.0  # demand growth is measured over this long and planned for a start-up ahead
     switch_saving: float = 0.2  # a different mix of types replaces what is there only if it costs this much less
     switch_headroom: float = 0.5  # ... and it is chosen for this much more demand than now
-    down_margin: float = 0.15  # an instance is drained only if the rest carries this much more than the demand
-    #                            (a demand wobbling around a boundary does not add and drain one in turn)
     rebalance_gap: float = 0.3
     max_migrations: int = 4  # per rebalancing proposal
     default_prompt_tokens: int = 256  # the demand's shape before anything was measured
@@ -276,12 +277,12 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
 
 def _plan(model: dict, cost: dict, current: dict, limits: PoolLimits, obj: Objectives) -> dict | None:
     """The mix to aim for: fewer of what is there when it carries the demand, else what is there plus
-    the cheapest addition; a different mix altogether only when it costs ``switch_saving`` less."""
+    the cheapest addition; a different mix altogether only when, planned for ``switch_headroom`` more
+    demand, it costs ``switch_saving`` less."""
     cap, demand = model["capacity"], model["demand"]
     known = {k: n for k, n in current.items() if k in cap}
-    if _carries(model, known) >= demand:  # fewer of them only if the rest carries down_margin more (hysteresis)
-        keep = cheapest_mix(cap, cost, demand * (1 + obj.down_margin), limits.min, limits.max, known,
-                            upper=known) or known
+    if _carries(model, known) >= demand:
+        keep = cheapest_mix(cap, cost, demand, limits.min, limits.max, known, upper=known)
     else:
         more = cheapest_mix(cap, cost, demand - _carries(model, known), 0, limits.max - sum(known.values()))
         keep = None if more is None else {k: known.get(k, 0) + more.get(k, 0) for k in {*known, *more}}
@@ -432,7 +433,7 @@ def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalo
         workers = _pick_drains(pool, kind, snapshot)[:n]
         for i, worker in enumerate(workers):
             rest = left - cap.get(kind, 0.0)
-            if rest < model["demand"] * (1 + obj.down_margin) and not _idle(snapshot):
+            if rest < model["demand"] and not _idle(snapshot):  # capacities already hold the headroom
                 if i == 0:
                     reasons.append(f"{pool}: draining a {kind} would leave {rest:.2f} {model['unit']} for a "
                                    f"demand of {model['demand']:.2f}: the new instances first")
