@@ -30,7 +30,9 @@ Systems:
                       hour is at most the autoscaler's mean: searched over every type pair and split,
                       at most ``--max-instances`` per pool (the autoscaler's own limit)
   single type         the policy with the measured type only, and with gpu-l4 only (the declared type
-                      with the most capacity per dollar: the single-type deployment to beat)
+                      with the most capacity per dollar); and the cheapest static gpu-l4 deployment
+                      (both pools) whose attainment reaches the autoscaler's: the single-type
+                      deployment to beat
 
 Writes benchmarks/results/sim_cluster.md / .json and sim_cluster_<trace>.png (instances over time
 against the load). Aims (issue 11): >= 1.3x the goodput of the best equal-cost static configuration
@@ -120,6 +122,23 @@ def best_static(cat, trace, budget_per_hour: float, warmup_s: float, max_n: int)
     return configs[best], summaries[best]
 
 
+def cheapest_static_reaching(cat, trace, kind: str, attainment: float, warmup_s: float, max_n: int):
+    """The cheapest fixed configuration of ``kind`` alone in both pools whose attainment is at least
+    ``attainment`` (less 0.1 point): every split of 2, 3, ... instances, until one reaches it; (None, None)
+    when none does within ``max_n`` per pool."""
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for total in range(2, 2 * max_n + 1):
+            configs = [{"prefill": {kind: n_p}, "decode": {kind: total - n_p}} for n_p in range(1, total)
+                       if n_p <= max_n and total - n_p <= max_n]
+            summaries = list(pool.map(_static_summary, [(cat, trace, c, warmup_s) for c in configs]))
+            reached = [(sm["cost"], i) for i, sm in enumerate(summaries) if sm["attainment"] >= attainment - 1e-3]
+            if reached:
+                i = min(reached)[1]
+                return configs[i], summaries[i]
+    return None, None
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
@@ -197,6 +216,7 @@ def main() -> int:
             SLO_TTFT, SLO_TPOT)
         l4 = run(l4_only, trace, {"prefill": {"gpu-l4": 1}, "decode": {"gpu-l4": 1}},
                  objectives(args.max_instances, args.hold), warmup_s=w).summary(SLO_TTFT, SLO_TPOT)
+        l4_cfg, l4_static = cheapest_static_reaching(cat, trace, "gpu-l4", a["attainment"], w, args.max_instances)
         for hold in (60.0, 300.0, 900.0):  # the scale-down hold's trade of cost for attainment, autoscaler alone
             h = run(cat, trace, start, objectives(args.max_instances, hold), warmup_s=w)
             hs = h.summary(SLO_TTFT, SLO_TPOT)
@@ -208,15 +228,17 @@ def main() -> int:
         kinds_used = sorted({a_.instance_type for d in auto.decisions for a_ in d.actions if a_.kind == "add"})
         out[name] = {"requests": len(trace), "autoscaler": a, "budget_per_hour": budget, "static": s,
                      "static_config": static_cfg, "single_type": single, "gpu_l4_only": l4, "peak_instances": peak,
-                     "types_added": kinds_used}
+                     "types_added": kinds_used, "gpu_l4_static": l4_static, "gpu_l4_static_config": l4_cfg}
+        same = [(f"static gpu-l4 at the same attainment: {json.dumps(l4_cfg)}", l4_static)] if l4_cfg else []
         for label, summ in (("autoscaler (all types)", a), (f"best static <= ${budget:.2f}/h: "
                                                              f"{json.dumps(static_cfg)}", s),
-                            ("autoscaler, measured type only", single), ("autoscaler, gpu-l4 only", l4)):
+                            ("autoscaler, measured type only", single), ("autoscaler, gpu-l4 only", l4), *same):
             rows.append(f"| {name} | {label} | {summ['attainment']:.1%} | {summ['goodput']:.2f} | "
                         f"${summ['cost']:.2f} | ${summ['cost_per_m_tokens']:.2f} | {summ['failed']} |")
         out[name]["goodput_vs_static"] = a["goodput"] / max(s["goodput"], 1e-9)
         out[name]["cost_vs_single"] = a["cost"] / max(single["cost"], 1e-9)
         out[name]["cost_vs_gpu_l4_only"] = a["cost"] / max(l4["cost"], 1e-9)
+        out[name]["cost_vs_gpu_l4_static"] = a["cost"] / l4_static["cost"] if l4_static else None
     command = "python benchmarks/sim_cluster.py " + " ".join(sys.argv[1:])
     md = ["# The autoscaler at cluster scale (simulated)\n",
           f"`{command}`. The simulator (`splitserve/autoscaler/sim.py`) runs the real policy on snapshots built "
@@ -231,7 +253,10 @@ def main() -> int:
                   f"cost {r['cost_vs_single']:.2f}x the single-type autoscaler's (attainment "
                   f"{r['autoscaler']['attainment']:.1%} vs {r['single_type']['attainment']:.1%}), "
                   f"{r['cost_vs_gpu_l4_only']:.2f}x the gpu-l4-only autoscaler's (attainment "
-                  f"{r['gpu_l4_only']['attainment']:.1%}); peak "
+                  f"{r['gpu_l4_only']['attainment']:.1%}), "
+                  + (f"{r['cost_vs_gpu_l4_static']:.2f}x the cheapest static gpu-l4 deployment at its attainment; "
+                     if r['cost_vs_gpu_l4_static'] else "no static gpu-l4 deployment reaches its attainment; ")
+                  + f"peak "
                   f"{r['peak_instances']} instances; types added: {', '.join(r['types_added']) or 'none'}; "
                   f"plot `sim_cluster_{_slug(name)}.png`.")
     md += ["", f"The scale-down hold (`down_stable_s`; the runs above: {args.hold:.0f} s), autoscaler alone, same "
