@@ -54,7 +54,9 @@ GRAPH_MODES = ("auto", "off", "eager")
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # .gguf file or HF directory; None = the default model
-    device: str = "auto"  # "auto" (a GPU if there is one) | "cpu" | "cuda" | "cuda:N"; see engine/device.py
+    # "cpu" | "cuda" | "cuda:N" | "auto" (a GPU if there is one; the generate command's default); see
+    # engine/device.py. The library's default stays cpu: nothing moves to a GPU unless asked
+    device: str = "cpu"
     dtype: str = "auto"  # "auto" (bfloat16 on a GPU; on CPU see dtype_name) | "float32" | "bfloat16"
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool (ignored if num_kv_blocks is set)
