@@ -130,6 +130,51 @@ def test_live_migration_mid_stream_equals_an_unmigrated_run(tiny_path, params, s
     check_exact(outs_a[:-1] + outs_b, expected)
 
 
+def test_a_request_that_outgrows_its_reservation_before_any_block_is_sent_grows_it(tiny_path):
+    """A short request migrated before it fills one block: the first live stage has nothing full to send;
+    while it waits the request fills that block and more, then the last stage stops it with two blocks to
+    send into a one-block reservation. The last stage must grow the reservation first (it once did so only
+    after a live stage had sent blocks: DATA_LOSS, "chunk outside the reservation")."""
+    prompt = "h"
+    expected = LLMEngine(**engine_kwargs(tiny_path)).generate([prompt], GREEDY)[0]
+
+    async def run():
+        a, b = await pair(tiny_path, step_s=0.03)  # slow steps: the reservation is made within one
+        real_migrate, real_begin, reserved = a.sender.migrate, a.port.begin_live, []
+
+        def begin_live(rid):
+            reserved.append(real_begin(rid))
+            return reserved[-1]
+
+        async def migrate(*args, **kw):
+            async def on_stage(stage):
+                if stage == 0:  # nothing was full to send; wait until 5 more tokens: two blocks to send
+                    while "r" in a.engine.requests and a.engine.requests["r"].num_tokens < reserved[0] + 5:
+                        await asyncio.sleep(0.002)
+            return await real_migrate(*args, on_stage=on_stage, **kw)
+
+        a.port.begin_live, a.sender.migrate = begin_live, migrate
+        try:
+            outs_a, task = [], None
+            async for out in a.aengine.generate(prompt, GREEDY, request_id="r"):
+                outs_a.append(out)
+                if len(outs_a) == 1:
+                    task = asyncio.create_task(a.migrate("r", "B", b.address))
+            result = await task
+            outs_b = [o async for o in b.stream("r")] if result["status"] == "migrated" else []
+            await asyncio.sleep(0.05)
+            assert_idle(a, b)
+            return outs_a, outs_b, result, reserved
+        finally:
+            await stop(a, b)
+
+    outs_a, outs_b, result, reserved = asyncio.run(run())
+    assert reserved and reserved[0] <= 4  # room for one block of 4 tokens, none of it full yet
+    assert result["status"] == "migrated", result
+    assert result["last_stage_blocks"] >= 2  # more blocks in the last stage than the first reservation held
+    check_exact(outs_a[:-1] + outs_b, expected)
+
+
 def test_failures_before_the_commit_leave_the_request_running_on_the_source(tiny_path):
     """A corrupt chunk, a receiver that is cut off, a receiver with another KV layout, a full receiver:
     each time the request goes on at A, its text equals an unmigrated run, and B holds nothing."""
