@@ -54,5 +54,10 @@ def auto_dtype(device: torch.device, cpu_has_fast_bf16: bool, gpu_has_bf16: bool
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in host memory (itself when it is there): what a KV transfer serializes."""
-    return t if t.device.type == "cpu" else t.to(HOST)
+    """``t`` in host memory (itself when it is there): what a KV transfer serializes. From a GPU into
+    pinned memory (torch's caching host allocator reuses it), which the copy engine writes directly."""
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=HOST, pin_memory=True)
+    out.copy_(t)  # device -> pinned host; waits for it
+    return out
