@@ -1,6 +1,6 @@
 """The GPU path beside torch's own in one run on one GPU: kernels, decode steps, tokens/s.
 
-    python benchmarks/bench_gpu.py [--repeats 20] [--no-hf] [--smoke]
+    python benchmarks/bench_gpu.py [--model FILE.gguf] [--repeats 20] [--no-hf] [--smoke]
 
 Needs CUDA (exits with status 2 without it, unless ``--smoke``). Writes
 ``benchmarks/results/gpu.md`` and ``gpu.json`` naming the GPU:
@@ -175,6 +175,7 @@ def hf_rows(model_path: str, device: str, ours: dict, smoke: bool) -> list[dict]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="a .gguf file or HF directory (default: SmolLM2-135M)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' compiled generate")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script only")
@@ -193,7 +194,7 @@ def main() -> int:
         device = "cpu"
     else:
         from splitserve.engine.default_model import default_model_path
-        model, device = default_model_path(), "cuda"
+        model, device = args.model or default_model_path(), "cuda"
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke run: numbers mean nothing)"
     log(f"[1/3] kernels on {name} ...")
     kernels = kernel_rows(torch.device(device), 2 if args.smoke else args.repeats, args.smoke)

@@ -13,6 +13,10 @@ from splitserve.kernels.linear import QuantLinear
 from splitserve.kernels.quant import (Int4Weight, int4_from_gguf_blocks, pack_int4, quantize_int4, quantize_int8,
                                       reference_linear, unpack_int4)
 
+# Triton's interpreter runs these kernels on CPU tensors; on a machine with CUDA it is not chosen (the
+# kernels compile for the GPU), and tests/test_cuda.py runs the same kernels on CUDA tensors instead
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (a GPU: tests/test_cuda.py)")
+
 w8 = triton_module("w8_matmul")
 w4 = triton_module("w4_matmul")
 rmsnorm = triton_module("rmsnorm")

@@ -35,6 +35,10 @@ def _dequantized_twin(path, mode: str) -> LlamaForCausalLM:
     return ref
 
 
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter on CPU tensors: no GPU")
+
+
+@INTERPRETER
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_model_on_triton_kernels_matches_transformers(tmp_path, arch):
     hf = make_tiny_model(str(tmp_path), arch)
@@ -45,7 +49,7 @@ def test_tiny_model_on_triton_kernels_matches_transformers(tmp_path, arch):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=INTERPRETER)])
 def test_quantized_tiny_model_matches_its_dequantized_float_twin(tmp_path, mode, backend):
     make_tiny_model(str(tmp_path), "qwen2", tie_word_embeddings=True)  # biases + a tied head
     with force_backend(backend):
