@@ -135,11 +135,11 @@ def test_a_request_that_outgrows_its_reservation_before_any_block_is_sent_grows_
     while it waits the request fills that block and more, then the last stage stops it with two blocks to
     send into a one-block reservation. The last stage must grow the reservation first (it once did so only
     after a live stage had sent blocks: DATA_LOSS, "chunk outside the reservation")."""
-    prompt = "h"
-    expected = LLMEngine(**engine_kwargs(tiny_path)).generate([prompt], GREEDY)[0]
+    prompt, params = "h", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = LLMEngine(**engine_kwargs(tiny_path)).generate([prompt], params)[0]
 
     async def run():
-        a, b = await pair(tiny_path, step_s=0.03)  # slow steps: the reservation is made within one
+        a, b = await pair(tiny_path, step_s=0.05)  # slow steps: the migration begins within one
         real_migrate, real_begin, reserved = a.sender.migrate, a.port.begin_live, []
 
         def begin_live(rid):
@@ -156,7 +156,7 @@ def test_a_request_that_outgrows_its_reservation_before_any_block_is_sent_grows_
         a.port.begin_live, a.sender.migrate = begin_live, migrate
         try:
             outs_a, task = [], None
-            async for out in a.aengine.generate(prompt, GREEDY, request_id="r"):
+            async for out in a.aengine.generate(prompt, params, request_id="r"):
                 outs_a.append(out)
                 if len(outs_a) == 1:
                     task = asyncio.create_task(a.migrate("r", "B", b.address))
