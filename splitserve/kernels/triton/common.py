@@ -7,6 +7,8 @@ import os
 import torch
 import triton
 
+from splitserve.kernels.quant import INT4_GROUP_SIZES
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -60,3 +62,32 @@ def same_device(**tensors: torch.Tensor) -> None:
     check(len(set(devices.values())) <= 1, f"tensors must share one device; got {devices}")
 
 
+
+
+def check_int8_linear(x: torch.Tensor, w, bias: torch.Tensor | None) -> None:
+    """x [M, K] float, an ``Int8Weight`` [N, K] with scale [N], bias [N] or None, one device."""
+    check_tensor(x, "x", ndim=2, dtypes=FLOATS)
+    check_tensor(w.qweight, "qweight", ndim=2, dtypes=(torch.int8,))
+    check_tensor(w.scale, "scale", ndim=1, dtypes=(torch.float32,))
+    (_, k), (n, kw) = x.shape, w.qweight.shape
+    check(k == kw, f"x has {k} input features but the weight has {kw}")
+    check(w.scale.shape[0] == n, f"scale must have {n} entries (one per output row); got {w.scale.shape[0]}")
+    check_bias(bias, n)
+    same_device(x=x, qweight=w.qweight, scale=w.scale, bias=bias)
+
+
+def check_int4_linear(x: torch.Tensor, w, bias: torch.Tensor | None) -> None:
+    """x [M, K] float, an ``Int4Weight`` [N, K/2] packed with scale and zero [N, K/G], bias [N] or None."""
+    check_tensor(x, "x", ndim=2, dtypes=FLOATS)
+    check_tensor(w.qweight, "qweight", ndim=2, dtypes=(torch.uint8,))
+    check(w.group_size in INT4_GROUP_SIZES, f"group size must be one of {INT4_GROUP_SIZES}; got {w.group_size}")
+    (_, k), (n, half_k) = x.shape, w.qweight.shape
+    check(k == 2 * half_k, f"x has {k} input features but the packed weight holds {2 * half_k}")
+    check(k % w.group_size == 0, f"input features ({k}) must be a multiple of the group size ({w.group_size})")
+    for name, t in (("scale", w.scale), ("zero", w.zero)):
+        check_tensor(t, name, ndim=2, dtypes=(torch.float32,))
+        check(tuple(t.shape) == (n, k // w.group_size), f"{name} must be [{n}, {k // w.group_size}]; "
+                                                         f"got {tuple(t.shape)}")
+    check(w.scale.stride() == w.zero.stride(), "scale and zero must share strides")
+    check_bias(bias, n)
+    same_device(x=x, qweight=w.qweight, scale=w.scale, zero=w.zero, bias=bias)

@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.choice import GEMV_MAX_ROWS as MAX_ROWS
-from splitserve.kernels.quant import INT4_GROUP_SIZES, Int4Weight, Int8Weight
-from splitserve.kernels.triton.common import FLOATS, check, check_bias, check_tensor, interpreting, same_device
+from splitserve.kernels.quant import Int4Weight, Int8Weight
+from splitserve.kernels.triton.common import (FLOATS, check, check_int4_linear, check_int8_linear, check_tensor,
+                                              interpreting)
 
 BLOCK_N = 64
 BLOCK_K = 128  # int8: inputs per step (int4: one group per step)
@@ -127,13 +128,8 @@ def launch_w8(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
               split: int | None = None) -> torch.Tensor:
     """``split``: K-slices (default: from the GPU's size; tests force it)."""
     _check_x(x)
-    check_tensor(w.qweight, "qweight", ndim=2, dtypes=(torch.int8,))
-    check_tensor(w.scale, "scale", ndim=1, dtypes=(torch.float32,))
-    (m, k), (n, kw) = x.shape, w.qweight.shape
-    check(k == kw, f"x has {k} input features but the weight has {kw}")
-    check(w.scale.shape[0] == n, f"scale must have {n} entries (one per output row); got {w.scale.shape[0]}")
-    check_bias(bias, n)
-    same_device(x=x, qweight=w.qweight, scale=w.scale, bias=bias)
+    check_int8_linear(x, w, bias)
+    (m, k), n = x.shape, w.qweight.shape[0]
     steps = triton.cdiv(k, BLOCK_K)
     s = splits_for(n, steps, x.device, split)
     k_per_split = triton.cdiv(steps, s) * BLOCK_K
@@ -149,18 +145,9 @@ def launch_w8(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
 def launch_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None,
               split: int | None = None) -> torch.Tensor:
     _check_x(x)
-    check_tensor(w.qweight, "qweight", ndim=2, dtypes=(torch.uint8,))
-    check(w.group_size in INT4_GROUP_SIZES, f"group size must be one of {INT4_GROUP_SIZES}; got {w.group_size}")
-    (m, k), (n, half_k) = x.shape, w.qweight.shape
-    check(k == 2 * half_k, f"x has {k} input features but the packed weight holds {2 * half_k}")
-    check(k % w.group_size == 0, f"input features ({k}) must be a multiple of the group size ({w.group_size})")
+    check_int4_linear(x, w, bias)
+    (m, k), n = x.shape, w.qweight.shape[0]
     groups = k // w.group_size
-    for name, t in (("scale", w.scale), ("zero", w.zero)):
-        check_tensor(t, name, ndim=2, dtypes=(torch.float32,))
-        check(tuple(t.shape) == (n, groups), f"{name} must be [{n}, {groups}]; got {tuple(t.shape)}")
-    check(w.scale.stride() == w.zero.stride(), "scale and zero must share strides")
-    check_bias(bias, n)
-    same_device(x=x, qweight=w.qweight, scale=w.scale, zero=w.zero, bias=bias)
     s = splits_for(n, groups, x.device, split)
     per_split = triton.cdiv(groups, s)
     s = triton.cdiv(groups, per_split)

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels.quant import INT4_GROUP_SIZES, Int4Weight
-from splitserve.kernels.triton.common import FLOATS, check, check_bias, check_tensor, configs, same_device
+from splitserve.kernels.quant import Int4Weight
+from splitserve.kernels.triton.common import check_int4_linear, configs
 
 _CONFIGS = configs(
     gpu=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -54,19 +54,8 @@ def _w4_matmul_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N
 
 
 def launch(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    check_tensor(x, "x", ndim=2, dtypes=FLOATS)
-    check_tensor(w.qweight, "qweight", ndim=2, dtypes=(torch.uint8,))
-    check(w.group_size in INT4_GROUP_SIZES, f"group size must be one of {INT4_GROUP_SIZES}; got {w.group_size}")
-    (m, k), (n, half_k) = x.shape, w.qweight.shape
-    check(k == 2 * half_k, f"x has {k} input features but the packed weight holds {2 * half_k}")
-    check(k % w.group_size == 0, f"input features ({k}) must be a multiple of the group size ({w.group_size})")
-    for name, t in (("scale", w.scale), ("zero", w.zero)):
-        check_tensor(t, name, ndim=2, dtypes=(torch.float32,))
-        check(tuple(t.shape) == (n, k // w.group_size), f"{name} must be [{n}, {k // w.group_size}]; "
-                                                         f"got {tuple(t.shape)}")
-    check(w.scale.stride() == w.zero.stride(), "scale and zero must share strides")
-    check_bias(bias, n)
-    same_device(x=x, qweight=w.qweight, scale=w.scale, zero=w.zero, bias=bias)
+    check_int4_linear(x, w, bias)
+    (m, k), n = x.shape, w.qweight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _w4_matmul_kernel[grid](x, w.qweight, w.scale, w.zero, bias if bias is not None else w.scale, out, m, n, k,

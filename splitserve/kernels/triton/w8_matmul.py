@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.quant import Int8Weight
-from splitserve.kernels.triton.common import FLOATS, check, check_bias, check_tensor, configs, same_device
+from splitserve.kernels.triton.common import check_int8_linear, configs
 
 _CONFIGS = configs(
     gpu=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -49,14 +49,8 @@ def _w8_matmul_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 def launch(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    check_tensor(x, "x", ndim=2, dtypes=FLOATS)
-    check_tensor(w.qweight, "qweight", ndim=2, dtypes=(torch.int8,))
-    check_tensor(w.scale, "scale", ndim=1, dtypes=(torch.float32,))
-    (m, k), (n, kw) = x.shape, w.qweight.shape
-    check(k == kw, f"x has {k} input features but the weight has {kw}")
-    check(w.scale.shape[0] == n, f"scale must have {n} entries (one per output row); got {w.scale.shape[0]}")
-    check_bias(bias, n)
-    same_device(x=x, qweight=w.qweight, scale=w.scale, bias=bias)
+    check_int8_linear(x, w, bias)
+    (m, k), n = x.shape, w.qweight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _w8_matmul_kernel[grid](x, w.qweight, w.scale, bias if bias is not None else w.scale, out, m, n, k,
