@@ -38,7 +38,10 @@ def test_the_fastest_correct_candidate_wins_and_wrong_or_failing_ones_never_do()
         Case("op", 1, 0, {"torch": slow_right, "fast-wrong": lambda: x * 2.1, "fails": boom,
                           "nan": lambda: x * float("nan")}),
         Case("op", 16, 0, {"torch": slow_right, "fast-right": lambda: (x, x * 2 + 1e-5)}),  # tuples: last item
+        Case("op", 64, 0, {"torch": boom, "fast-right": lambda: x}),  # no reference: no entry, the default
     ])
+    assert key("op", 64) not in table.choices and table.choose("op", 64) == "torch"
+    assert table.timings[key("op", 64)]["torch"].startswith("failed: RuntimeError")
     assert table.choose("op", 1) == "torch" and table.choose("op", 16) == "fast-right"
     wrong = table.timings[key("op", 1)]
     assert "error" in wrong["fast-wrong"] and wrong["fails"].startswith("failed: RuntimeError")
