@@ -380,6 +380,22 @@ def test_a_miss_measured_before_the_last_instances_came_up_is_stale():
     assert adds(d, "decode") == 1 and any("measured P90 TPOT" in r for r in d.reasons)
 
 
+def test_a_miss_measured_while_a_drain_moved_requests_is_stale():
+    # a decode drain migrates its requests: each pauses, and the window's TPOT spikes; that is no capacity
+    # shortfall, so it adds nothing until a window after the drain ended (the e2e ramp once saw the drained
+    # instance added back 2 s after its drain)
+    pre, dec = steady(n_dec=2, rate=0.2, output=64, tpot=0.3, running=2, kv_used=40)
+    state = PolicyState()
+    draining = dec[:1] + [("small", "draining", dec[1][2])]
+    d = decide(snapshot(pre, draining, now=1000.0), CATALOG, OBJ, state)
+    assert state.settled_at["decode"] is None and not adds(d, "decode")
+    d = decide(snapshot(pre, dec[:1], now=1005.0), CATALOG, OBJ, state)  # drained and gone; the spike is in
+    assert state.settled_at["decode"] == 1005.0 and not adds(d, "decode")  # the window still
+    assert any("while a drain moved requests" in r for r in d.reasons)
+    d = decide(snapshot(pre, dec[:1], now=1005.0 + 61), CATALOG, OBJ, state)  # a window later: it counts
+    assert adds(d, "decode") == 1 and any("measured P90 TPOT" in r for r in d.reasons)
+
+
 def test_demand_is_planned_for_when_a_new_instance_would_be_up():
     # arrivals ramp from 0.5 to 2 req/s over 5 minutes: the plan runs a start-up (60 s) ahead of the measure
     state = PolicyState()

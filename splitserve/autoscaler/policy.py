@@ -26,7 +26,8 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     requests refused for lack of the pool's room (prefill: queue
                                     full or not started in time; decode: no room for the KV), or
                                     decode KV use above ``kv_high``, asks for more capacity than now
-                                    (a miss measured partly before the pool's last instances came
+                                    (a miss measured partly during a drain, whose migrations pause
+                                    requests, or before the pool's last instances came
                                     up is stale: the model alone decides);
                                     zero traffic asks for the minimum
     4. act                          up: add the missing instances, unless it scaled within
@@ -125,8 +126,9 @@ class PolicyState:
     below_since: dict = field(default_factory=dict)  # pool -> since when the target is below the count
     history: dict = field(default_factory=dict)  # pool -> [(time, measured demand)] over trend_s
     peaks: dict = field(default_factory=dict)  # pool -> [(time, measured demand)] over down_stable_s
-    settled_at: dict = field(default_factory=dict)  # pool -> when its last starting instance came up (None:
-    #                                                 some are starting); misses measured before are stale
+    settled_at: dict = field(default_factory=dict)  # pool -> when its last starting instance came up or its
+    #                                                 last drain ended (None: some are starting or draining);
+    #                                                 misses measured before are stale
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
     pressure = _observed_miss(pool, ps, obj)
     if pressure and now - (state.settled_at.get(pool, -1e18) or now) < snapshot.window_s:
         reasons.append(f"{pool}: {pressure.split(': ', 1)[1]}, but measured partly before the last instances "
-                       f"came up: the model decides")
+                       f"came up or while a drain moved requests: the model decides")
         pressure = None
     refused = _refusals(pool, snapshot)
     if refused and not pressure:
@@ -473,8 +475,11 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
             reasons.append(f"{p}: sized for the peak demand of the last {objectives.down_stable_s:.0f}s "
                            f"({peak:.2f} {model['unit']})")
         model["demand"] = peak
-    for p in POOLS:  # when each pool's starting instances came up: misses measured before are stale
-        if snapshot.pool(p).num_starting:
+    # when each pool's starting instances came up, or a decode drain ended: misses measured before are stale
+    # (a decode drain's migrations pause the requests they move: a TPOT spike, not too little capacity; a
+    # prefill drain moves nothing)
+    for p in POOLS:
+        if snapshot.pool(p).num_starting or (p == "decode" and snapshot.pool(p).num_draining):
             state.settled_at[p] = None
         elif p in state.settled_at and state.settled_at[p] is None:
             state.settled_at[p] = now
