@@ -473,14 +473,3 @@ def test_under_traffic_spare_prefill_drains_by_halves_one_cooldown_apart():
         drained += gone
     assert len(drained) == 4  # down to the target, in three cooldowns
 
-
-def test_decode_capacity_is_planned_at_the_windows_mean_context_not_the_instant_one():
-    # 30 steps of 4 sequences holding 2,000 KV tokens in all (500 each) over the window; right now two running
-    # requests hold 4,000 tokens (2,000 each): the window's 500 is what the pool's steps cost
-    pre = steady()[0]
-    dec = [("small", "up", export(tokens=64, output=128, running=2, kv_used=250, steps=(30, 0.05, 4, 2000)))]
-    d = decide(snapshot(pre, dec), CATALOG, OBJ, PolicyState())
-    assert d.model["decode"]["context"] == pytest.approx(500)
-    few = [("small", "up", export(tokens=64, output=128, running=2, kv_used=250, steps=(5, 0.05, 4, 2000)))]
-    d = decide(snapshot(pre, few), CATALOG, OBJ, PolicyState())  # fewer steps than min_samples: the instant one
-    assert d.model["decode"]["context"] == pytest.approx(250 * 16 / 2)

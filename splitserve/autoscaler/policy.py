@@ -6,7 +6,7 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
     1. demand from the snapshot     prefill: arrivals/s (over the window or the last seconds,
                                     whichever is higher) and the prompt lengths; decode: output
                                     tokens/s (measured, or arrivals x mean output) and the mean
-                                    context of a decoding request over the window's steps; plus
+                                    context of a running request; plus
                                     its growth over ``trend_s`` (while it goes on: a levelled step
                                     is no trend) times
                                     the pool's longest start-up (a new instance meets the demand of
@@ -191,12 +191,7 @@ def _decode_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict
     out_mean = ps.output_tokens.mean if ps.output_tokens.n else obj.default_output_tokens
     prompt_mean = pre.prompt_tokens.mean if pre.prompt_tokens.n else obj.default_prompt_tokens
     demand = max(ps.token_rate, ps.recent_token_rate, max(pre.arrival_rate, pre.recent_arrival_rate) * out_mean)
-    if ps.steps >= obj.min_samples and ps.step_x > 0:  # the window's mean context of a decoding sequence
-        context = ps.step_y / ps.step_x
-    elif ps.running:  # the instant one (a few running requests make it jump: the window's is steadier)
-        context = ps.kv_tokens_used / ps.running
-    else:
-        context = prompt_mean + out_mean / 2
+    context = ps.kv_tokens_used / ps.running if ps.running else prompt_mean + out_mean / 2
     corr = _correction("decode", snapshot, catalog, obj)
     cap = {t.name: decode_capacity(t, context, obj.tpot_s * obj.headroom, corr, p=obj.percentile / 100)[1]
            for t in catalog.for_pool("decode")}
