@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.kernels.cases import linear_impl
 from splitserve.kernels.choice import GEMV_MAX_ROWS
 from splitserve.kernels.dispatch import backend_for
 from splitserve.kernels.quant import Int8Weight, QuantizedWeight, quantize_int4, quantize_int8
@@ -69,7 +70,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":  # canonical weights: per rows, the GPU's measured choice (choice.py)
-            from splitserve.kernels.cases import linear_impl
             impl = backend_for(x, self.op, x.shape[0])
             if impl == "triton-gemv" and x.shape[0] > GEMV_MAX_ROWS:
                 impl = "triton"
