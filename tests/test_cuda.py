@@ -71,7 +71,7 @@ def test_paged_decode_attention_compiled(batch, context, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_elementwise_kernels_compiled(dtype):
     norm, silu, rotary, kvq = (triton_module(m) for m in ("rmsnorm", "silu_mul", "rotary", "kv_quant"))
-    for rows, h in ((1, 576), (4096, 4096)):
+    for rows, h in ((1, 576), (4096, 576), (4096, 4096)):  # (4096, 576): rows packed per program
         res, delta, w = cuda(rows, h), cuda(rows, h, dtype=dtype, seed=1), cuda(h, dtype=dtype, seed=2)
         r_out, y = norm.launch(res.clone(), delta, w, 1e-5)
         r_ref, y_ref = norm.reference(res, delta, w, 1e-5)

@@ -140,17 +140,27 @@ def test_launchers_reject_bad_shapes_with_clear_errors():
 
 @pytest.mark.parametrize("h", [64, 100])  # 100: masked tail of the row
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_add_rmsnorm_triton_and_cpu_match_reference(h, with_delta):
+@pytest.mark.parametrize("rows_per_program", [None, 4])  # 4: two programs, the second with a masked row
+def test_add_rmsnorm_triton_and_cpu_match_reference(h, with_delta, rows_per_program):
     torch.manual_seed(h)
     res, weight = torch.randn(7, h) * 30, torch.randn(h)
     delta = torch.randn(7, h) if with_delta else None
     exp_res, exp_y = rmsnorm.reference(res, delta, weight, 1e-5)
-    got_res, got_y = rmsnorm.launch(res.clone(), delta, weight, 1e-5)
+    got_res, got_y = rmsnorm.launch(res.clone(), delta, weight, 1e-5, rows_per_program=rows_per_program)
     close(got_res, exp_res, 1e-5)
     close(got_y, exp_y, 1e-4)
     cpu_res, cpu_y = ops.add_rms_norm(res, delta, weight, 1e-5)
     close(cpu_res, exp_res, 1e-5)
     close(cpu_y, exp_y, 1e-4)
+
+
+def test_add_rmsnorm_packs_rows_only_when_there_are_many_and_scales_its_warps():
+    assert rmsnorm.config(1, 576) == (1, 1024, 2)  # decode: a row per program
+    assert rmsnorm.config(4096, 576) == (4, 1024, 8)  # prefill: 4 rows of 1024 per program
+    assert rmsnorm.config(4096, 4096) == (1, 4096, 8)
+    assert rmsnorm.config(4096, 16384) == (1, 16384, 16)  # warps capped
+    with pytest.raises(ValueError, match="power of two"):
+        rmsnorm.launch(torch.zeros(2, 8), None, torch.ones(8), 1e-5, rows_per_program=3)
 
 
 @pytest.mark.parametrize("inter", [48, 1536])
