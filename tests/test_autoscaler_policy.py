@@ -396,6 +396,17 @@ def test_a_miss_measured_while_a_drain_moved_requests_is_stale():
     assert adds(d, "decode") == 1 and any("measured P90 TPOT" in r for r in d.reasons)
 
 
+def test_a_window_without_finished_requests_keeps_the_last_measured_output_length():
+    state = PolicyState()
+    pre, dec = steady(rate=1.0, output=24)
+    assert decide(snapshot(pre, dec, now=1000.0), CATALOG, OBJ, state).model["decode"]["measured"] < 30
+    # a lull: prompts arrive, nothing finished in the window (a short window, or the samples left with a
+    # drained worker): arrivals x the last measured 24 tokens, not the 128 assumed before any measurement
+    lull = [("small", "up", export())]
+    assert decide(snapshot(pre, lull, now=1001.0), CATALOG, OBJ, state).model["decode"]["measured"] < 30
+    assert decide(snapshot(pre, lull, now=1001.0), CATALOG, OBJ, PolicyState()).model["decode"]["measured"] > 120
+
+
 def test_demand_is_planned_for_when_a_new_instance_would_be_up():
     # arrivals ramp from 0.5 to 2 req/s over 5 minutes: the plan runs a start-up (60 s) ahead of the measure
     state = PolicyState()

@@ -6,7 +6,8 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
     1. demand from the snapshot     prefill: arrivals/s (over the window or the last seconds,
                                     whichever is higher) and the prompt lengths; decode: output
                                     tokens/s (measured, or arrivals x mean output) and the mean
-                                    context of a running request; plus
+                                    context of a running request (lengths a window has no sample
+                                    of: the last measured); plus
                                     its growth over ``trend_s`` (while it goes on: a levelled step
                                     is no trend) times
                                     the pool's longest start-up (a new instance meets the demand of
@@ -98,8 +99,8 @@ class Objectives:
     switch_headroom: float = 0.5  # ... and it is chosen for this much more demand than now
     rebalance_gap: float = 0.3
     max_migrations: int = 4  # per rebalancing proposal
-    default_prompt_tokens: int = 256  # the demand's shape before anything was measured
-    default_output_tokens: int = 128
+    default_prompt_tokens: int = 256  # the demand's shape before anything was measured (then: the last
+    default_output_tokens: int = 128  # measured, when a window has no prompt or no finished output)
 
     def __post_init__(self):
         for name in ("prefill", "decode"):
@@ -129,6 +130,7 @@ class PolicyState:
     settled_at: dict = field(default_factory=dict)  # pool -> when its last starting instance came up or its
     #                                                 last drain ended (None: some are starting or draining);
     #                                                 misses measured before are stale
+    shape: dict = field(default_factory=dict)  # "prompt_mean", "prompt_high", "output_mean": the last measured
 
 
 @dataclass(frozen=True)
@@ -174,11 +176,23 @@ def _correction(pool: str, snapshot: Snapshot, catalog: Catalog, obj: Objectives
     return _clamp(busy / predicted, *CORRECTION_RANGE)
 
 
-def _prefill_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict:
+def _shape(snapshot: Snapshot, obj: Objectives, state: PolicyState) -> dict:
+    """The demand's shape: mean and percentile prompt, mean output, as measured over the window; what
+    the window lacks (no prompt arrived, no request finished: a trickle with a short window, or the
+    samples left with a drained worker) is the last measured, then the defaults. (Assuming the default
+    128-token output for a trickle of 24-token requests once tripled its demand and undid a drain.)"""
+    prompt, output = snapshot.pool("prefill").prompt_tokens, snapshot.pool("decode").output_tokens
+    if prompt.n:
+        state.shape.update(prompt_mean=prompt.mean, prompt_high=prompt.at(obj.percentile))
+    if output.n:
+        state.shape["output_mean"] = output.mean
+    return {"prompt_mean": obj.default_prompt_tokens, "prompt_high": obj.default_prompt_tokens,
+            "output_mean": obj.default_output_tokens, **state.shape}
+
+
+def _prefill_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives, shape: dict) -> dict:
     ps = snapshot.pool("prefill")
-    prompt = ps.prompt_tokens
-    mean = prompt.mean if prompt.n else obj.default_prompt_tokens
-    high = prompt.at(obj.percentile) if prompt.n else mean
+    mean, high = shape["prompt_mean"], shape["prompt_high"]
     corr = _correction("prefill", snapshot, catalog, obj)
     cap = {t.name: prefill_capacity(t, mean, high, obj.ttft_s * obj.headroom, obj.percentile / 100, corr)
            for t in catalog.for_pool("prefill")}
@@ -186,10 +200,9 @@ def _prefill_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dic
             "capacity": cap, "prompt_mean": mean}
 
 
-def _decode_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives) -> dict:
+def _decode_model(snapshot: Snapshot, catalog: Catalog, obj: Objectives, shape: dict) -> dict:
     ps, pre = snapshot.pool("decode"), snapshot.pool("prefill")
-    out_mean = ps.output_tokens.mean if ps.output_tokens.n else obj.default_output_tokens
-    prompt_mean = pre.prompt_tokens.mean if pre.prompt_tokens.n else obj.default_prompt_tokens
+    out_mean, prompt_mean = shape["output_mean"], shape["prompt_mean"]
     demand = max(ps.token_rate, ps.recent_token_rate, max(pre.arrival_rate, pre.recent_arrival_rate) * out_mean)
     context = ps.kv_tokens_used / ps.running if ps.running else prompt_mean + out_mean / 2
     corr = _correction("decode", snapshot, catalog, obj)
@@ -457,7 +470,9 @@ def decide(snapshot: Snapshot | None, catalog: Catalog, objectives: Objectives, 
         return Decision(did, now, reasons=(f"no worker up in {', '.join(missing)}: no action",))
 
     reasons: list[str] = []
-    models = {"prefill": _prefill_model(snapshot, catalog, objectives), "decode": _decode_model(snapshot, catalog, objectives)}
+    shape = _shape(snapshot, objectives, state)
+    models = {"prefill": _prefill_model(snapshot, catalog, objectives, shape),
+              "decode": _decode_model(snapshot, catalog, objectives, shape)}
     for p, model in models.items():  # plan for the demand when a new instance would be up
         growth = _growth(p, model["demand"], state, now, objectives)
         horizon = max((t.startup_s for t in catalog.for_pool(p)), default=0.0)
