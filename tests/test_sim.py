@@ -116,3 +116,18 @@ def test_a_shared_host_slows_each_pool_while_the_other_works():
     quiet = [(0.0, 100, 40)]  # nothing overlaps: no difference
     assert Simulation(CATALOG, ONE, transfer=TRANSFER, shared_host=1.0).run(quiet).requests[0].tpot == \
         pytest.approx(Simulation(CATALOG, ONE, transfer=TRANSFER).run(quiet).requests[0].tpot)
+    # per pool: only decode slows down; B's prefill takes what it takes alone
+    decode_only = Simulation(CATALOG, ONE, transfer=TRANSFER, shared_host={"decode": 1.0}).run(trace).requests
+    assert decode_only[0].tpot == pytest.approx(shared[0].tpot)
+    assert decode_only[1].first_token - decode_only[1].arrival == \
+        pytest.approx(alone[1].first_token - alone[1].arrival)
+
+
+def test_the_serving_paths_latency_adds_to_every_ttft_and_counts_against_its_objective():
+    trace = [(float(t), 100, 5) for t in range(10)]
+    plain = Simulation(CATALOG, ONE, transfer=TRANSFER).run(trace).summary(0.2, 1.0)
+    late = Simulation(CATALOG, ONE, transfer=TRANSFER, ttft_overhead_s=0.1).run(trace).summary(0.2, 1.0)
+    assert late["ttft_p50"] == pytest.approx(plain["ttft_p50"] + 0.1)
+    assert late["tpot_p90"] == pytest.approx(plain["tpot_p90"])
+    assert plain["ttft_p90"] < 0.2 < plain["ttft_p90"] + 0.1  # every request meets 0.2 s without it, none with it
+    assert (plain["attainment"], late["attainment"]) == (1.0, 0.0)

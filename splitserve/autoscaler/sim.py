@@ -13,7 +13,8 @@ request's life::
                correction x prefill(tokens, sum of chunk x context))
             -> first token -> a decode instance (``rank_decodes``: the most free KV, then the
                fewest running; none with room: it waits, the waiting placed in arrival order)
-               -> KV transfer (transfer(prompt tokens) seconds): the client has its first token (TTFT)
+               -> KV transfer (transfer(prompt tokens) seconds): the client has its first token (TTFT,
+                  plus ``ttft_overhead_s``: the serving path's latency that occupies no engine)
             -> joins the decode batch at the next step; every step lasts
                correction x decode(batch, KV tokens) and gives each request a token
             -> done after its output length (TPOT = (last - first token) / (n - 1))
@@ -165,12 +166,14 @@ class SimResult:
     duration_s: float
     timeline: list  # (t, {pool: {type: instances}}, arrivals/s over the last tick)
     decisions: list
+    ttft_overhead_s: float = 0.0  # every output reaches the client this much later (TPOT unchanged)
 
     def summary(self, slo_ttft: float, slo_tpot: float) -> dict:
         done = [r for r in self.requests if r.done is not None]
-        ttft = sorted(r.first_token - r.arrival for r in done)
+        ttfts = {id(r): r.first_token - r.arrival + self.ttft_overhead_s for r in done}
+        ttft = sorted(ttfts.values())
         tpot = sorted(r.tpot for r in done if r.tpot is not None)
-        ok = [r for r in done if r.first_token - r.arrival <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
+        ok = [r for r in done if ttfts[id(r)] <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
         tokens = sum(r.output for r in done)
         return {"requests": len(self.requests), "completed": len(done), "failed": len(self.requests) - len(done),
                 "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
@@ -183,15 +186,20 @@ class Simulation:
     def __init__(self, catalog: Catalog, initial: dict, objectives: Objectives | None = None,
                  period_s: float = 5.0, window_s: float = 30.0, transfer: LinearModel = LinearModel(0.005, 5e-5),
                  correction: dict | None = None, block_size: int = 16,
-                 migration_pause_s: float = 0.05, shared_host: float = 0.0, seed: int = 0):
+                 migration_pause_s: float = 0.05, shared_host: float | dict = 0.0, ttft_overhead_s: float = 0.0,
+                 seed: int = 0):
         """``initial``: {"prefill": {type: n}, "decode": {type: n}}; ``objectives`` None: static (no
         autoscaler); ``correction``: {"prefill": x, "decode": y} on the catalog's models (calibration);
-        ``shared_host``: every instance shares one machine's cores (a test box): a step of one pool runs
-        (1 + shared_host) x slower while the other pool is busy."""
+        ``shared_host``: every instance shares one machine's cores (a test box): a step of pool P runs
+        (1 + shared_host[P]) x slower while the other pool is busy (a number: the same for both);
+        ``ttft_overhead_s``: what the serving path (router, proxies, RPCs) adds to every request's
+        first token without occupying an engine (the calibration measures it)."""
         self.catalog, self.objectives, self.period_s, self.window_s = catalog, objectives, period_s, window_s
         self.transfer, self.block = transfer, block_size
         self.correction = {"prefill": 1.0, "decode": 1.0, **(correction or {})}
-        self.migration_pause_s, self.shared_host = migration_pause_s, shared_host
+        self.migration_pause_s, self.ttft_overhead_s = migration_pause_s, ttft_overhead_s
+        self.shared_host = shared_host if isinstance(shared_host, dict) else \
+            {"prefill": shared_host, "decode": shared_host}
         self.now, self._seq = 0.0, itertools.count()
         self._events: list = []
         self.instances: dict[str, Instance] = {}
@@ -270,7 +278,7 @@ class Simulation:
             return
         inst.busy = True
         seconds = self.correction["prefill"] * self.catalog.get(inst.kind).prefill(tokens, sq) \
-            * self._contention("decode")
+            * self._contention("prefill")
         record_step(inst.recorder, seconds, tokens, sq)
         self._at(self.now + seconds, self._prefill_done, inst, chunks)
 
@@ -345,7 +353,7 @@ class Simulation:
         inst.busy = True
         kv = sum(r.prompt + r.tokens for r in inst.running)
         seconds = self.correction["decode"] * self.catalog.get(inst.kind).decode(len(inst.running), kv) \
-            * self._contention("prefill")
+            * self._contention("decode")
         record_step(inst.recorder, seconds, len(inst.running), kv)
         self._at(self.now + seconds, self._decode_done, inst, list(inst.running))
 
@@ -369,11 +377,13 @@ class Simulation:
             inst.recorder.record("tpot_s", req.tpot)
         inst.recorder.record("output_tokens", req.output)
 
-    def _contention(self, other_pool: str) -> float:
-        if not self.shared_host:
+    def _contention(self, pool: str) -> float:
+        """How much slower a step of ``pool`` runs now (``shared_host``: while the other pool works)."""
+        slowdown = self.shared_host.get(pool, 0.0)
+        if not slowdown:
             return 1.0
-        busy = any(i.busy for i in self.instances.values() if i.pool == other_pool)
-        return 1.0 + self.shared_host if busy else 1.0
+        other = "decode" if pool == "prefill" else "prefill"
+        return 1.0 + slowdown if any(i.busy for i in self.instances.values() if i.pool == other) else 1.0
 
     def _move(self, req: SimRequest, source: Instance, targets: list[Instance]) -> bool:
         need = req.prompt + req.output
@@ -455,4 +465,4 @@ class Simulation:
             self._remove(inst)
         duration = self.measure_to - measure_from
         return SimResult([r for r in requests if r.arrival >= measure_from], self.cost, duration,
-                         [x for x in self.timeline if x[0] >= measure_from], self.decisions)
+                         [x for x in self.timeline if x[0] >= measure_from], self.decisions, self.ttft_overhead_s)
