@@ -3,6 +3,8 @@ replaces, the whole decode forward against the Python model (fp32 and bf16, dens
 with and without linear biases), and the engine's use of it (same greedy tokens as the Python path,
 only decode-only steps go to it, a missing extension falls back to the Python model)."""
 
+import os
+
 import pytest
 import torch
 
@@ -187,6 +189,22 @@ def test_no_extension_means_the_python_model(tmp_path, monkeypatch):
     assert engine.runner.decoder is None
     out = engine.generate(["hi"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+def test_a_build_lock_left_by_a_killed_process_is_removed_and_a_live_one_waited_for(tmp_path):
+    import threading
+    import time
+    lock = tmp_path / "lock"
+    cpu_decode.wait_for_builder(str(lock))  # no lock: no wait
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # left an hour ago: a builder that died
+    cpu_decode.wait_for_builder(str(lock), stale_s=600)
+    assert not lock.exists()
+    lock.touch()  # a live build, which ends (removes its lock) 0.3 s later: waited for, then nothing removed
+    threading.Timer(0.3, lock.unlink).start()
+    start = time.monotonic()
+    cpu_decode.wait_for_builder(str(lock), stale_s=600, poll_s=0.05)
+    assert 0.25 < time.monotonic() - start < 5
 
 
 def test_a_torch_int4_layout_the_vnni_packer_cannot_read_leaves_the_layer_on_torchs_kernel(monkeypatch):

@@ -34,10 +34,12 @@ no compiler runs the Python path, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_d
 
 _extension = None
 _failed: str | None = None
+STALE_LOCK_S = 600.0  # a build takes ~40 s here: a build lock older than this was left by a dead process
 
 
 def build_dir() -> str:
@@ -76,8 +79,26 @@ def build_extension(verbose: bool = False):
 
     arch = os.environ.get("SPLITSERVE_EXT_ARCH", "native")
     os.makedirs(build_dir(), exist_ok=True)
+    wait_for_builder(os.path.join(build_dir(), "lock"))
     return load(name="splitserve_cpu_decode", sources=[SOURCE], build_directory=build_dir(), verbose=verbose,
                 extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+def wait_for_builder(lock: str, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> None:
+    """Wait while another process may be building (torch's build lock, a file, exists), and remove a
+    lock older than ``stale_s``: torch never removes the lock of a process killed while it held it (even
+    a start that only checks the build is up to date takes it) and would wait on it forever."""
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return
+        if age > stale_s:
+            log.warning("removing the build lock %s, left %.0f s ago by a process that did not finish", lock, age)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            return
+        time.sleep(poll_s)
 
 
 def extension():
