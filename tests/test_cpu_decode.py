@@ -191,20 +191,39 @@ def test_no_extension_means_the_python_model(tmp_path, monkeypatch):
     assert len(out[0].token_ids) == 4
 
 
-def test_a_build_lock_left_by_a_killed_process_is_removed_and_a_live_one_waited_for(tmp_path):
+def test_a_build_lock_left_by_a_killed_process_is_removed_and_a_live_build_waited_for(tmp_path):
     import threading
-    import time
-    lock = tmp_path / "lock"
-    cpu_decode.wait_for_builder(str(lock))  # no lock: no wait
-    lock.touch()
-    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # left an hour ago: a builder that died
-    cpu_decode.wait_for_builder(str(lock), stale_s=600)
-    assert not lock.exists()
-    lock.touch()  # a live build, which ends (removes its lock) 0.3 s later: waited for, then nothing removed
-    threading.Timer(0.3, lock.unlink).start()
-    start = time.monotonic()
-    cpu_decode.wait_for_builder(str(lock), stale_s=600, poll_s=0.05)
-    assert 0.25 < time.monotonic() - start < 5
+    (tmp_path / "lock").touch()  # torch's lock file, left by a process killed while it held it
+    with cpu_decode.exclusive_build(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+        order = []
+
+        def second():
+            with cpu_decode.exclusive_build(str(tmp_path)):
+                order.append("second")
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(0.3)
+        assert other.is_alive()  # waits while this build runs
+        order.append("first")
+    other.join(5)
+    assert order == ["first", "second"]
+
+
+def test_every_process_builds_with_the_pinned_ninja_whatever_its_path(tmp_path, monkeypatch):
+    # a plain .venv/bin/python has the system's ninja (if any) first on PATH, Ray's workers the venv's: with
+    # two versions each rebuilt the extension after the other; torch runs the `ninja` PATH finds
+    import shutil
+
+    import ninja
+    import torch.utils.cpp_extension as cpp
+    seen = []
+    monkeypatch.setenv("SPLITSERVE_EXT_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.append(shutil.which("ninja")))
+    cpu_decode.build_extension()
+    assert seen == [os.path.join(ninja.BIN_DIR, "ninja")]
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # restored
 
 
 def test_a_torch_int4_layout_the_vnni_packer_cannot_read_leaves_the_layer_on_torchs_kernel(monkeypatch):

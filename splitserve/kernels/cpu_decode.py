@@ -35,11 +35,11 @@ no compiler runs the Python path, with a warning.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,6 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_d
 
 _extension = None
 _failed: str | None = None
-STALE_LOCK_S = 600.0  # a build takes ~40 s here: a build lock older than this was left by a dead process
 
 
 def build_dir() -> str:
@@ -79,26 +78,49 @@ def build_extension(verbose: bool = False):
 
     arch = os.environ.get("SPLITSERVE_EXT_ARCH", "native")
     os.makedirs(build_dir(), exist_ok=True)
-    wait_for_builder(os.path.join(build_dir(), "lock"))
-    return load(name="splitserve_cpu_decode", sources=[SOURCE], build_directory=build_dir(), verbose=verbose,
-                extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    with exclusive_build(build_dir()), pinned_ninja():
+        return load(name="splitserve_cpu_decode", sources=[SOURCE], build_directory=build_dir(), verbose=verbose,
+                    extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
-def wait_for_builder(lock: str, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> None:
-    """Wait while another process may be building (torch's build lock, a file, exists), and remove a
-    lock older than ``stale_s``: torch never removes the lock of a process killed while it held it (even
-    a start that only checks the build is up to date takes it) and would wait on it forever."""
-    while True:
+@contextlib.contextmanager
+def pinned_ninja():
+    """The pinned ``ninja`` package's binary first on PATH while torch builds (torch runs whichever
+    ``ninja`` PATH finds). Ray's workers have the venv's bin on PATH, a plain ``.venv/bin/python`` does
+    not, and a machine may have its own older ninja: two ninja versions do not accept each other's build
+    log, so each process rebuilt the extension after the other had (30 s on this machine, minutes under
+    load, with every other engine start waiting on the build lock), over and over in one test run."""
+    try:
+        import ninja
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+@contextlib.contextmanager
+def exclusive_build(directory: str):
+    """One process at a time in torch's build of ``directory``, by an flock (the OS releases it when its
+    holder dies). Torch's own lock is a file it never removes when the process holding it is killed (even
+    a start that only checks the build is up to date takes it), and it waits on that file forever; under
+    the flock, such a file can only be stale, and is removed."""
+    with open(os.path.join(directory, "build.flock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            age = time.time() - os.path.getmtime(lock)
-        except FileNotFoundError:
-            return
-        if age > stale_s:
-            log.warning("removing the build lock %s, left %.0f s ago by a process that did not finish", lock, age)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(lock)
-            return
-        time.sleep(poll_s)
+            stale = os.path.join(directory, "lock")
+            if os.path.exists(stale):
+                log.warning("removing the build lock %s left by a process that did not finish", stale)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def extension():
