@@ -1,14 +1,15 @@
 """The autoscaler's signals and policy, over synthetic snapshots (catalog and capacity models:
 test_autoscaler_capacity.py)."""
 
+import dataclasses
 import math
 import random
 
 import pytest
 
 from autoscaler_types import BIG, CATALOG, SMALL
-from splitserve.autoscaler.catalog import Catalog, InstanceType
-from splitserve.autoscaler.policy import Objectives, PolicyState, decide
+from splitserve.autoscaler.catalog import Catalog, InstanceType, PrefillModel, StepModel
+from splitserve.autoscaler.policy import Objectives, PolicyState, PoolLimits, decide
 from splitserve.autoscaler.signals import Dist, Recorder, aggregate
 
 OBJ = Objectives(ttft_s=2.0, tpot_s=0.1, prefill={"min": 1, "max": 6}, decode={"min": 1, "max": 6},
@@ -160,9 +161,10 @@ def test_starting_instances_count_as_capacity_and_only_more_demand_adds_more():
     assert adds(decide(snapshot(pre + starting, hot), CATALOG, OBJ, PolicyState()), "decode") >= 1  # once up
     # the demand grows beyond what the up and starting instances carry: more, for the difference only
     pre3, _ = steady(rate=6.0, prompt=1500, output=400)
-    d = decide(snapshot(pre3 + starting, dec), CATALOG, OBJ, PolicyState())
+    wide = dataclasses.replace(OBJ, prefill=PoolLimits(1, 20))  # room for them
+    d = decide(snapshot(pre3 + starting, dec), CATALOG, wide, PolicyState())
     assert adds(d, "prefill") >= 1 and any("still starting, and the demand needs more" in r for r in d.reasons)
-    full = decide(snapshot(pre3, dec), CATALOG, OBJ, PolicyState())
+    full = decide(snapshot(pre3, dec), CATALOG, wide, PolicyState())
     assert adds(d, "prefill") < adds(full, "prefill")
 
 
@@ -267,6 +269,28 @@ def test_rebalance_proposes_moving_requests_from_a_hot_to_a_cold_decode_worker()
     d = decide(snapshot(pre, dec), CATALOG, Objectives(**{**OBJ.__dict__, "kv_high": 0.95}), PolicyState())
     move = [a for a in d.actions if a.kind == "migrate"]
     assert len(move) == 1 and (move[0].worker, move[0].target, move[0].count) == ("decode-0", "decode-1", 4)
+    # KV use says nothing of speed: a cold worker of another type gets nothing (it may be too slow)
+    mixed = [dec[0], ("big", "up", export(tokens=1, running=1, kv_used=200))]
+    d = decide(snapshot(pre, mixed), CATALOG, Objectives(**{**OBJ.__dict__, "kv_high": 0.95}), PolicyState())
+    assert not [a for a in d.actions if a.kind == "migrate"], d.reasons
+
+
+def test_a_growing_pool_adds_a_step_of_its_best_value_type_not_the_cheapest_filler_for_the_last_tokens():
+    # "tiny" is cheap and slow (630 tokens/s per $ against ~4,750 for small and big); the two big instances
+    # carry all but ~30 tokens/s of the demand: three tiny ones are the cheapest for that shortfall alone
+    tiny = InstanceType("tiny", 0.02, PrefillModel(0.01, 0.001, 0.0), StepModel(0.06, 0.004, 1e-5),
+                        kv_tokens=32768, max_batch=32)
+    cat = Catalog([SMALL, BIG, tiny])
+    pre, _ = steady(rate=18.63, prompt=256, output=128)
+    dec = [("big", "up", export(tokens=18.63 * 128 / 2, output=128)) for _ in range(2)]
+
+    def decode_adds(add_headroom):
+        d = decide(snapshot(pre, dec), cat, dataclasses.replace(OBJ, add_headroom=add_headroom), PolicyState())
+        short = d.model["decode"]["demand"] - 2 * d.model["decode"]["capacity"]["big"]
+        assert 0 < short < 3 * d.model["decode"]["capacity"]["tiny"]
+        return {a.instance_type: a.count for a in d.actions if a.kind == "add" and a.pool == "decode"}
+    assert decode_adds(0.1) == {"small": 1}  # planned for 10% more: one instance of a good-value type
+    assert decode_adds(0.0) == {"tiny": 3}  # for the shortfall alone: the filler
 
 
 def test_many_random_snapshots_give_sane_decisions():

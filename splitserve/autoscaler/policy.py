@@ -20,7 +20,8 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
     3. target                       the cheapest mix of instance types whose capacity at
                                     objective x headroom carries the demand (``capacity.py``),
                                     within min/max: fewer of the instances there when they carry
-                                    it, else those plus the cheapest addition; another mix of
+                                    it, else those plus the cheapest addition (planned for
+                                    ``add_headroom`` more demand); another mix of
                                     types only when, planned for ``switch_headroom`` more demand
                                     (a switch is slow to undo), it costs ``switch_saving`` less; an
                                     objective missed on the server,
@@ -46,8 +47,9 @@ tick of the autoscaler loop (``loop.py``), for the prefill and decode pools:
                                     (it may be wanted again), not within ``down_cooldown_s`` of the
                                     last change, never while an objective is missed or KV is
                                     high, never leaving less capacity than the demand
-    5. rebalance (decode)           a hot worker (KV use >= ``rebalance_gap`` above the coldest)
-                                    gives the coldest some running requests by live migration
+    5. rebalance (decode)           a hot worker (KV use >= ``rebalance_gap`` above the coldest of
+                                    its instance type) gives that one some running requests by
+                                    live migration
 
 No data (no snapshot, a stale one, a pool with no workers answering) means
 no action, never a guess. ``state`` (:class:`PolicyState`) carries the
@@ -97,6 +99,10 @@ class Objectives:
     trend_s: float = 300.0  # demand growth is measured over this long and planned for a start-up ahead
     switch_saving: float = 0.2  # a different mix of types replaces what is there only if it costs this much less
     switch_headroom: float = 0.5  # ... and it is chosen for this much more demand than now
+    add_headroom: float = 0.1  # an addition carries this much more of the demand than the shortfall: a pool
+    #                            that grows gets a step of its best-value type, not a string of the type that
+    #                            is cheapest for the last few tokens (five slow instances for a 140 tokens/s
+    #                            shortfall of a 10,000 tokens/s pool, simulated, each drained again later)
     rebalance_gap: float = 0.3
     max_migrations: int = 4  # per rebalancing proposal
     default_prompt_tokens: int = 256  # the demand's shape before anything was measured (then: the last
@@ -287,14 +293,15 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
 
 def _plan(model: dict, cost: dict, current: dict, limits: PoolLimits, obj: Objectives) -> dict | None:
     """The mix to aim for: fewer of what is there when it carries the demand, else what is there plus
-    the cheapest addition; a different mix altogether only when, planned for ``switch_headroom`` more
-    demand, it costs ``switch_saving`` less."""
+    the cheapest addition (for ``add_headroom`` more demand); a different mix altogether only when,
+    planned for ``switch_headroom`` more demand, it costs ``switch_saving`` less."""
     cap, demand = model["capacity"], model["demand"]
     known = {k: n for k, n in current.items() if k in cap}
     if _carries(model, known) >= demand:
         keep = cheapest_mix(cap, cost, demand, limits.min, limits.max, known, upper=known)
     else:
-        more = cheapest_mix(cap, cost, demand - _carries(model, known), 0, limits.max - sum(known.values()))
+        more = cheapest_mix(cap, cost, demand * (1 + obj.add_headroom) - _carries(model, known), 0,
+                            limits.max - sum(known.values()))
         keep = None if more is None else {k: known.get(k, 0) + more.get(k, 0) for k in {*known, *more}}
         if keep is not None and sum(keep.values()) < limits.min:
             keep = None
@@ -371,15 +378,21 @@ def _pick_drains(pool: str, instance_type: str, snapshot: Snapshot) -> list[str]
 
 
 def _rebalance(snapshot: Snapshot, obj: Objectives) -> Action | None:
-    ws = [w for w in snapshot.workers if w.pool == "decode" and w.state == "up" and w.kv_blocks_total]
-    if len(ws) < 2:
-        return None
-    hot = max(ws, key=lambda w: (w.kv_used_fraction, w.name))
-    cold = min(ws, key=lambda w: (w.kv_used_fraction, w.name))
-    count = min(obj.max_migrations, (hot.running - cold.running) // 2)
-    if hot.kv_used_fraction - cold.kv_used_fraction >= obj.rebalance_gap and hot.kv_used_fraction >= 0.5 and count >= 1:
-        return Action("migrate", "decode", count=count, worker=hot.name, target=cold.name)
-    return None
+    """The hottest and coldest decode workers of one instance type, when their KV use is ``rebalance_gap``
+    apart (the type with the widest gap). Only within a type: KV use says nothing of speed, and a request
+    moved to a slower type's worker could miss its TPOT there."""
+    best = None
+    for kind in sorted({w.instance_type for w in snapshot.workers if w.pool == "decode"}):
+        ws = [w for w in snapshot.workers if w.pool == "decode" and w.state == "up" and w.kv_blocks_total
+              and w.instance_type == kind]
+        if len(ws) < 2:
+            continue
+        hot = max(ws, key=lambda w: (w.kv_used_fraction, w.name))
+        cold = min(ws, key=lambda w: (w.kv_used_fraction, w.name))
+        gap, count = hot.kv_used_fraction - cold.kv_used_fraction, min(obj.max_migrations, (hot.running - cold.running) // 2)
+        if gap >= obj.rebalance_gap and hot.kv_used_fraction >= 0.5 and count >= 1 and (best is None or gap > best[0]):
+            best = (gap, Action("migrate", "decode", count=count, worker=hot.name, target=cold.name))
+    return best[1] if best else None
 
 
 def _scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalog: Catalog, obj: Objectives,
