@@ -381,15 +381,16 @@ def _rebalance(snapshot: Snapshot, obj: Objectives) -> Action | None:
     """The hottest and coldest decode workers of one instance type, when their KV use is ``rebalance_gap``
     apart (the type with the widest gap). Only within a type: KV use says nothing of speed, and a request
     moved to a slower type's worker could miss its TPOT there."""
+    by_type: dict[str, list] = {}
+    for w in snapshot.workers:
+        if w.pool == "decode" and w.state == "up" and w.kv_blocks_total:
+            by_type.setdefault(w.instance_type, []).append(w)
     best = None
-    for kind in sorted({w.instance_type for w in snapshot.workers if w.pool == "decode"}):
-        ws = [w for w in snapshot.workers if w.pool == "decode" and w.state == "up" and w.kv_blocks_total
-              and w.instance_type == kind]
-        if len(ws) < 2:
-            continue
-        hot = max(ws, key=lambda w: (w.kv_used_fraction, w.name))
-        cold = min(ws, key=lambda w: (w.kv_used_fraction, w.name))
-        gap, count = hot.kv_used_fraction - cold.kv_used_fraction, min(obj.max_migrations, (hot.running - cold.running) // 2)
+    for kind in sorted(by_type):
+        hot = max(by_type[kind], key=lambda w: (w.kv_used_fraction, w.name))
+        cold = min(by_type[kind], key=lambda w: (w.kv_used_fraction, w.name))
+        gap = hot.kv_used_fraction - cold.kv_used_fraction
+        count = min(obj.max_migrations, (hot.running - cold.running) // 2)
         if gap >= obj.rebalance_gap and hot.kv_used_fraction >= 0.5 and count >= 1 and (best is None or gap > best[0]):
             best = (gap, Action("migrate", "decode", count=count, worker=hot.name, target=cold.name))
     return best[1] if best else None
