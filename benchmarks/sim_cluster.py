@@ -43,6 +43,7 @@ request failed by scaling.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -88,6 +89,7 @@ def objectives(max_n: int, hold_s: float = 600.0):
                       decode={"min": 1, "max": max_n}, up_cooldown_s=10, down_cooldown_s=30, down_stable_s=hold_s)
 
 
+@functools.cache
 def ttft_overhead() -> float:
     """The serving path's latency on every first token, as calibrated (the same for every system)."""
     with open(os.path.join(RESULTS, "sim_calibration.json")) as f:
