@@ -24,9 +24,9 @@ MAX_TOKENS = 24
 
 # Step-time models made slow on purpose (a decode-small instance meets the 0.1 s TPOT objective, planned
 # at 0.08 s, at batch 2: 25 tokens/s at the median), so that the ramp's load (six streams) needs two of
-# them and the trickle after it (one stream, with pauses: about 10 tokens/s, up to 18 over the 4 s
-# window) one. At the 90th percentile one carries 14.7 tokens/s, and the trickle's noise crossed that:
-# the drained instance was added back at once.
+# them and the trickle after it (one stream, with pauses: about 12 tokens/s, up to 18 over the 4 s
+# window) one. At the 90th percentile one would carry 14.7 tokens/s, which the trickle's peaks cross:
+# the drained instance could come back at once.
 CATALOG = {"instance_types": [
     {"name": "head-cpu", "cost_per_hour": 0.05, "pools": ["prefill"], "worker_resources": {"node:__internal_head__": 0.001},
      "prefill": {"a": 0.025, "b": 0.0008, "c": 5e-7}, "decode": {"a": 0.03, "b": 0.002}},
