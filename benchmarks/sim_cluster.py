@@ -243,7 +243,8 @@ def main() -> int:
                                                              f"{json.dumps(static_cfg)}", s),
                             ("autoscaler, measured type only", single), ("autoscaler, gpu-l4 only", l4), *same):
             rows.append(f"| {name} | {label} | {summ['attainment']:.1%} | {summ['goodput']:.2f} | "
-                        f"${summ['cost']:.2f} | ${summ['cost_per_m_tokens']:.2f} | {summ['failed']} |")
+                        f"${summ['cost']:.2f} | ${summ['cost_per_m_tokens']:.2f} | "
+                        f"{summ['failed']} ({summ['refused']}) |")
         out[name]["goodput_vs_static"] = a["goodput"] / max(s["goodput"], 1e-9)
         out[name]["cost_vs_single"] = a["cost"] / max(single["cost"], 1e-9)
         out[name]["cost_vs_gpu_l4_only"] = a["cost"] / max(l4["cost"], 1e-9)
@@ -257,7 +258,8 @@ def main() -> int:
           f"({ttft_overhead() * 1000:.0f} ms). Objectives: P90 TTFT <= {SLO_TTFT}s and TPOT <= {SLO_TPOT}s; "
           f"attainment counts requests "
           f"meeting both; goodput = such requests per second.\n",
-          "| trace | system | SLO attainment | goodput (req/s) | cost | cost per M output tokens | failed |",
+          "| trace | system | SLO attainment | goodput (req/s) | cost | cost per M output tokens | failed (of "
+          "them refused: no room within the router's 30 s) |",
           "|---|---|---|---|---|---|---|", *rows, ""]
     for name, r in out.items():
         md.append(f"- {name}: goodput {r['goodput_vs_static']:.2f}x the best equal-cost static configuration; "
@@ -281,8 +283,9 @@ def main() -> int:
            "the peak needs several of the most cost-effective instances: at 6 req/s one declared gpu-l4 pair "
            "carries every trace's peak, so the best static configuration is that pair and the autoscaler can at "
            "best match it. At cluster scale (the traces at a higher rate) a static configuration of the "
-           "autoscaler's mean cost has too few instances for the peak, and a prefill instance that falls behind "
-           "keeps its queue (as in the real system): all the requests of that backlog miss. The autoscaler "
+           "autoscaler's mean cost has too few instances for the peak: its queues grow until requests wait "
+           "past the router's 30 s deadline and are refused (the client sees the error, as in the real system). "
+           "The autoscaler "
            "follows a diurnal cycle; each onset of a surge (a step of 8x the load within a minute) meets capacity "
            "that is still starting, and the hold keeps the surge's capacity after it, so on surges it pays about "
            "what the peak's static configuration costs."]

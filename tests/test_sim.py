@@ -131,3 +131,40 @@ def test_the_serving_paths_latency_adds_to_every_ttft_and_counts_against_its_obj
     assert late["tpot_p90"] == pytest.approx(plain["tpot_p90"])
     assert plain["ttft_p90"] < 0.2 < plain["ttft_p90"] + 0.1  # every request meets 0.2 s without it, none with it
     assert (plain["attainment"], late["attainment"]) == (1.0, 0.0)
+
+
+def test_decode_room_reads_as_taken_when_reserved_so_kv_pressure_adds_an_instance_before_requests_wait():
+    # Each request reserves its whole output (112 + 400 tokens): 4 fill a 2,048-token decode instance while
+    # they hold ~1,000 tokens between them; the 5th waits for room. The policy must read the instance as
+    # full (what admission sees), not as half empty (what the requests hold so far).
+    small = InstanceType("small", 0.10, PrefillModel(0.02, 0.001), StepModel(0.02, 0.002, 1e-6), kv_tokens=2048,
+                         max_batch=64, startup_s=30)
+    obj = Objectives(ttft_s=2.0, tpot_s=0.08, prefill={"min": 1, "max": 1}, decode={"min": 1, "max": 2})
+    trace = [(0.1 * i, 112, 400) for i in range(5)]
+    sim = Simulation(Catalog([small]), {"prefill": {"small": 1}, "decode": {"small": 1}}, objectives=obj,
+                     transfer=TRANSFER, period_s=5)
+    result = sim.run(trace)
+    first = result.decisions[0]  # at 5 s: ~100 of 400 tokens decoded, the 5th request still waiting
+    assert any("KV use 100%" in r for r in first.reasons), first.reasons
+    assert [(a.kind, a.pool) for a in first.actions] == [("add", "decode")]
+    assert result.summary(100.0, 1.0)["failed"] == 0
+
+
+def test_requests_not_started_or_placed_by_the_routers_deadline_are_refused_and_hold_nothing():
+    # 40 prompts of 2,000 tokens at once: FCFS steps of 512 tokens start one every ~2.1 s, so 5 start within
+    # a 10 s deadline; the rest are refused (the router's NoCapacityError), not served minutes late
+    burst = [(0.001 * i, 2000, 2) for i in range(40)]
+    late = Simulation(CATALOG, ONE, transfer=TRANSFER, max_wait_s=10.0).run(burst)
+    assert [r.refused for r in late.requests] == [None] * 5 + ["refused"] * 35
+    s = late.summary(100.0, 1.0)
+    assert (s["completed"], s["refused"], s["failed"]) == (5, 35, 35)
+    patient = Simulation(CATALOG, ONE, transfer=TRANSFER, max_wait_s=None).run(burst).summary(100.0, 1.0)
+    assert (patient["completed"], patient["refused"]) == (40, 0)
+    # decode room: one request at a time fits (each reserves 500 of 600 tokens for ~9 s); the others wait
+    # for room past the deadline and are refused
+    tight = InstanceType("tight", 0.10, PrefillModel(0.02, 0.001), StepModel(0.02, 0.002, 1e-6), kv_tokens=600,
+                         max_batch=64)
+    r = Simulation(Catalog([tight]), {"prefill": {"tight": 1}, "decode": {"tight": 1}}, transfer=TRANSFER,
+                   max_wait_s=5.0).run([(0.001 * i, 100, 400) for i in range(3)])
+    assert [q.refused for q in r.requests] == [None, "refused_decode", "refused_decode"]
+    assert r.requests[0].done is not None and r.summary(100.0, 1.0)["failed"] == 2

@@ -18,6 +18,9 @@ request's life::
             -> joins the decode batch at the next step; every step lasts
                correction x decode(batch, KV tokens) and gives each request a token
             -> done after its output length (TPOT = (last - first token) / (n - 1))
+    not started prefill, or not taken by a decode instance, within ``max_wait_s`` of its arrival (the
+    router's deadline) -> refused: the client sees the error, the prefill instance counts it (``refused``,
+    ``refused_decode``: signals the policy reads), and it holds nothing
 
 Instances are added ``startup_s`` (the catalog's node start + load) before they
 take work; a drained decode instance's requests migrate (``migration_pause_s``
@@ -129,6 +132,7 @@ class SimRequest:
     first_token: float | None = None  # at the client (after the transfer)
     tokens: int = 0  # output tokens the client has
     done: float | None = None
+    refused: str | None = None  # "refused" (no prefill room in time) / "refused_decode" (no decode room)
     decode: "Instance | None" = None
 
     @property
@@ -154,9 +158,10 @@ class Instance:
     def gauges(self, block: int, kv_tokens: int) -> dict:
         if self.pool == "prefill":
             return {"waiting": len(self.queue), "running": 0, "queued_prompt_tokens": self.queued}
-        used = sum(r.prompt + r.tokens for r in self.running + self.joining)
-        return {"waiting": len(self.joining), "running": len(self.running), "kv_blocks_used": -(-used // block),
-                "kv_blocks_total": kv_tokens // block, "kv_tokens_used": used}
+        # the room taken as admission counts it: each request here reserves its whole output (a real worker
+        # grows a request's blocks as it decodes, and its gauges count the blocks allocated: admission's view)
+        return {"waiting": len(self.joining), "running": len(self.running), "kv_blocks_used": -(-self.kv_used // block),
+                "kv_blocks_total": kv_tokens // block, "kv_tokens_used": self.kv_used}
 
 
 @dataclass
@@ -176,6 +181,7 @@ class SimResult:
         ok = [r for r in done if ttfts[id(r)] <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
         tokens = sum(r.output for r in done)
         return {"requests": len(self.requests), "completed": len(done), "failed": len(self.requests) - len(done),
+                "refused": sum(1 for r in self.requests if r.refused),
                 "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
                 "tpot_p50": percentile(tpot, 50), "tpot_p90": percentile(tpot, 90),
                 "attainment": len(ok) / max(1, len(self.requests)), "goodput": len(ok) / self.duration_s,
@@ -187,17 +193,19 @@ class Simulation:
                  period_s: float = 5.0, window_s: float = 30.0, transfer: LinearModel = LinearModel(0.005, 5e-5),
                  correction: dict | None = None, block_size: int = 16,
                  migration_pause_s: float = 0.05, shared_host: float | dict = 0.0, ttft_overhead_s: float = 0.0,
-                 seed: int = 0):
+                 max_wait_s: float | None = 30.0, seed: int = 0):
         """``initial``: {"prefill": {type: n}, "decode": {type: n}}; ``objectives`` None: static (no
         autoscaler); ``correction``: {"prefill": x, "decode": y} on the catalog's models (calibration);
         ``shared_host``: every instance shares one machine's cores (a test box): a step of pool P runs
         (1 + shared_host[P]) x slower while the other pool is busy (a number: the same for both);
         ``ttft_overhead_s``: what the serving path (router, proxies, RPCs) adds to every request's
-        first token without occupying an engine (the calibration measures it)."""
+        first token without occupying an engine (the calibration measures it); ``max_wait_s``: the router's
+        deadline (its default): a request whose prefill has not started, or that no decode instance took,
+        this long after its arrival is refused (None: requests wait as long as it takes)."""
         self.catalog, self.objectives, self.period_s, self.window_s = catalog, objectives, period_s, window_s
         self.transfer, self.block = transfer, block_size
         self.correction = {"prefill": 1.0, "decode": 1.0, **(correction or {})}
-        self.migration_pause_s, self.ttft_overhead_s = migration_pause_s, ttft_overhead_s
+        self.migration_pause_s, self.ttft_overhead_s, self.max_wait_s = migration_pause_s, ttft_overhead_s, max_wait_s
         self.shared_host = shared_host if isinstance(shared_host, dict) else \
             {"prefill": shared_host, "decode": shared_host}
         self.now, self._seq = 0.0, itertools.count()
@@ -261,7 +269,28 @@ class Simulation:
         if not inst.busy:
             self._prefill_step(inst)
 
+    def _expired(self, req: SimRequest) -> bool:
+        return self.max_wait_s is not None and self.now - req.arrival > self.max_wait_s
+
+    def _refuse(self, req: SimRequest, prefill: Instance | None, why: str) -> None:
+        req.refused = why
+        self._open -= 1
+        if prefill is not None:
+            prefill.recorder.count(why, 1)
+
+    def _refuse_expired(self, inst: Instance) -> None:
+        """Prompts not started by the deadline leave the queue (FCFS: the started ones come first, then the
+        rest in arrival order, so the expired are the first of the rest)."""
+        while True:
+            head = next((r for r in inst.queue if r.prefill_start is None), None)
+            if head is None or not self._expired(head):
+                return
+            inst.queue.remove(head)
+            inst.queued -= head.prompt
+            self._refuse(head, inst, "refused")
+
     def _prefill_step(self, inst: Instance) -> None:
+        self._refuse_expired(inst)
         budget, tokens, sq, chunks = self.catalog.get(inst.kind).step_tokens, 0, 0.0, []
         for req in inst.queue:
             if budget <= 0:
@@ -322,6 +351,10 @@ class Simulation:
         (the cost is what is placed, not what waits: a backlog of thousands stays cheap)."""
         while self.waiting_for_decode:
             req, prefill = self.waiting_for_decode[0]
+            if self._expired(req):
+                self.waiting_for_decode.popleft()
+                self._refuse(req, prefill, "refused_decode")
+                continue
             target = self._decode_for(req.prompt + req.output, self._up("decode"))
             if target is None:
                 return
