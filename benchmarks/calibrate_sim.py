@@ -32,6 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+MAX_WAIT_S = 120.0  # the server's max_queue_wait_s in these runs, and the simulator's deadline with it
 sys.path.insert(0, HERE)
 from bench_engine import machine  # noqa: E402
 
@@ -54,7 +55,7 @@ def simulate(catalog, kind, trace, transfer, correction, shared_host: float | di
              overhead_s: float = 0.0) -> dict:
     from splitserve.autoscaler.sim import Simulation
     sim = Simulation(catalog, {"prefill": {kind: 1}, "decode": {kind: 1}}, transfer=transfer, correction=correction,
-                     shared_host=shared_host, ttft_overhead_s=overhead_s)
+                     shared_host=shared_host, ttft_overhead_s=overhead_s, max_wait_s=MAX_WAIT_S)
     s = sim.run(trace).summary(1e9, 1e9)
     return {k: s[k] for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")} | {"n": s["completed"]}
 
@@ -108,7 +109,7 @@ def main() -> int:
     from bench_migration import free_port
 
     log("[2/3] starting the server (1 prefill + 1 decode actor, 1 thread each) ...")
-    cfg = ServeConfig(http_port=free_port(), grpc_port=free_port(), max_queue_wait_s=120.0)
+    cfg = ServeConfig(http_port=free_port(), grpc_port=free_port(), max_queue_wait_s=MAX_WAIT_S)
     server = start_server(cfg, log=log)
     runs, handoff = {}, {}
     try:
