@@ -371,8 +371,14 @@ def test_bench_command_against_the_live_server(server, real_model_path, tmp_path
     assert all(r["output_tokens"] == 6 for r in doc["records"])
     assert doc["summary"]["ttft_s"]["p50"] > 0 and doc["summary"]["num_errors"] == 0
     assert (tmp_path / "latency_cdf.png").exists()
-    if protocol == "openai":
-        assert doc["sweep"]["goodput"] == 2.0 and (tmp_path / "slo_attainment.png").exists()
+    if protocol == "openai":  # a sweep: the goodput follows from each rate's measured attainment (not a set
+        # number: whether 2 req/s meets TTFT <= 5 s depends on how busy the machine is)
+        from splitserve.bench.metrics import goodput
+        att = {float(rate): a for rate, a in doc["sweep"]["attainment"].items()}
+        meets = [r["ttft"] <= 5 and (r["tpot"] is None or r["tpot"] <= 1) for r in doc["records"]]
+        assert att[max(att)] == pytest.approx(sum(meets) / len(meets))  # the last rate's, from its records
+        assert min(att) == 1.0 and (2.0 in att) == (att[1.0] >= 0.9)  # the sweep goes on past a pass only
+        assert doc["sweep"]["goodput"] == goodput(att) and (tmp_path / "slo_attainment.png").exists()
     _wait_idle(server)
 
 
