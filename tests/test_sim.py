@@ -168,3 +168,6 @@ def test_requests_not_started_or_placed_by_the_routers_deadline_are_refused_and_
                    max_wait_s=5.0).run([(0.001 * i, 100, 400) for i in range(3)])
     assert [q.refused for q in r.requests] == [None, "refused_decode", "refused_decode"]
     assert r.requests[0].done is not None and r.summary(100.0, 1.0)["failed"] == 2
+    # no prefill instance up at all: the router's wait ends the same way
+    none = Simulation(CATALOG, {"prefill": {}, "decode": {"cpu": 1}}, transfer=TRANSFER, max_wait_s=5.0)
+    assert [q.refused for q in none.run([(0.0, 100, 5), (1.0, 100, 5)]).requests] == ["refused"] * 2

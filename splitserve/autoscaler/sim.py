@@ -257,8 +257,11 @@ class Simulation:
 
     def _arrive(self, req: SimRequest) -> None:
         pool = self._up("prefill")
-        if not pool:  # nothing up yet: try again shortly
-            self._at(self.now + 0.05, self._arrive, req)
+        if not pool:  # nothing up yet: try again shortly, until the deadline
+            if self._expired(req):
+                self._refuse(req, None, "refused")
+            else:
+                self._at(self.now + 0.05, self._arrive, req)
             return
         loads = [PrefillLoad(i.name, i.queued, 0, self.speeds.speed(i.name)) for i in pool]
         inst = self.instances[pick_prefill(loads, req.prompt)]
