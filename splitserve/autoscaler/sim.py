@@ -290,6 +290,7 @@ class Simulation:
                 return
             inst.queue.remove(head)
             inst.queued -= head.prompt
+            self.speeds.dropped(inst.name, self.now)  # as the router does: no prefill to measure
             self._refuse(head, inst, "refused")
 
     def _prefill_step(self, inst: Instance) -> None:
