@@ -219,10 +219,11 @@ def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_se
     prompt, params = list(range(5, 40)), {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
     expected = make_engine(tiny_path).generate([prompt], SamplingParams(**params))[0].token_ids
     d_full, d_ok = make_engine(tiny_path, num_kv_blocks=16), make_engine(tiny_path)
-    # the Python decode path: the hog below must outlast r3's 0.3 s deadline (~0.6 s there; the C++
-    # decode step makes its 400 tiny-model tokens in ~0.1 s)
+    # the hog below must outlast r3's 0.2 s deadline: the Python decode path (the C++ step is ~6x faster),
+    # and KV room for all of its 506 tokens (in 64 blocks the KV capped its length: it ended 250 tokens in,
+    # and r3 started within its deadline when the machine was fast)
     worker = PrefillWorkerImpl(dict(model=tiny_path, dtype="float32", show_progress=False, block_size=4,
-                                    num_kv_blocks=64, max_num_seqs=1, fused_decode=False), TOKEN, queue_limit=1,
+                                    num_kv_blocks=128, max_num_seqs=1, fused_decode=False), TOKEN, queue_limit=1,
                                layer_overlap=False)
     real_reserve, reserved_while = worker.sender.reserve, []
 
@@ -238,9 +239,9 @@ def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_se
             sent = await worker.prefill("r1", prompt, params, [full.address, ok.address])
             refused = await worker.prefill("r2", prompt, params, [full.address], wait_s=0.3)
             # one sequence at a time: a long request holds the engine, the next waits past its deadline
-            hog = worker.aengine.generate(list(range(3, 9)), SamplingParams(max_tokens=400, ignore_eos=True))
+            hog = worker.aengine.generate(list(range(3, 9)), SamplingParams(max_tokens=500, ignore_eos=True))
             await hog.__anext__()
-            late = asyncio.create_task(worker.prefill("r3", prompt, params, [ok.address], wait_s=0.3))
+            late = asyncio.create_task(worker.prefill("r3", prompt, params, [ok.address], wait_s=0.2))
             await asyncio.sleep(0.05)
             busy = await worker.prefill("r4", prompt, params, [ok.address])  # r3 fills the queue (limit 1)
             timed_out = await late
@@ -263,7 +264,7 @@ def test_prefill_worker_admission_is_bounded_and_reserves_decode_room_only_to_se
     assert reserved_while and all(reserved_while)  # never before the prompt was computed
     assert refused["status"] == "no_capacity" and "no decode worker had room" in refused["error"]
     assert refused["first"].finish_reason == "prefilled"  # computed, then refused: nothing was sent
-    assert timed_out["status"] == "queue_timeout" and "did not start within 0.3s" in timed_out["error"]
+    assert timed_out["status"] == "queue_timeout" and "did not start within 0.2s" in timed_out["error"]
     assert busy["status"] == "busy" and "queue_limit" in busy["error"]
     assert worker.num_refused == {"busy": 1, "queue_timeout": 1, "no_capacity": 1}
     series = worker.recorder.export()["series"]  # what the autoscaler reads: demand that never ran
