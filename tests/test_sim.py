@@ -135,7 +135,7 @@ def test_the_serving_paths_latency_adds_to_every_ttft_and_counts_against_its_obj
 
 def test_decode_room_reads_as_taken_when_reserved_so_kv_pressure_adds_an_instance_before_requests_wait():
     # Each request reserves its whole output (112 + 400 tokens): 4 fill a 2,048-token decode instance while
-    # they hold ~1,000 tokens between them; the 5th waits for room. The policy must read the instance as
+    # they hold ~1,100 tokens between them; the 5th waits for room. The policy must read the instance as
     # full (what admission sees), not as half empty (what the requests hold so far).
     small = InstanceType("small", 0.10, PrefillModel(0.02, 0.001), StepModel(0.02, 0.002, 1e-6), kv_tokens=2048,
                          max_batch=64, startup_s=30)
@@ -144,7 +144,7 @@ def test_decode_room_reads_as_taken_when_reserved_so_kv_pressure_adds_an_instanc
     sim = Simulation(Catalog([small]), {"prefill": {"small": 1}, "decode": {"small": 1}}, objectives=obj,
                      transfer=TRANSFER, period_s=5)
     result = sim.run(trace)
-    first = result.decisions[0]  # at 5 s: ~100 of 400 tokens decoded, the 5th request still waiting
+    first = result.decisions[0]  # at 5 s: ~170 of 400 tokens decoded (28 ms steps), the 5th still waiting
     assert any("KV use 100%" in r for r in first.reasons), first.reasons
     assert [(a.kind, a.pool) for a in first.actions] == [("add", "decode")]
     assert result.summary(100.0, 1.0)["failed"] == 0
