@@ -103,7 +103,7 @@ def main() -> int:
     import ray
     from splitserve.autoscaler.catalog import Catalog, LinearModel
     from splitserve.autoscaler.signals import Dist
-    from splitserve.autoscaler.sim import replay
+    from splitserve.autoscaler.traces import replay
     from splitserve.platform.config import ServeConfig
     from splitserve.platform.server import start_server
     from bench_migration import free_port

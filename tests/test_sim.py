@@ -7,7 +7,8 @@ import pytest
 
 from splitserve.autoscaler.catalog import Catalog, InstanceType, LinearModel, PrefillModel, StepModel
 from splitserve.autoscaler.policy import Objectives
-from splitserve.autoscaler.sim import Simulation, diurnal, gamma, mmpp, poisson, replay
+from splitserve.autoscaler.sim import Simulation
+from splitserve.autoscaler.traces import diurnal, gamma, mmpp, poisson, replay
 
 CPU = InstanceType("cpu", 0.10, PrefillModel(0.02, 0.001), StepModel(0.02, 0.002, 1e-6), kv_tokens=20000,
                    max_batch=64, startup_s=30)
