@@ -88,7 +88,7 @@ def catalog():
 
 
 def objectives(max_n: int, hold_s: float = 300.0):
-    from splitserve.autoscaler.policy import Objectives
+    from splitserve.autoscaler.decision import Objectives
     return Objectives(ttft_s=SLO_TTFT, tpot_s=SLO_TPOT, prefill={"min": 1, "max": max_n},
                       decode={"min": 1, "max": max_n}, up_cooldown_s=10, down_cooldown_s=30, down_stable_s=hold_s)
 

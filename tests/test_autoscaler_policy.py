@@ -9,7 +9,8 @@ import pytest
 
 from autoscaler_types import BIG, CATALOG, SMALL
 from splitserve.autoscaler.catalog import Catalog, InstanceType, PrefillModel, StepModel
-from splitserve.autoscaler.policy import Objectives, PolicyState, PoolLimits, decide
+from splitserve.autoscaler.decision import Objectives, PolicyState, PoolLimits
+from splitserve.autoscaler.policy import decide
 from splitserve.autoscaler.signals import Dist, Recorder, aggregate
 
 OBJ = Objectives(ttft_s=2.0, tpot_s=0.1, prefill={"min": 1, "max": 6}, decode={"min": 1, "max": 6},

@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from splitserve.autoscaler.catalog import Catalog, InstanceType, LinearModel, PrefillModel, StepModel
-from splitserve.autoscaler.policy import Objectives
+from splitserve.autoscaler.decision import Objectives
 from splitserve.autoscaler.sim import Simulation
 from splitserve.autoscaler.traces import diurnal, gamma, mmpp, poisson, replay
 

@@ -26,7 +26,7 @@ import asyncio
 import logging
 
 from splitserve.autoscaler.catalog import Catalog
-from splitserve.autoscaler.policy import Action
+from splitserve.autoscaler.decision import Action
 
 logger = logging.getLogger("splitserve.autoscaler")
 

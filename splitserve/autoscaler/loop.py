@@ -28,7 +28,8 @@ import ray
 
 from splitserve.autoscaler.actuators import RayActuator
 from splitserve.autoscaler.catalog import Catalog
-from splitserve.autoscaler.policy import Objectives, PolicyState, decide
+from splitserve.autoscaler.decision import Objectives, PolicyState
+from splitserve.autoscaler.policy import decide
 from splitserve.autoscaler.signals import WINDOW_S, aggregate
 
 logger = logging.getLogger("splitserve.autoscaler")

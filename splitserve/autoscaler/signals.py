@@ -193,6 +193,13 @@ class Snapshot:
     def pool(self, name: str) -> PoolSignals:
         return self.pools.get(name) or PoolSignals(pool=name)
 
+    @property
+    def idle(self) -> bool:
+        """No traffic: nothing arrived or was generated over the window, and nothing waits or runs."""
+        pre, dec = self.pool("prefill"), self.pool("decode")
+        return (pre.arrival_rate == 0 and dec.token_rate == 0 and pre.waiting == 0 and dec.running == 0
+                and dec.waiting == 0 and pre.queued_prompt_tokens == 0)
+
     def to_dict(self) -> dict:
         return {"time": self.time, "window_s": self.window_s, "workers": [asdict(w) for w in self.workers],
                 "pools": {k: asdict(v) for k, v in self.pools.items()}}

@@ -39,7 +39,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.autoscaler.catalog import Catalog, LinearModel
-from splitserve.autoscaler.policy import Objectives, PolicyState, decide
+from splitserve.autoscaler.decision import Objectives, PolicyState
+from splitserve.autoscaler.policy import decide
 from splitserve.autoscaler.signals import Recorder, aggregate, percentile, record_step
 from splitserve.platform.routing import DecodeLoad, PrefillLoad, PrefillSpeeds, pick_prefill, rank_decodes
 

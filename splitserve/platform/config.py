@@ -73,7 +73,7 @@ class AutoscaleConfig:
     def load(self):
         """(Catalog, Objectives), checked: a clear error for a missing file or a bad field."""
         from splitserve.autoscaler.catalog import Catalog
-        from splitserve.autoscaler.policy import Objectives
+        from splitserve.autoscaler.decision import Objectives
         if not os.path.isfile(self.catalog):
             raise ValueError(f"autoscale.catalog: no file {self.catalog!r} (write one with `splitserve profile "
                              f"--out FILE`, or declare instance_types in YAML)")
