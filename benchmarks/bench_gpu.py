@@ -214,7 +214,8 @@ def main() -> int:
                "|---|---|---|---|"]
         md += [f"| {r['batch']} | {r['transformers_tok_s']:.0f} | {r['ours_tok_s']:.0f} | {r['ratio']:.2f}x |"
                for r in hf]
-    md += ["", "Kernel choices of the engine's table (op | rows bucket | context bucket -> implementation):", ""]
+    md += ["", "Kernel choices of the engine's table (op | dims | rows bucket | context bucket -> implementation):",
+           ""]
     md += [f"- `{k}`: {v}" for k, v in sorted(choices.items())]
     with open(os.path.join(where, stem + ".md"), "w") as f:
         f.write("\n".join(md) + "\n")

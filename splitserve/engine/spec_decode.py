@@ -71,6 +71,11 @@ class SpeculativeMixin:
         draft = LlamaForCausalLM.from_state_dict(loaded.config, loaded.state, self.dtype, self.max_model_len,
                                                  self.device)
         quantize_model(draft, quant, cfg.int4_group_size)
+        if self.device.type != "cpu":  # the draft's own shapes measured too, next to the target's choices
+            from splitserve.engine.progress import progress
+            from splitserve.kernels.cases import prepare
+            prepare(draft, self.device, self.kv_spec.block_size, cfg.max_num_seqs, quant,
+                    progress if cfg.show_progress else None, max_context=self.max_model_len, merge=True)
         blocks = cfg.spec_draft_kv_blocks or max(16, self.kv_spec.num_blocks // 4)
         return DraftModelProposer(draft, blocks, self.kv_spec.block_size, cfg.seed)
 

@@ -7,9 +7,12 @@ attention, per batch and context bucket), with random inputs on the device:
     paged_decode_attention                 torch (gather + SDPA) | triton (split context)
     linear_int8 / linear_int4 (per N x K)  torch (dequantize + cuBLAS) | triton (GEMM) | triton-gemv (rows <= 16)
 
-``prepare(model, device)`` reads the table for this GPU type, versions and
-model shape if one was saved, else measures (about a minute on a GPU, with
-progress) and saves it, then installs it for the process.
+each with the dimensions the op passes to ``choice.choose`` (the keys the
+forward asks for are the keys measured: ``test_kernel_choice.py`` runs a
+forward and compares). ``prepare(model, device)`` reads the table for this GPU
+type, versions and model shape if one was saved, else measures (about a minute
+on a GPU, with progress) and saves it, then installs it for the process
+(``merge=True``: adds it to the installed one: a draft model's).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from splitserve.kernels.dispatch import force_backend, triton_module
 log = logging.getLogger(__name__)
 MAX_ROWS = 4096  # the last row bucket is timed at this many rows
 MAX_KV_TOKENS = 1 << 20  # decode attention cases hold at most this many cached tokens
+KEY_FORMAT = 2  # in the table's file name: tables saved with keys of another form are measured again
 
 
 def _with(backend: str, fn):
@@ -53,8 +57,10 @@ def _elementwise(cfg, dtype, device, rows: tuple[int, ...]) -> list[Case]:
         norm = lambda: ops.add_rms_norm(res.clone(), delta, weight, cfg.rms_norm_eps)  # noqa: E731
         silu = lambda: ops.silu_and_mul(gate_up)  # noqa: E731
         rot = lambda: ops.rotary(qk.clone(), cos, sin)  # noqa: E731
-        for op, fn in (("add_rms_norm", norm), ("silu_and_mul", silu), ("rotary", rot)):
-            cases.append(Case(op, n, 0, {b: _with(b, fn) for b in ("torch", "triton")}, str(dtype).split(".")[-1]))
+        for op, fn, dims in (("add_rms_norm", norm, (h,)), ("silu_and_mul", silu, (2 * inter,)),
+                             ("rotary", rot, (heads, d))):
+            cases.append(Case(op, n, 0, {b: _with(b, fn) for b in ("torch", "triton")}, str(dtype).split(".")[-1],
+                              dims))
     return cases
 
 
@@ -74,7 +80,7 @@ def _attention(cfg, dtype, device, batches: tuple[int, ...], contexts: tuple[int
             q = torch.randn(b, cfg.num_heads, cfg.head_dim, device=device, generator=g).to(dtype)
             fn = lambda q=q, kv=kv, t=tables, n=lens: ops.paged_decode_attention(q, kv, t, n)  # noqa: E731
             cases.append(Case("paged_decode_attention", b, ctx, {x: _with(x, fn) for x in ("torch", "triton")},
-                              str(dtype).split(".")[-1]))
+                              str(dtype).split(".")[-1], (cfg.num_heads, cfg.head_dim, cfg.num_kv_heads)))
     return cases
 
 
@@ -96,16 +102,14 @@ def _linears(model, dtype, device, rows: tuple[int, ...]) -> list[Case]:
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or layer.backend != "triton":
             continue
-        shape = (layer.bits, layer.out_features, layer.in_features, getattr(layer.weight, "group_size", 0))
-        if shape in seen:
+        if (layer.op, layer.dims) in seen:
             continue
-        seen.add(shape)
+        seen.add((layer.op, layer.dims))
         for n in rows:
             x = torch.randn(n, layer.in_features, device=device).to(dtype)
             names = ("torch", "triton") + (("triton-gemv",) if n <= GEMV_MAX_ROWS else ())
             cands = {name: (lambda name=name, x=x, layer=layer: linear_impl(name, layer, x)) for name in names}
-            cases.append(Case(f"linear_int{layer.bits}_{layer.out_features}x{layer.in_features}", n, 0, cands,
-                              str(dtype).split(".")[-1]))
+            cases.append(Case(layer.op, n, 0, cands, str(dtype).split(".")[-1], layer.dims))
     return cases
 
 
@@ -135,16 +139,18 @@ def _version() -> str:
 
 
 def prepare(model, device: torch.device, block_size: int, max_batch: int, quantization: str, progress=None,
-            rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None, max_context: int = 0):
-    """Read this GPU's table for this model shape, or measure and save it; install it. Returns the table.
-    ``rows`` / ``contexts``: as in ``model_cases`` (tests time a few small buckets)."""
+            rows: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None, max_context: int = 0,
+            merge: bool = False):
+    """Read this GPU's table for this model shape, or measure and save it; install it (``merge``: added to
+    the installed one). Returns the table read or measured. ``rows`` / ``contexts``: as in ``model_cases``
+    (tests time a few small buckets)."""
     import triton
     cfg = model.cfg
     meta = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "torch": torch.__version__, "triton": triton.__version__, "dtype": str(model.dtype).split(".")[-1],
             "model": f"{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.num_kv_heads}x{cfg.head_dim}",
             "quantization": quantization, "block_size": block_size, "max_batch": max_batch,
-            "max_context": max_context, "splitserve": _version()}
+            "max_context": max_context, "splitserve": _version(), "keys": KEY_FORMAT}
     path = choice.table_path(meta)
     try:
         table = choice.KernelTable.load(path)
@@ -157,5 +163,5 @@ def prepare(model, device: torch.device, block_size: int, max_batch: int, quanti
             table.save(path)
         except OSError as e:
             log.warning("kernel choices not saved (%s): measured again at the next start", e)
-    choice.install(table)
+    choice.install(choice.current().merged(table) if merge else table)
     return table

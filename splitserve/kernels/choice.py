@@ -3,14 +3,18 @@
 A Triton kernel is used where it was measured faster than torch's (cuBLAS,
 SDPA, torch's fused ops) at that shape on this GPU, and correct; nowhere else.
 
-    key(op, rows, context=0) -> (op, rows bucket, context bucket)
+    key(op, rows, context, dims) -> (op, its operands' fixed dimensions, rows bucket, context bucket): the
+                              dimensions (hidden width, heads, a weight's N x K) keep a draft model's ops
+                              apart from the target's, whose shapes they do not share
     measure(cases, timer)     for each case (an op at one bucket's representative shape): run every
                               candidate, drop the ones that fail or differ from the torch candidate
                               beyond the op's tolerance, keep the fastest -> KernelTable
     KernelTable               {key: implementation}; JSON on disk, one file per GPU type, torch and
                               Triton version and model shape (``table_path``): measured once at the
-                              first start-up (``prepare``), then read; it can be checked in
-    choose(op, rows, context) the table's implementation; without an entry, the op's default: torch's,
+                              first start-up (``prepare``), then read; it can be checked in. A process
+                              with a draft model installs the target's table, then merges the draft's
+    choose(op, rows, context, dims)
+                              the table's implementation; without an entry, the op's default: torch's,
                               except decode attention and the quantized linears, whose Triton
                               kernels read the cache and the weights in place (torch's paths would
                               gather every row's whole block table, or dequantize the whole weight,
@@ -41,8 +45,8 @@ def _bucket(value: int, bounds: tuple[int, ...]) -> int:
     return next((b for b in bounds if value <= b), bounds[-1])
 
 
-def key(op: str, rows: int, context: int = 0) -> str:
-    return f"{op}|{_bucket(rows, ROW_BUCKETS)}|{_bucket(context, CONTEXT_BUCKETS)}"
+def key(op: str, rows: int, context: int = 0, dims: tuple[int, ...] = ()) -> str:
+    return f"{op}|{'x'.join(map(str, dims))}|{_bucket(rows, ROW_BUCKETS)}|{_bucket(context, CONTEXT_BUCKETS)}"
 
 
 def default(op: str, rows: int) -> str:
@@ -60,8 +64,14 @@ class KernelTable:
     timings: dict = field(default_factory=dict)  # key -> {implementation: seconds, or the reason it was dropped}
     meta: dict = field(default_factory=dict)  # GPU, versions, model shape, date
 
-    def choose(self, op: str, rows: int, context: int = 0) -> str:
-        return self.choices.get(key(op, rows, context)) or default(op, rows)
+    def choose(self, op: str, rows: int, context: int = 0, dims: tuple[int, ...] = ()) -> str:
+        return self.choices.get(key(op, rows, context, dims)) or default(op, rows)
+
+    def merged(self, other: "KernelTable") -> "KernelTable":
+        """This table with ``other``'s entries added (a draft model's next to its target's; a key both hold
+        is the same op at the same shapes, so either measurement serves)."""
+        return KernelTable({**self.choices, **other.choices}, {**self.timings, **other.timings},
+                           {**self.meta, "merged": [*self.meta.get("merged", []), other.meta]})
 
     def save(self, path: str) -> None:
         """Written whole or not at all (workers starting together may write the same file)."""
@@ -81,12 +91,14 @@ class KernelTable:
 @dataclass(frozen=True)
 class Case:
     """One op at one bucket: ``candidates`` {implementation: zero-argument callable returning a tensor (or a
-    tuple, whose last item is compared)}; "torch" among them is the reference the others must match."""
+    tuple, whose last item is compared)}; "torch" among them is the reference the others must match;
+    ``dims``: the operands' fixed dimensions, as the op passes them to ``choose``."""
     op: str
     rows: int
     context: int
     candidates: dict
     dtype: str = "float32"
+    dims: tuple = ()
 
 
 def _output(result):
@@ -125,7 +137,7 @@ def measure(cases: list[Case], timer=wall_timer, progress=None) -> KernelTable:
     """The fastest correct implementation per case's key (see the module docstring)."""
     table = KernelTable()
     for case in (progress(cases, "choosing kernels") if progress else cases):
-        k = key(case.op, case.rows, case.context)
+        k = key(case.op, case.rows, case.context, case.dims)
         try:
             ref = case.candidates["torch"]()
         except Exception as e:  # noqa: BLE001 - no reference at this shape (e.g. out of memory): no entry
@@ -170,5 +182,5 @@ def install(table: KernelTable) -> None:
     _table = table
 
 
-def choose(op: str, rows: int, context: int = 0) -> str:
-    return _table.choose(op, rows, context)
+def choose(op: str, rows: int, context: int = 0, dims: tuple[int, ...] = ()) -> str:
+    return _table.choose(op, rows, context, dims)

@@ -1,6 +1,6 @@
 """Which kernel implementation runs: on CUDA tensors the one measured fastest at that shape, torch on CPU.
 
-``backend_for(tensor, op, rows, context)`` is the one decision point: a forced
+``backend_for(tensor, op, rows, context, dims)`` is the one decision point: a forced
 backend if any; torch for CPU tensors; for CUDA tensors ``choice.choose`` (the
 GPU's measured table, ``choice.py``: "torch", "triton" or, for quantized
 linears, "triton-gemv"); with no op named, "triton" (where a module fixes its
@@ -37,12 +37,13 @@ def _env_backend() -> str | None:
 _forced: str | None = _env_backend()
 
 
-def backend_for(t: torch.Tensor, op: str | None = None, rows: int = 0, context: int = 0) -> str:
+def backend_for(t: torch.Tensor, op: str | None = None, rows: int = 0, context: int = 0,
+                dims: tuple[int, ...] = ()) -> str:
     if _forced:
         return _forced
     if not t.is_cuda:
         return "torch"
-    return "triton" if op is None else choose(op, rows, context)
+    return "triton" if op is None else choose(op, rows, context, dims)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,8 @@ class QuantLinear(nn.Module):
         # Plain tensor attributes, not buffers: a buffer is looked up through nn.Module.__getattr__
         # on every access (measured ~0.6 ms of a 11 ms decode step over the model's 121 linears).
         self.bias = None if bias is None else bias.detach().to(out_dtype)
-        self.op = f"linear_int{self.bits}_{self.out_features}x{self.in_features}"  # its kernel-choice key
+        self.op = f"linear_int{self.bits}"  # its kernel-choice key, with its weight's shape:
+        self.dims = (self.out_features, self.in_features, getattr(weight, "group_size", 0))
         if self.backend == "triton":
             self.weight = weight  # canonical layout, read by every GPU implementation
         elif self.bits == 8:
@@ -70,7 +71,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":  # canonical weights: per rows, the GPU's measured choice (choice.py)
-            impl = backend_for(x, self.op, x.shape[0])
+            impl = backend_for(x, self.op, x.shape[0], dims=self.dims)
             if impl == "triton-gemv" and x.shape[0] > GEMV_MAX_ROWS:
                 impl = "triton"
             return linear_impl(impl, self, x).to(self.out_dtype)

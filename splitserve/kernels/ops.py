@@ -26,7 +26,7 @@ from splitserve.kernels.dispatch import backend_for, triton_module
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # residual: [N, H] fp32 stream; delta: [N, H] or None -> (residual + delta, normalised in weight's dtype)
-    if backend_for(residual, "add_rms_norm", residual.shape[0]) == "triton":
+    if backend_for(residual, "add_rms_norm", residual.shape[0], dims=residual.shape[1:]) == "triton":
         return triton_module("rmsnorm").launch(residual, delta, weight, eps)
     if delta is not None:
         residual = residual + delta
@@ -34,7 +34,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if backend_for(gate_up, "silu_and_mul", gate_up.shape[0]) == "triton":
+    if backend_for(gate_up, "silu_and_mul", gate_up.shape[0], dims=gate_up.shape[1:]) == "triton":
         return triton_module("silu_mul").launch(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -42,7 +42,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     # qk: [N, H, D]; cos, signed_sin: [N, 1, D] (engine/rope.py tables)
-    if backend_for(qk, "rotary", qk.shape[0]) == "triton":
+    if backend_for(qk, "rotary", qk.shape[0], dims=qk.shape[1:]) == "triton":
         return triton_module("rotary").launch(qk, cos[:, 0], signed_sin[:, 0])
     n, h, d = qk.shape
     swapped = qk.reshape(n, h, 2, d // 2).flip(2).reshape(n, h, d)  # [x2, x1]
@@ -53,7 +53,8 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                            context_lens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence over its cached K/V. ``mask`` ([B, 1, 1, W * bs], True or 0.0 = attend,
     False or -inf = not) may be passed precomputed from ``context_lens`` (the runner builds it once a step)."""
-    if backend_for(q, "paged_decode_attention", q.shape[0], block_tables.shape[1] * kv_layer.shape[2]) == "triton":
+    if backend_for(q, "paged_decode_attention", q.shape[0], block_tables.shape[1] * kv_layer.shape[2],
+                   (*q.shape[1:], kv_layer.shape[3])) == "triton":  # dims: heads, head_dim, KV heads
         return triton_module("paged_attention").launch(q, kv_layer, block_tables, context_lens)
     b, num_heads, head_dim = q.shape
     num_kv_heads = kv_layer.shape[3]
