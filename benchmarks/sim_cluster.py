@@ -1,10 +1,13 @@
 """The autoscaler at cluster scale, in the calibrated simulator: vs static provisioning and a single type.
 
     python benchmarks/sim_cluster.py [--duration 1200] [--long-duration 3600] [--rate 6] [--cv 4] [--seed 1]
-                                     [--warmup 600] [--hold 300] [--cluster-rate 100]
+                                     [--warmup 600] [--hold 300] [--cluster-rate 100] [--max-wait 30]
+                                     [--only-cluster]
 
 (``--long-duration`` > 0 adds the two long traces; ``--cluster-rate`` > 0 adds them again at that mean
-rate, where the peak needs tens of instances; their static searches take tens of minutes)
+rate, where the peak needs tens of instances; their static searches take tens of minutes; ``--max-wait``:
+the router's deadline for a request to start, for every system (``max_queue_wait_s``; other than its
+default 30 s, the results go to ``sim_cluster_wait<W>s.*``); ``--only-cluster``: those two traces alone)
 
 Instance types: ``local`` is this machine as profiled and calibrated (``calibrate_sim.py``: the
 catalog with its fitted corrections folded in); ``cpu-16`` and ``gpu-l4`` are DECLARED types
@@ -100,15 +103,15 @@ def ttft_overhead() -> float:
         return float(json.load(f).get("ttft_overhead_s", 0.0))
 
 
-def run(cat, trace, initial, obj=None, warmup_s: float = 0.0):
+def run(cat, trace, initial, obj=None, warmup_s: float = 0.0, max_wait_s: float = 30.0):
     from splitserve.autoscaler.sim import Simulation
-    return Simulation(cat, initial, objectives=obj, period_s=5.0, ttft_overhead_s=ttft_overhead()).run(
-        trace, measure_from=warmup_s)
+    return Simulation(cat, initial, objectives=obj, period_s=5.0, ttft_overhead_s=ttft_overhead(),
+                      max_wait_s=max_wait_s).run(trace, measure_from=warmup_s)
 
 
 def _static_summary(args) -> dict:
-    cat, trace, config, warmup_s = args
-    return run(cat, trace, config, warmup_s=warmup_s).summary(SLO_TTFT, SLO_TPOT)
+    cat, trace, config, warmup_s, max_wait_s = args
+    return run(cat, trace, config, warmup_s=warmup_s, max_wait_s=max_wait_s).summary(SLO_TTFT, SLO_TPOT)
 
 
 class StaticRuns:
@@ -116,15 +119,15 @@ class StaticRuns:
     is deterministic, so the result does not depend on the order); :meth:`best_within` picks among all
     of them."""
 
-    def __init__(self, cat, trace, warmup_s: float):
-        self.cat, self.trace, self.warmup_s, self.done = cat, trace, warmup_s, {}
+    def __init__(self, cat, trace, warmup_s: float, max_wait_s: float = 30.0):
+        self.cat, self.trace, self.warmup_s, self.max_wait_s, self.done = cat, trace, warmup_s, max_wait_s, {}
 
     def summaries(self, configs: list) -> list:
         from concurrent.futures import ProcessPoolExecutor
         todo = [c for c in configs if json.dumps(c, sort_keys=True) not in self.done]
         if todo:
             with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-                args = [(self.cat, self.trace, c, self.warmup_s) for c in todo]
+                args = [(self.cat, self.trace, c, self.warmup_s, self.max_wait_s) for c in todo]
                 for c, sm in zip(todo, pool.map(_static_summary, args)):
                     self.done[json.dumps(c, sort_keys=True)] = (c, sm)
         return [self.done[json.dumps(c, sort_keys=True)][1] for c in configs]
@@ -212,7 +215,16 @@ def main() -> int:
                     help="the autoscaler's down_stable_s (300 s: the policy's default, Kubernetes' too)")
     ap.add_argument("--cluster-rate", type=float, default=0.0,
                     help="> 0: the long traces again at this mean rate (req/s), at cluster scale (slow)")
+    ap.add_argument("--max-wait", type=float, default=30.0,
+                    help="the router's deadline for a request to start, s (max_queue_wait_s; default 30)")
+    ap.add_argument("--only-cluster", action="store_true", help="only the traces at --cluster-rate")
     args = ap.parse_args()
+    if args.only_cluster and args.cluster_rate <= 0:
+        ap.error("--only-cluster needs --cluster-rate > 0")
+    if args.max_wait <= 0:
+        ap.error(f"--max-wait must be > 0 seconds, got {args.max_wait}")
+    stem = "sim_cluster" if args.max_wait == 30.0 else f"sim_cluster_wait{args.max_wait:g}s"
+    mw = args.max_wait
     cat = catalog()
     local_only = Catalog([cat.get("local")])
     l4_only = Catalog([cat.get("gpu-l4")])  # the declared type with the most capacity per dollar
@@ -235,21 +247,23 @@ def main() -> int:
                                                         seed=args.seed, low_at_s=w),
               f"surges of 10 minutes, {cr:g} req/s": mmpp(cr / 4, cr * 2, 1200.0, 600.0, w + ld, prompt=PROMPT,
                                                          output=OUTPUT, seed=args.seed)})
+    if args.only_cluster:
+        traces = {k: v for k, v in traces.items() if f"{args.cluster_rate:g} req/s" in k}
     start = {"prefill": {"local": 1}, "decode": {"local": 1}}
     out, rows, holds, hold_runs = {}, [], [], {}
     for i, (name, trace) in enumerate(traces.items()):
         log(f"[{i + 1}/{len(traces)}] {name}: {len(trace)} requests over {trace[-1][0]:.0f}s "
             f"(the first {w:.0f}s not counted) ...")
-        auto = run(cat, trace, start, objectives(args.max_instances, args.hold), warmup_s=w)
+        auto = run(cat, trace, start, objectives(args.max_instances, args.hold), warmup_s=w, max_wait_s=mw)
         a = auto.summary(SLO_TTFT, SLO_TPOT)
         budget = a["cost"] / (auto.duration_s / 3600)
         log(f"  autoscaler: attainment {a['attainment']:.1%}, ${budget:.2f}/h on average; searching static ...")
-        runs = StaticRuns(cat, trace, w)
+        runs = StaticRuns(cat, trace, w, mw)
         search_static(runs, budget, args.max_instances)
-        single = run(local_only, trace, start, objectives(args.max_instances, args.hold), warmup_s=w).summary(
-            SLO_TTFT, SLO_TPOT)
+        single = run(local_only, trace, start, objectives(args.max_instances, args.hold), warmup_s=w,
+                     max_wait_s=mw).summary(SLO_TTFT, SLO_TPOT)
         l4 = run(l4_only, trace, {"prefill": {"gpu-l4": 1}, "decode": {"gpu-l4": 1}},
-                 objectives(args.max_instances, args.hold), warmup_s=w).summary(SLO_TTFT, SLO_TPOT)
+                 objectives(args.max_instances, args.hold), warmup_s=w, max_wait_s=mw).summary(SLO_TTFT, SLO_TPOT)
         l4_cfg, l4_static = cheapest_static_reaching(runs, "gpu-l4", a["attainment"], args.max_instances)
         hours = auto.duration_s / 3600
         # the comparison is with the best of every static configuration run at no more cost: the search's
@@ -259,7 +273,7 @@ def main() -> int:
             s = {"attainment": 0.0, "goodput": 0.0, "cost": 0.0, "cost_per_m_tokens": 0.0, "failed": 0, "refused": 0}
         for hold in HOLDS:  # the scale-down hold's trade of cost for attainment, and its ratio
             hs = a if hold == args.hold else run(cat, trace, start, objectives(args.max_instances, hold),
-                                                 warmup_s=w).summary(SLO_TTFT, SLO_TPOT)
+                                                 warmup_s=w, max_wait_s=mw).summary(SLO_TTFT, SLO_TPOT)
             cfg, st = runs.best_within(hs["cost"] / hours, hours)
             vs = (f"{json.dumps(cfg)}: {st['goodput']:.2f} | {hs['goodput'] / max(st['goodput'], 1e-9):.2f}x"
                   if cfg else "none run costs so little | -")
@@ -270,7 +284,7 @@ def main() -> int:
                                                    "gpu_l4_static": same})
             holds.append(f"| {name} | {hold:.0f} s{' (above)' if hold == args.hold else ''} | "
                          f"{hs['attainment']:.1%} | {hs['goodput']:.2f} | ${hs['cost'] / hours:.2f} | {vs} |")
-        plot(os.path.join(RESULTS, f"sim_cluster_{_slug(name)}.png"), auto,
+        plot(os.path.join(RESULTS, f"{stem}_{_slug(name)}.png"), auto,
              f"autoscaler on the {name} trace ({len(trace)} requests)")
         peak = max(sum(sum(c[p].values()) for p in c) for _, c, _ in auto.timeline)
         kinds_used = sorted({a_.instance_type for d in auto.decisions for a_ in d.actions if a_.kind == "add"})
@@ -298,7 +312,7 @@ def main() -> int:
           f"attainment counts requests "
           f"meeting both; goodput = such requests per second.\n",
           "| trace | system | SLO attainment | goodput (req/s) | cost | cost per M output tokens | failed (of "
-          "them refused: no room within the router's 30 s) |",
+          f"them refused: no room within the router's {mw:g} s) |",
           "|---|---|---|---|---|---|---|", *rows, ""]
     for name, r in out.items():
         md.append(f"- {name}: goodput {r['goodput_vs_static']:.2f}x the best equal-cost static configuration; "
@@ -310,7 +324,7 @@ def main() -> int:
                      if r['cost_vs_gpu_l4_static'] else "no static gpu-l4 deployment reaches its attainment; ")
                   + f"peak "
                   f"{r['peak_instances']} instances; types added: {', '.join(r['types_added']) or 'none'}; "
-                  f"plot `sim_cluster_{_slug(name)}.png`.")
+                  f"plot `{stem}_{_slug(name)}.png`.")
     md += ["", f"The scale-down hold (`down_stable_s`; the runs above: {args.hold:.0f} s), same traces; each "
            f"beside the best of the static configurations run above (the equal-cost search and the gpu-l4 "
            f"ladder) that costs no more, and the cheapest static gpu-l4 deployment that reaches its attainment:",
@@ -325,16 +339,17 @@ def main() -> int:
            "trace's peak, so the best static configuration is that pair and the autoscaler can at best match it. "
            "At cluster scale (the traces at a higher rate) the peak needs several instances, and a static "
            "configuration with too few for it collapses at the peak: its queues grow until requests wait past "
-           "the router's 30 s deadline and are refused (the client sees the error, as in the real system), and "
-           "those it serves meanwhile miss the TTFT objective. So the goodput ratio has a cliff at the cost of "
+           f"the router's {mw:g} s deadline and are refused (the client sees the error, as in the real system), and "
+           "those it serves meanwhile miss the TTFT objective (the shorter the deadline, the fewer it serves late: "
+           "`--max-wait` sets it for every system). So the goodput ratio has a cliff at the cost of "
            "the cheapest static configuration that carries the peak: an autoscaler whose mean cost is below it "
            "wins by a wide margin, one above it (a hold longer than the lulls keeps the peak's capacity through "
            "them) cannot win. The hold trades the two: a longer one refuses fewer requests at the onset of a "
            "surge (a step of 8x the load within a minute meets capacity that is still starting) and costs more; "
            "the cost at the same attainment (the gpu-l4 column) is the measure without the cliff."]
-    with open(os.path.join(RESULTS, "sim_cluster.md"), "w") as f:
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    with open(os.path.join(RESULTS, "sim_cluster.json"), "w") as f:
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
         json.dump({"command": command, "results": out, "holds": hold_runs}, f, indent=1)
     print("\n".join(md))
     return 0
