@@ -1,8 +1,8 @@
 """Kernel choice per shape (``kernels/choice.py``, ``kernels/cases.py``): the fastest correct implementation,
 never a wrong or failing one; a model's cases cover every op and bucket; the table round-trips through its
 file and a second start reads it instead of measuring. On CPU the candidates are torch's paths and the Triton
-kernels under the interpreter (the interpreter is slow: torch wins every case here; on a GPU the same code
-times compiled kernels)."""
+kernels under the interpreter (the interpreter is slow: torch wins nearly every case here; on a GPU the same
+code times compiled kernels)."""
 
 import time
 
@@ -83,11 +83,7 @@ def test_a_models_cases_cover_every_op_and_the_table_is_measured_once(tmp_path, 
 
     def counted(cs, **kw):
         calls.append(len(cs))
-        return real(cs, timer=quick_timer, **kw)
-
-    def quick_timer(fn):  # one timed run of the interpreter's kernels (slow); a median of five for the fast
-        once = choice.wall_timer(fn, 1)  # ones (one run can be preempted on a busy machine: 16 ms, seen)
-        return once if once > 0.05 else choice.wall_timer(fn, 5)
+        return real(cs, timer=lambda fn: choice.wall_timer(fn, 1), **kw)  # one timed run: the interpreter is slow
 
     monkeypatch.setattr(choice, "measure", counted)
     before = choice.current()
@@ -95,10 +91,11 @@ def test_a_models_cases_cover_every_op_and_the_table_is_measured_once(tmp_path, 
     try:
         table = cases.prepare(eng.model, torch.device("cpu"), 16, 8, "int8", **small)
         assert calls == [len(model_cases)] and path.exists()
-        assert choice.current() is table and set(table.choices.values()) == {"torch"}
-        assert len(table.choices) == len(model_cases)
+        assert choice.current() is table and len(table.choices) == len(model_cases)
         for k, timings in table.timings.items():  # every Triton candidate ran and matched torch's output
             assert all(isinstance(v, float) for v in timings.values()), (k, timings)
+            assert table.choices[k] == min(timings, key=timings.get)  # (which wins here is the machine's
+            #                                                            business: torch, unless it is preempted)
         again = cases.prepare(eng.model, torch.device("cpu"), 16, 8, "int8", **small)
         assert calls == [calls[0]] and again.choices == table.choices and again.meta["quantization"] == "int8"
     finally:
@@ -120,14 +117,15 @@ def test_the_keys_a_forward_asks_for_are_the_keys_measured_for_a_target_and_a_dr
     ops (other widths, int4 where the target is int8) once looked up the target's entries."""
     from splitserve.engine.sampling_params import SamplingParams
     from splitserve.kernels import linear, ops
+    from splitserve.kernels.dispatch import key_dims
     engines = {"target": _engine(tmp_path / "t", "int8"),
                "draft": _engine(tmp_path / "d", "int4", hidden_size=32, intermediate_size=96,
                                 num_attention_heads=2, num_key_value_heads=1)}
     asked = {name: set() for name in engines}
     for name, eng in engines.items():
-        def record(t, op=None, rows=0, context=0, dims=(), name=name):
+        def record(t, op=None, rows=0, context=0, dims=None, name=name):  # the key backend_for looks up
             if op is not None:
-                asked[name].add(key(op, rows, context, tuple(dims)))
+                asked[name].add(key(op, rows, context, key_dims(t, dims)))
             return "torch"
         monkeypatch.setattr(ops, "backend_for", record)
         monkeypatch.setattr(linear, "backend_for", record)

@@ -38,12 +38,17 @@ _forced: str | None = _env_backend()
 
 
 def backend_for(t: torch.Tensor, op: str | None = None, rows: int = 0, context: int = 0,
-                dims: tuple[int, ...] = ()) -> str:
+                dims: tuple[int, ...] | None = None) -> str:
     if _forced:
         return _forced
     if not t.is_cuda:
         return "torch"
-    return "triton" if op is None else choose(op, rows, context, dims)
+    return "triton" if op is None else choose(op, rows, context, key_dims(t, dims))
+
+
+def key_dims(t: torch.Tensor, dims: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The op's fixed dimensions in its table key: ``dims``, or (None) ``t``'s after the rows."""
+    return tuple(t.shape[1:]) if dims is None else dims
 
 
 @contextlib.contextmanager

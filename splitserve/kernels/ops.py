@@ -26,7 +26,7 @@ from splitserve.kernels.dispatch import backend_for, triton_module
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # residual: [N, H] fp32 stream; delta: [N, H] or None -> (residual + delta, normalised in weight's dtype)
-    if backend_for(residual, "add_rms_norm", residual.shape[0], dims=residual.shape[1:]) == "triton":
+    if backend_for(residual, "add_rms_norm", residual.shape[0]) == "triton":
         return triton_module("rmsnorm").launch(residual, delta, weight, eps)
     if delta is not None:
         residual = residual + delta
@@ -34,7 +34,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if backend_for(gate_up, "silu_and_mul", gate_up.shape[0], dims=gate_up.shape[1:]) == "triton":
+    if backend_for(gate_up, "silu_and_mul", gate_up.shape[0]) == "triton":
         return triton_module("silu_mul").launch(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -42,7 +42,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def rotary(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     # qk: [N, H, D]; cos, signed_sin: [N, 1, D] (engine/rope.py tables)
-    if backend_for(qk, "rotary", qk.shape[0], dims=qk.shape[1:]) == "triton":
+    if backend_for(qk, "rotary", qk.shape[0]) == "triton":
         return triton_module("rotary").launch(qk, cos[:, 0], signed_sin[:, 0])
     n, h, d = qk.shape
     swapped = qk.reshape(n, h, 2, d // 2).flip(2).reshape(n, h, d)  # [x2, x1]
