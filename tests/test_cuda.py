@@ -148,3 +148,32 @@ def test_the_real_models_greedy_output_on_cuda_equals_cpu_float32(real_engine, r
     assert ours == [r.token_ids for r in real_engine.generate(PROMPTS, params)]
     assert sum(gpu.runner.decoder.replays.values()) > 0
     assert_no_leaks(gpu)
+
+
+def test_a_self_drafting_engine_on_cuda_measures_its_drafts_kernels_and_keeps_the_greedy_output(
+        tiny, tmp_path, monkeypatch):
+    """The draft (the target as int4, the target int8) gets its own kernel choices beside the target's, and
+    speculation on CUDA leaves the greedy output as it was."""
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.sampling_params import SamplingParams
+    from splitserve.kernels import choice
+    path, _ = tiny
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # measured in this test, not read from an earlier run
+    prompts = [list(range(40, 60)) * 3, list(range(100, 131))]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    kw = dict(model=path, device="cuda", dtype="float32", show_progress=False, quantization="int8",
+              num_kv_blocks=96)
+    before = choice.current()
+    try:
+        ref = LLMEngine(**kw).generate(prompts, params)
+        spec = LLMEngine(**kw, speculative="draft", spec_calibrate=False)
+        keys = choice.current().choices
+        assert {k.split("|")[0] for k in keys} >= {"linear_int8", "linear_int4", "add_rms_norm"}
+        assert len(choice.current().meta["merged"]) == 1  # the draft's table, merged into the target's
+        got = spec.generate(prompts, params)
+        assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+        assert spec.stats().spec.accepted > 0
+        assert_no_leaks(spec)
+        assert spec.proposer.kv.num_free_blocks == spec.proposer.kv.num_blocks
+    finally:
+        choice.install(before)
