@@ -46,7 +46,7 @@ from __future__ import annotations
 from splitserve.autoscaler.capacity import cheapest_mix, decode_capacity, prefill_capacity
 from splitserve.autoscaler.catalog import Catalog
 from splitserve.autoscaler.decision import Action, Decision, Objectives, PolicyState, PoolLimits
-from splitserve.autoscaler.scaling import rebalance, scale_pool, value
+from splitserve.autoscaler.scaling import carries, rebalance, scale_pool, value
 from splitserve.autoscaler.signals import RECENT_S, PoolSignals, Snapshot
 
 POOLS = ("prefill", "decode")
@@ -170,7 +170,7 @@ def _target(pool: str, snapshot: Snapshot, model: dict, catalog: Catalog, obj: O
         pressure = f"decode: KV use {ps.kv_used_fraction:.0%} > {obj.kv_high:.0%}"
     if pressure:
         reasons.append(pressure)
-        if _carries(model, target) <= _carries(model, current) and sum(current.values()) < limits.max:
+        if carries(model, target) <= carries(model, current) and sum(current.values()) < limits.max:
             target = _one_more(model, current, catalog)
             model["pressure"] = pressure  # the target is more than the demand model asks for
     return target
@@ -182,10 +182,10 @@ def _plan(model: dict, cost: dict, current: dict, limits: PoolLimits, obj: Objec
     planned for ``switch_headroom`` more demand, it costs ``switch_saving`` less."""
     cap, demand = model["capacity"], model["demand"]
     known = {k: n for k, n in current.items() if k in cap}
-    if _carries(model, known) >= demand:
+    if carries(model, known) >= demand:
         keep = cheapest_mix(cap, cost, demand, limits.min, limits.max, known, upper=known)
     else:
-        more = cheapest_mix(cap, cost, demand * (1 + obj.add_headroom) - _carries(model, known), 0,
+        more = cheapest_mix(cap, cost, demand * (1 + obj.add_headroom) - carries(model, known), 0,
                             limits.max - sum(known.values()))
         keep = None if more is None else {k: known.get(k, 0) + more.get(k, 0) for k in {*known, *more}}
         if keep is not None and sum(keep.values()) < limits.min:
@@ -241,10 +241,6 @@ def _recent(readings: list, now: float, reading: float, span_s: float) -> list:
     while now - readings[0][0] > span_s:
         readings.pop(0)
     return readings
-
-
-def _carries(model: dict, mix: dict) -> float:
-    return sum(model["capacity"].get(k, 0.0) * n for k, n in mix.items())
 
 
 

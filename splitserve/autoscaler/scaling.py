@@ -40,6 +40,11 @@ def value(kind: str, model: dict, catalog: Catalog) -> float:
     return model["capacity"].get(kind, 0.0) / max(catalog.get(kind).cost_per_hour, 1e-9)
 
 
+def carries(model: dict, mix: dict) -> float:
+    """What a mix of instance types carries of the pool's demand (its unit), by the model's capacities."""
+    return sum(model["capacity"].get(k, 0.0) * n for k, n in mix.items())
+
+
 def _pick_drains(pool: str, instance_type: str, snapshot: Snapshot) -> list[str]:
     """The workers of ``instance_type`` that are up in ``pool``, the one with the least work first."""
     candidates = [w for w in snapshot.workers if w.pool == pool and w.state == "up" and w.instance_type == instance_type]
@@ -117,7 +122,7 @@ def scale_pool(pool: str, snapshot: Snapshot, target: dict, model: dict, catalog
         reasons.append(f"{pool}: scaled {now - state.last_change[pool]:.0f}s ago: cooling down")
     else:
         cap = model["capacity"]
-        left = sum(cap.get(k, 0.0) * n for k, n in current.items())
+        left = carries(model, current)
         # prefill: half of the kind's instances over target (at least one; all of them at zero traffic),
         # each only if the rest carries the demand without it: capacity falls by halves, one cooldown
         # apart, so a surge that comes back soon after the hold still finds some (draining a whole
